@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -219,6 +220,9 @@ def write_tiny_model(name: str, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     try:
         build_tiny_pipeline(name).save_pretrained(staging, safe_serialization=True)
         if folder.exists():
@@ -238,6 +242,7 @@ def tiny_model_path(name: str) -> Path:
     """The cached folder of tiny model `name`, built on first use."""
     folder = tiny_cache_dir() / f"{name}-v{TINY_LAYOUT_VERSION}"
     if not (folder / "model_index.json").is_file():
+        print(f"building built-in model {name} into {folder} (first use)", file=sys.stderr)
         write_tiny_model(name, folder)
     return folder
 
@@ -245,7 +250,7 @@ def tiny_model_path(name: str) -> Path:
 def _main() -> None:
     import typer
 
-    from common.errors import UserError, run_app
+    from common.cli import UserError, run_app
 
     app = typer.Typer(add_completion=False)
 

@@ -1,10 +1,9 @@
-"""The one error type for bad user input, and the runner that prints it as one line."""
+"""Command-line plumbing shared by the scripts: the one user-error type, its one-line printing, flag spelling."""
 
 from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 
@@ -26,12 +25,10 @@ def run_app(app: typer.Typer) -> None:
         exit_code = app(standalone_mode=False)
     except UserError as error:
         _fail(str(error))
-    except click.exceptions.UsageError as error:
-        _fail(error.format_message())
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted", code=130)
-    except KeyboardInterrupt:
-        _fail("interrupted", code=130)
+    except typer.TyperException as error:  # typer's vendored click: usage errors, bad parameters
+        _fail(error.format_message(), code=getattr(error, "exit_code", 2))
     if isinstance(exit_code, int) and exit_code != 0:
         sys.exit(exit_code)
 
@@ -40,3 +37,11 @@ def _fail(message: str, code: int = 2) -> None:
     first_line = " ".join(message.split("\n")).strip()
     print(f"error: {first_line}", file=sys.stderr)
     sys.exit(code)
+
+
+def flags(name: str, *short: str) -> list[str]:
+    """A diffusers-style underscore flag with its dash alias: flags("num_images") -> --num_images, --num-images."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    return names + list(short)

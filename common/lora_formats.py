@@ -1,0 +1,216 @@
+"""LoRA files in diffusers/peft and kohya/WebUI formats, loaded into an SDXL pipeline through diffusers.
+
+diffusers reads both formats; this module adds what users need around it: `PATH[:WEIGHT]`
+specs, loading only some blocks (B-LoRA), text-encoder key names that match the installed
+transformers, and a check that every layer of the file really landed in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cli import UserError
+
+# B-LoRA (Frenkel et al. 2024, "Implicit Style-Content Separation using B-LoRA"), Sec. 4: in SDXL
+# the first two transformer blocks of the first up block carry content and style respectively.
+BLORA_CONTENT_BLOCK = "unet.up_blocks.0.attentions.0"
+BLORA_STYLE_BLOCK = "unet.up_blocks.0.attentions.1"
+
+COMPONENT_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to load: its file, its weight (scales its delta W linearly), and optional block prefixes."""
+
+    path: Path
+    weight: float = 1.0
+    blocks: tuple[str, ...] | None = None
+
+
+def parse_weighted_path(spec: str, what: str = "LoRA") -> tuple[Path, float]:
+    """`PATH[:WEIGHT]` -> (path, weight); a path may itself contain ':' (only a numeric tail is a weight)."""
+    path_text, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path_text = head
+        except ValueError:
+            pass
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} file {path_text!r} not found; expected PATH or PATH:WEIGHT, e.g. my_lora.safetensors:0.8")
+    return path, weight
+
+
+def lora_file(path: Path) -> Path:
+    """The weights file of a LoRA given as a file or as a training output folder."""
+    if path.is_file():
+        return path
+    if (path / DIFFUSERS_LORA_FILE).is_file():
+        return path / DIFFUSERS_LORA_FILE
+    candidates = sorted(p for p in path.glob("*.safetensors") if not p.name.endswith("_emb.safetensors"))
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in candidates) or "none"
+        raise UserError(
+            f"LoRA folder {str(path)!r} must hold {DIFFUSERS_LORA_FILE} or exactly one .safetensors file; found {found}"
+        )
+    return candidates[0]
+
+
+def normalize_block_prefix(block: str) -> str:
+    """`up_blocks.0.attentions.1` -> `unet.up_blocks.0.attentions.1`; component-qualified names stay."""
+    block = block.strip().strip(".")
+    if block.split(".")[0] in COMPONENT_PREFIXES:
+        return block
+    return f"unet.{block}"
+
+
+def read_lora(pipe, path: Path):
+    """(state_dict, network_alphas, metadata) in diffusers naming, whatever the file's format."""
+    file = lora_file(path)
+    try:
+        state_dict, network_alphas, metadata = pipe.lora_state_dict(
+            str(file.parent), weight_name=file.name, unet_config=pipe.unet.config, return_lora_metadata=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"could not read LoRA {str(file)!r}: {_first_line(error)}") from None
+    if not state_dict or not all("lora" in key for key in state_dict):
+        raise UserError(f"{str(file)!r} is not a LoRA file: its keys have no 'lora' layers")
+    renames = _text_encoder_renames(pipe)
+    state_dict = {_rename(key, renames): value for key, value in state_dict.items()}
+    if network_alphas:
+        network_alphas = {_rename(key, renames): value for key, value in network_alphas.items()}
+    return state_dict, network_alphas, metadata
+
+
+def keep_blocks(state_dict: dict, network_alphas: dict | None, blocks: tuple[str, ...], source: Path):
+    """The part of a LoRA under the given module prefixes; an error when a prefix matches nothing."""
+    prefixes = [normalize_block_prefix(b) for b in blocks]
+    kept = {k: v for k, v in state_dict.items() if any(k.startswith(p + ".") for p in prefixes)}
+    for prefix in prefixes:
+        if not any(k.startswith(prefix + ".") for k in kept):
+            present = sorted({".".join(k.split(".")[:4]) for k in state_dict})
+            raise UserError(
+                f"LoRA {str(source)!r} has no layers under {prefix!r}; its blocks include {', '.join(present[:8])}"
+            )
+    if network_alphas:
+        network_alphas = {k: v for k, v in network_alphas.items() if any(k.startswith(p + ".") for p in prefixes)}
+    return kept, network_alphas
+
+
+def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
+    """Load each LoRA as its own adapter and activate them together with their weights.
+
+    A weight multiplies that adapter's scaling, so it scales the LoRA's delta W = B A linearly
+    (not B and A each, which would square it).
+    """
+    names = []
+    for index, spec in enumerate(specs):
+        name = f"lora_{index}"
+        state_dict, network_alphas, metadata = read_lora(pipe, spec.path)
+        if spec.blocks:
+            state_dict, network_alphas = keep_blocks(state_dict, network_alphas, spec.blocks, spec.path)
+        _load_adapter(pipe, state_dict, network_alphas, metadata, name, spec.path)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
+    return names
+
+
+def _load_adapter(pipe, state_dict, network_alphas, metadata, adapter_name: str, source: Path) -> None:
+    """diffusers' load_lora_weights, split so that our normalised state dict goes in unchanged."""
+    if network_alphas and metadata:
+        network_alphas = None  # the file's own metadata (rank, alpha per layer) is the more precise record
+    try:
+        pipe.load_lora_into_unet(
+            state_dict, network_alphas, pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
+        )
+        for prefix, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
+            pipe.load_lora_into_text_encoder(
+                state_dict,
+                network_alphas,
+                encoder,
+                prefix=prefix,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=pipe,
+            )
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(
+            f"LoRA {str(source)!r} does not match this model (trained for another base?): {_mismatch_reason(error)}"
+        ) from None
+    _check_every_layer_loaded(pipe, state_dict, adapter_name, source)
+
+
+def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source: Path) -> None:
+    """Each component received as many LoRA layers as the file has, with the file's down-weights.
+
+    diffusers and peft skip unmatched layers with at most a warning, and a layer whose name
+    matched only by suffix can be injected but left at its initial weights; both leave a LoRA
+    that "works" at reduced strength.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in COMPONENT_PREFIXES:
+        down_weights = [
+            value.float()
+            for key, value in state_dict.items()
+            if key.startswith(component + ".") and _is_down_weight(key)
+        ]
+        if not down_weights:
+            continue
+        layers = [
+            module
+            for module in getattr(pipe, component).modules()
+            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})
+        ]
+        loaded_total = sum(float(layer.lora_A[adapter_name].weight.float().abs().sum()) for layer in layers)
+        file_total = sum(float(weight.abs().sum()) for weight in down_weights)
+        if len(layers) != len(down_weights) or abs(loaded_total - file_total) > 1e-2 * max(file_total, 1e-6):
+            raise UserError(
+                f"LoRA {str(source)!r} does not match this model: {len(down_weights)} {component} layers in the file, "
+                f"{len(layers)} applied (names or shapes differ from the model's)"
+            )
+
+
+def _is_down_weight(key: str) -> bool:
+    return key.endswith(("lora_A.weight", "down.weight"))
+
+
+def _text_encoder_renames(pipe) -> list[tuple[str, str]]:
+    """Key renames that make text-encoder LoRA names match the installed transformers' CLIP modules.
+
+    transformers 5 dropped CLIPTextModel's `text_model.` level, while kohya/WebUI files (and
+    LoRAs trained with transformers 4) name it; unrenamed, such layers load silently as zeros.
+    """
+    renames = []
+    for prefix in ("text_encoder", "text_encoder_2"):
+        if hasattr(getattr(pipe, prefix), "text_model"):
+            renames.append((f"{prefix}.encoder.", f"{prefix}.text_model.encoder."))
+        else:
+            renames.append((f"{prefix}.text_model.", f"{prefix}."))
+    return renames
+
+
+def _rename(key: str, renames: list[tuple[str, str]]) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _mismatch_reason(error: Exception) -> str:
+    for line in str(error).splitlines():
+        if "size mismatch" in line or "not found" in line:
+            return line.strip()
+    return _first_line(error)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+

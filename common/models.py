@@ -1,0 +1,89 @@
+"""Finding and loading SDXL-family models: built-in tiny names, local folders and hub ids alike."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from common.cli import UserError
+from common.tiny import TINY_MODELS, tiny_model_path
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A loadable location for `name_or_path`: a tiny model's cached folder, a local folder, or a hub id."""
+    if name_or_path in TINY_MODELS:
+        return str(tiny_model_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"model folder {name_or_path!r} has no model_index.json; pass a diffusers pipeline folder "
+                f"(with unet/, vae/, text_encoder/, ...), a hub id, or one of {', '.join(TINY_MODELS)}"
+            )
+        return str(path)
+    if path.is_file():
+        raise UserError(
+            f"model {name_or_path!r} is a single file; pass a diffusers pipeline folder, a hub id, "
+            f"or one of {', '.join(TINY_MODELS)}"
+        )
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
+        return name_or_path
+    raise UserError(
+        f"model {name_or_path!r} not found: it is not a local folder, not a hub id (owner/name), "
+        f"and not one of {', '.join(TINY_MODELS)}"
+    )
+
+
+def is_edm_scheduler_config(scheduler_config) -> bool:
+    """Whether a model was trained with the EDM formulation, read from its scheduler config.
+
+    EDM bases (Playground v2.5) ship an EDM scheduler, whose config alone carries `sigma_data`.
+    """
+    class_name = scheduler_config.get("_class_name", "")
+    return class_name.startswith("EDM") or "sigma_data" in scheduler_config
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype):
+    """StableDiffusionXLPipeline for a tiny name, folder or hub id; load failures become one-line errors."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    location = resolve_model(name_or_path)
+    # Component-loading progress bars and load reports drown the script's own output.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    previous_level = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load model {name_or_path!r} as an SDXL pipeline: {reason}") from None
+    finally:
+        logging.getLogger("transformers").setLevel(previous_level)
+
