@@ -200,20 +200,15 @@ def resolve_device_and_dtype(config: InferConfig):
 
 
 def load_adapters(pipe, config: InferConfig) -> None:
-    from diffusers.utils import logging as diffusers_logging
-
     from common.lora_formats import load_loras
+    from common.models import quiet_libraries
     from common.tokens import load_embedding
 
-    # diffusers warns for every text encoder a UNet-only LoRA leaves alone; our own check reports real misses.
-    diffusers_logging.set_verbosity_error()
-    try:
+    with quiet_libraries():
         for spec in config.embeddings:
             tokens = load_embedding(pipe, spec)
             typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt")
         load_loras(pipe, config.loras)
-    finally:
-        diffusers_logging.set_verbosity_warning()
 
 
 def place(pipe, device, config: InferConfig) -> None:

@@ -168,7 +168,7 @@ def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source:
             for module in getattr(pipe, component).modules()
             if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})
         ]
-        loaded_total = sum(float(layer.lora_A[adapter_name].weight.float().abs().sum()) for layer in layers)
+        loaded_total = sum(float(layer.lora_A[adapter_name].weight.detach().float().abs().sum()) for layer in layers)
         file_total = sum(float(weight.abs().sum()) for weight in down_weights)
         if len(layers) != len(down_weights) or abs(loaded_total - file_total) > 1e-2 * max(file_total, 1e-6):
             raise UserError(

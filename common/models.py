@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -70,20 +71,35 @@ def parse_dtype(name: str) -> torch.dtype:
 def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype):
     """StableDiffusionXLPipeline for a tiny name, folder or hub id; load failures become one-line errors."""
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     location = resolve_model(name_or_path)
-    # Component-loading progress bars and load reports drown the script's own output.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    previous_level = logging.getLogger("transformers").level
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
+        with quiet_libraries():
+            return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
     except (OSError, ValueError, TypeError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model {name_or_path!r} as an SDXL pipeline: {reason}") from None
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence diffusers' and transformers' progress bars and info warnings while loading.
+
+    Their per-component bars, load reports and notes (a UNet-only LoRA "has no text encoder
+    keys", new token rows "initialised from a normal distribution") drown the script's own
+    output; the loaders here check for real problems themselves.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    levels = {name: logging.getLogger(name).level for name in ("diffusers", "transformers")}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        logging.getLogger("transformers").setLevel(previous_level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 

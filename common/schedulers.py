@@ -22,7 +22,10 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "euler": SchedulerChoice("EulerDiscreteScheduler", False, "Euler"),
     "euler-a": SchedulerChoice("EulerAncestralDiscreteScheduler", False, "Euler a"),
     "dpmpp-2m": SchedulerChoice(
-        "DPMSolverMultistepScheduler", False, "DPM++ 2M", overrides={"algorithm_type": "dpmsolver++", "solver_order": 2}
+        "DPMSolverMultistepScheduler",
+        False,
+        "DPM++ 2M",
+        overrides={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
     ),
     "dpmpp-2m-karras": SchedulerChoice(
         "DPMSolverMultistepScheduler",
