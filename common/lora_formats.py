@@ -1,8 +1,8 @@
 """LoRA files in diffusers/peft and kohya/WebUI formats, loaded into an SDXL pipeline through diffusers.
 
 diffusers reads both formats; this module adds what users need around it: `PATH[:WEIGHT]`
-specs, loading only some blocks (B-LoRA), text-encoder key names that match the installed
-transformers, and a check that every layer of the file really landed in the model.
+specs, loading only some blocks (B-LoRA), and a check that every layer of the file really
+landed in the model with the file's weights.
 """
 
 from __future__ import annotations
@@ -80,10 +80,6 @@ def read_lora(pipe, path: Path):
         raise UserError(f"could not read LoRA {str(file)!r}: {_first_line(error)}") from None
     if not state_dict or not all("lora" in key for key in state_dict):
         raise UserError(f"{str(file)!r} is not a LoRA file: its keys have no 'lora' layers")
-    renames = _text_encoder_renames(pipe)
-    state_dict = {_rename(key, renames): value for key, value in state_dict.items()}
-    if network_alphas:
-        network_alphas = {_rename(key, renames): value for key, value in network_alphas.items()}
     return state_dict, network_alphas, metadata
 
 
@@ -179,28 +175,6 @@ def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source:
 
 def _is_down_weight(key: str) -> bool:
     return key.endswith(("lora_A.weight", "down.weight"))
-
-
-def _text_encoder_renames(pipe) -> list[tuple[str, str]]:
-    """Key renames that make text-encoder LoRA names match the installed transformers' CLIP modules.
-
-    transformers 5 dropped CLIPTextModel's `text_model.` level, while kohya/WebUI files (and
-    LoRAs trained with transformers 4) name it; unrenamed, such layers load silently as zeros.
-    """
-    renames = []
-    for prefix in ("text_encoder", "text_encoder_2"):
-        if hasattr(getattr(pipe, prefix), "text_model"):
-            renames.append((f"{prefix}.encoder.", f"{prefix}.text_model.encoder."))
-        else:
-            renames.append((f"{prefix}.text_model.", f"{prefix}."))
-    return renames
-
-
-def _rename(key: str, renames: list[tuple[str, str]]) -> str:
-    for old, new in renames:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
 
 
 def _mismatch_reason(error: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,8 +87,8 @@ def quiet_libraries():
     """Silence diffusers' and transformers' progress bars and info warnings while loading.
 
     Their per-component bars, load reports and notes (a UNet-only LoRA "has no text encoder
-    keys", new token rows "initialised from a normal distribution") drown the script's own
-    output; the loaders here check for real problems themselves.
+    keys", new token rows "initialised from a normal distribution", a second adapter) drown the
+    script's own output; the loaders here check for real problems themselves.
     """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -98,7 +99,11 @@ def quiet_libraries():
     for name in levels:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # peft's notes on a second adapter and on block-filtered LoRAs whose config names more layers
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            warnings.filterwarnings("ignore", message="While injecting the PEFT adapters")
+            yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)

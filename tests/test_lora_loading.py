@@ -1,0 +1,168 @@
+"""LoRA loading: diffusers and kohya files give the same model, weights scale delta W linearly, blocks stay put."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.cli import UserError
+from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, load_loras, parse_weighted_path
+from helpers import generate_array, load_pipe, make_peft_lora
+
+RANK, ALPHA = 4, 8  # alpha != rank: a loader that ignores alpha loads at half strength
+
+
+def to_kohya(peft_file: Path, alpha: float) -> dict[str, torch.Tensor]:
+    """The same LoRA in kohya/WebUI naming, written independently of diffusers' converter.
+
+    Text-encoder layers carry CLIP's `text_model` level as WebUI files do (transformers 5 keeps it
+    in CLIPTextModelWithProjection but not in CLIPTextModel).
+    """
+    prefixes = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_text_model_", "text_encoder_2.": "lora_te2_text_model_"}
+    kohya = {}
+    for key, value in load_file(peft_file).items():
+        component = max((p for p in prefixes if key.startswith(p)), key=len)
+        module, factor = key[len(component):].rsplit(".lora_", 1)
+        name = prefixes[component] + module.removeprefix("text_model.").replace(".", "_")
+        kohya[f"{name}.{'lora_down' if factor.startswith('A') else 'lora_up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return kohya
+
+
+@pytest.fixture()
+def peft_lora(tiny_sdxl_path, tmp_path) -> Path:
+    return make_peft_lora(tiny_sdxl_path, tmp_path / "lora", rank=RANK, alpha=ALPHA)
+
+
+def lora_layers(model, adapter: str) -> dict:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter in m.lora_A}
+
+
+def test_loaded_delta_w_equals_alpha_over_rank_times_b_a_from_the_file(tiny_sdxl_path, peft_lora):
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(peft_lora, weight=0.5)])
+    state = load_file(peft_lora)
+    layers = {f"unet.{n}": m for n, m in lora_layers(pipe.unet, "lora_0").items()}
+    layers |= {f"text_encoder_2.{n}": m for n, m in lora_layers(pipe.text_encoder_2, "lora_0").items()}
+    assert len(layers) == sum(1 for k in state if ".lora_A." in k and not k.startswith("text_encoder."))
+    for name, layer in layers.items():
+        expected = 0.5 * (ALPHA / RANK) * state[f"{name}.lora_B.weight"] @ state[f"{name}.lora_A.weight"]
+        torch.testing.assert_close(layer.get_delta_weight("lora_0"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sdxl_path, peft_lora, tmp_path):
+    save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
+    images = []
+    for file in (peft_lora, tmp_path / "kohya.safetensors"):
+        pipe = load_pipe(tiny_sdxl_path)
+        load_loras(pipe, [LoraSpec(file)])
+        images.append(generate_array(pipe))
+    plain = generate_array(load_pipe(tiny_sdxl_path))
+    assert np.abs(images[0] - plain).max() > 0.05, "the LoRA must visibly change the image for this test to mean anything"
+    difference = np.abs(images[0] - images[1]).max()
+    assert difference <= 1e-5, f"kohya and diffusers files differ by {difference}"
+
+
+def test_webui_text_encoder_names_load_every_layer_with_its_weights(tiny_sdxl_path, peft_lora, tmp_path):
+    """WebUI names CLIP's `text_model` level, which transformers 5's CLIP no longer has."""
+    kohya = to_kohya(peft_lora, ALPHA)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors")])
+    for encoder, prefix in ((pipe.text_encoder, "lora_te1_text_model_"), (pipe.text_encoder_2, "lora_te2_text_model_")):
+        layers = lora_layers(encoder, "lora_0")
+        assert len(layers) == 12
+        for name, layer in layers.items():
+            expected = kohya[prefix + name.removeprefix("text_model.").replace(".", "_") + ".lora_down.weight"]
+            assert torch.equal(layer.lora_A["lora_0"].weight.detach(), expected), name
+
+
+def test_weight_zero_leaves_the_image_identical_to_no_lora(tiny_sdxl_path, peft_lora):
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(peft_lora, weight=0.0)])
+    assert np.array_equal(generate_array(pipe), generate_array(load_pipe(tiny_sdxl_path)))
+
+
+def test_two_loras_add_their_weighted_deltas(tiny_sdxl_path, peft_lora, tmp_path):
+    other = make_peft_lora(tiny_sdxl_path, tmp_path / "other", rank=2, alpha=2, seed=1)
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(peft_lora, 0.8), LoraSpec(other, 0.3)])
+    layer = lora_layers(pipe.unet, "lora_0")["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
+    first, second = load_file(peft_lora), load_file(other)
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
+    expected = 0.8 * (ALPHA / RANK) * first[f"{key}.lora_B.weight"] @ first[f"{key}.lora_A.weight"]
+    expected += 0.3 * second[f"{key}.lora_B.weight"] @ second[f"{key}.lora_A.weight"]
+    total = layer.get_delta_weight("lora_0") + layer.get_delta_weight("lora_1")
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+
+
+def unet_weight_changes(pipe) -> dict[str, float]:
+    """How far each UNet weight moved when the active adapters are fused in."""
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    pipe.fuse_lora(components=["unet"])
+    after = {k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    base_name = lambda key: key.replace(".base_layer", "")  # noqa: E731
+    after = {base_name(k): v for k, v in after.items()}
+    return {base_name(k): float((after[base_name(k)] - v).abs().max()) for k, v in before.items()}
+
+
+def test_b_lora_touches_only_the_content_and_style_blocks(tiny_sdxl_path, peft_lora, tmp_path):
+    style = make_peft_lora(tiny_sdxl_path, tmp_path / "style", seed=3)
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(peft_lora, 1.0, (BLORA_CONTENT_BLOCK,)), LoraSpec(style, 1.0, (BLORA_STYLE_BLOCK,))])
+    changes = unet_weight_changes(pipe)
+    changed = {k for k, v in changes.items() if v > 0}
+    blocks = ("up_blocks.0.attentions.0.", "up_blocks.0.attentions.1.")
+    assert changed, "the content and style blocks must change"
+    assert all(k.startswith(blocks) for k in changed), sorted(changed - {k for k in changed if k.startswith(blocks)})
+    assert any(k.startswith(blocks[0]) for k in changed) and any(k.startswith(blocks[1]) for k in changed)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        assert not lora_layers(encoder, "lora_0") and not lora_layers(encoder, "lora_1")
+
+
+def test_b_lora_alpha_scales_delta_w_linearly_not_squared(tiny_sdxl_path, peft_lora):
+    deltas = {}
+    for alpha in (1.0, 0.5):
+        pipe = load_pipe(tiny_sdxl_path)
+        load_loras(pipe, [LoraSpec(peft_lora, alpha, (BLORA_CONTENT_BLOCK,))])
+        layer = lora_layers(pipe.unet, "lora_0")["up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+        deltas[alpha] = layer.get_delta_weight("lora_0")
+    torch.testing.assert_close(deltas[0.5], 0.5 * deltas[1.0])
+
+
+def test_lora_blocks_keeps_only_the_named_blocks_in_any_format(tiny_sdxl_path, peft_lora, tmp_path):
+    save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors", 1.0, ("mid_block", "down_blocks.2.attentions.1"))])
+    names = set(lora_layers(pipe.unet, "lora_0"))
+    assert names and all(n.startswith(("mid_block.", "down_blocks.2.attentions.1.")) for n in names)
+    assert any(n.startswith("mid_block.") for n in names) and any(n.startswith("down_blocks.2.") for n in names)
+
+
+def test_a_block_the_lora_does_not_have_is_refused(tiny_sdxl_path, peft_lora):
+    with pytest.raises(UserError, match=r"has no layers under 'unet.up_blocks.9'"):
+        load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(peft_lora, 1.0, ("up_blocks.9",))])
+
+
+def test_layers_that_the_model_lacks_are_refused_not_skipped(tiny_sdxl_path, peft_lora, tmp_path):
+    state = load_file(peft_lora)
+    state["unet.mid_block.attentions.0.transformer_blocks.0.attn3.to_q.lora_A.weight"] = torch.randn(4, 64)
+    state["unet.mid_block.attentions.0.transformer_blocks.0.attn3.to_q.lora_B.weight"] = torch.randn(64, 4)
+    save_file(state, tmp_path / "extra.safetensors")
+    with pytest.raises(UserError, match=r"does not match this model: \d+ unet layers in the file, \d+ applied"):
+        load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(tmp_path / "extra.safetensors")])
+
+
+def test_weighted_path_parsing(tmp_path):
+    lora = tmp_path / "a:b.safetensors"
+    lora.touch()
+    assert parse_weighted_path(f"{lora}:0.25") == (lora, 0.25)
+    assert parse_weighted_path(str(lora)) == (lora, 1.0)
+    with pytest.raises(UserError, match="LoRA file 'missing.safetensors' not found"):
+        parse_weighted_path("missing.safetensors:0.5")
