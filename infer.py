@@ -46,6 +46,7 @@ class InferConfig:
     cpu_offload: bool
     vae_tiling: bool
     vae_slicing: bool
+    compile_unet: bool
     output_dir: Path
 
 
@@ -75,6 +76,7 @@ def main(
     cpu_offload: Annotated[bool, typer.Option(*flags("cpu_offload"), help="keep idle components in CPU memory (GPU only)", rich_help_panel=MEMORY)] = False,
     vae_tiling: Annotated[bool, typer.Option(*flags("vae_tiling"), help="decode the VAE in tiles (large images)", rich_help_panel=MEMORY)] = False,
     vae_slicing: Annotated[bool, typer.Option(*flags("vae_slicing"), help="decode the VAE one image at a time", rich_help_panel=MEMORY)] = False,
+    compile_unet: Annotated[bool, typer.Option(*flags("compile", "--compile_unet"), help="torch.compile the UNet (slow first batch, faster after)", rich_help_panel=MEMORY)] = False,
     output_dir: Annotated[Path, typer.Option(*flags("output_dir", "-o"), help="where the PNGs go", rich_help_panel=OUTPUT)] = Path("outputs"),
 ) -> None:
     """Generate images with an SDXL-family model; each PNG carries its parameters (WebUI 'PNG Info')."""
@@ -98,6 +100,7 @@ def main(
         cpu_offload=cpu_offload,
         vae_tiling=vae_tiling,
         vae_slicing=vae_slicing,
+        compile_unet=compile_unet,
         output_dir=output_dir,
     )
     validate(config)
@@ -212,10 +215,13 @@ def load_adapters(pipe, config: InferConfig) -> None:
 
 
 def place(pipe, device, config: InferConfig) -> None:
+    from common.models import speed_up_unet
+
     if config.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    pipe.unet = speed_up_unet(pipe.unet, device, config.compile_unet)
     if config.vae_tiling:
         pipe.vae.enable_tiling()
     if config.vae_slicing:

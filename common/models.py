@@ -108,3 +108,18 @@ def quiet_libraries():
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 
+
+
+def speed_up_unet(unet, device: torch.device, compile_unet: bool = False):
+    """The UNet laid out and compiled for fast sampling on `device`; returns the module to call.
+
+    On a GPU, channels-last convolutions and TF32 matmuls for any fp32 work are free speed;
+    torch.compile fuses the many small norm/activation kernels between the big matmuls.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        return torch.compile(unet, mode="max-autotune-no-cudagraphs")
+    return unet

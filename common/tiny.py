@@ -221,8 +221,10 @@ def write_tiny_model(name: str, folder: str | os.PathLike) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         build_tiny_pipeline(name).save_pretrained(staging, safe_serialization=True)
         if folder.exists():

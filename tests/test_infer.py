@@ -169,3 +169,54 @@ def test_bad_input_through_the_real_interpreter_prints_no_traceback(tiny_sdxl_pa
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --height 100 is not a positive multiple of 8 (the VAE downsamples by 8); try 96"
     )
+
+
+def test_lora_scale_multiplies_each_weight_and_b_lora_options_name_their_blocks(tiny_sdxl_path, tmp_path, capsys):
+    content = make_peft_lora(tiny_sdxl_path, tmp_path / "content")
+    style = make_peft_lora(tiny_sdxl_path, tmp_path / "style", seed=1)
+    code, _, err = run_infer(capsys, "-m", tiny_sdxl_path, "-p", "a cat", "--num_inference_steps", 2, "--seed", 1,
+                             "--lora", f"{content}:0.5", "--lora_blocks", "mid_block", "--lora_scale", 0.5,
+                             "--content_lora", f"{content}:0.9", "--style_lora", str(style), "-o", tmp_path / "out")
+    assert code == 0, err
+    recorded = parse_webui_parameters(Image.open(only_png(tmp_path / "out")).text["parameters"])["Lora"]
+    assert recorded == (
+        "pytorch_lora_weights.safetensors:0.25 [mid_block], "
+        "pytorch_lora_weights.safetensors:0.45 [unet.up_blocks.0.attentions.0], "
+        "pytorch_lora_weights.safetensors:0.5 [unet.up_blocks.0.attentions.1]"
+    )
+
+
+def test_memory_and_speed_options_switch_on_vae_tiling_slicing_and_compilation(tiny_sdxl_path):
+    from helpers import load_pipe
+
+    config = infer.InferConfig(
+        model=tiny_sdxl_path, prompts=["x"], negative_prompt=None, num_images=1, seeds=[], num_inference_steps=1,
+        guidance_scale=5, width=None, height=None, scheduler="default", eta=None, loras=[], embeddings=[],
+        dtype="fp32", device="cpu", batch_size=1, cpu_offload=False, vae_tiling=True, vae_slicing=True,
+        compile_unet=True, output_dir=Path("unused"),
+    )
+    pipe = load_pipe(tiny_sdxl_path)
+    assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
+    infer.place(pipe, torch.device("cpu"), config)
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
+    assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(infer.UserError, match="--cpu_offload .* needs a CUDA GPU"):
+        infer.resolve_device_and_dtype(config.__class__(**{**config.__dict__, "cpu_offload": True}))
+
+
+def test_vae_slicing_with_a_batch_gives_the_same_images(tiny_sdxl_path, tmp_path, capsys):
+    for folder, extra in (("plain", []), ("sliced", ["--vae_slicing"])):
+        code, _, err = run_infer(capsys, "-m", tiny_sdxl_path, "-p", "a cat", "--num_images", 2, "--batch_size", 2,
+                                 "--seed", 3, "--num_inference_steps", 2, "-o", tmp_path / folder, *extra)
+        assert code == 0, err
+    for plain, sliced in zip(sorted((tmp_path / "plain").glob("*.png")), sorted((tmp_path / "sliced").glob("*.png"))):
+        assert np.abs(pixels(plain) - pixels(sliced)).max() <= 1
+
+
+def test_tcd_records_its_default_gamma_and_eta_can_be_set(tiny_sdxl_path, tmp_path, capsys):
+    for folder, extra in (("default", []), ("set", ["--eta", "0.7"])):
+        code, _, err = run_infer(capsys, "-m", tiny_sdxl_path, "-p", "a cat", "--scheduler", "tcd", "--guidance_scale", 1,
+                                 "--num_inference_steps", 2, "-o", tmp_path / folder, *extra)
+        assert code == 0, err
+    etas = [parse_webui_parameters(Image.open(only_png(tmp_path / f)).text["parameters"])["Eta"] for f in ("default", "set")]
+    assert etas == ["0.3", "0.7"]
