@@ -204,14 +204,12 @@ def resolve_device_and_dtype(config: InferConfig):
 
 def load_adapters(pipe, config: InferConfig) -> None:
     from common.lora_formats import load_loras
-    from common.models import quiet_libraries
     from common.tokens import load_embedding
 
-    with quiet_libraries():
-        for spec in config.embeddings:
-            tokens = load_embedding(pipe, spec)
-            typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt")
-        load_loras(pipe, config.loras)
+    for spec in config.embeddings:
+        tokens = load_embedding(pipe, spec)
+        typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt")
+    load_loras(pipe, config.loras)
 
 
 def place(pipe, device, config: InferConfig) -> None:

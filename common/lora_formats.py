@@ -104,13 +104,16 @@ def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
     A weight multiplies that adapter's scaling, so it scales the LoRA's delta W = B A linearly
     (not B and A each, which would square it).
     """
+    from common.models import quiet_libraries
+
     names = []
     for index, spec in enumerate(specs):
         name = f"lora_{index}"
         state_dict, network_alphas, metadata = read_lora(pipe, spec.path)
         if spec.blocks:
             state_dict, network_alphas = keep_blocks(state_dict, network_alphas, spec.blocks, spec.path)
-        _load_adapter(pipe, state_dict, network_alphas, metadata, name, spec.path)
+        with quiet_libraries():
+            _load_adapter(pipe, state_dict, network_alphas, metadata, name, spec.path)
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])

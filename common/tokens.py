@@ -85,6 +85,9 @@ def load_embedding(pipe, spec: EmbeddingSpec) -> list[str]:
                 f"tokens {', '.join(taken)} of embedding {str(spec.path)!r} are already in the vocabulary "
                 "(another --embedding?); name other tokens with PATH:<s2>,<s3>"
             )
-    for _, rows, encoder, tokenizer in pairs:
-        pipe.load_textual_inversion(rows, token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+    from common.models import quiet_libraries
+
+    with quiet_libraries():
+        for _, rows, encoder, tokenizer in pairs:
+            pipe.load_textual_inversion(rows, token=tokens, text_encoder=encoder, tokenizer=tokenizer)
     return tokens

@@ -132,7 +132,9 @@ def narrow_embedding(folder: Path) -> Path:
 
 
 BAD_INPUTS = {
-    "missing model": (["-m", "/no/such/model"], "not found"),
+    "missing model": (["-m", "/no/such/model"], "model '/no/such/model' not found: it is not a local folder"),
+    "folder that is no pipeline": (["-m", "EMPTY_DIR"], "has no model_index.json; pass a diffusers pipeline folder"),
+    "hub id without network": (["-m", "someone/sdxl-finetune"], "could not load model 'someone/sdxl-finetune' as an SDXL pipeline"),
     "size not a multiple of 8": (["--width", "60"], "--width 60 is not a positive multiple of 8"),
     "unknown scheduler": (["--scheduler", "heun"], "unknown scheduler 'heun'; choose one of default"),
     "EDM scheduler on a discrete model": (["--scheduler", "edm-euler"], "'edm-euler' is an EDM sampler"),
@@ -150,7 +152,11 @@ def test_bad_input_gives_one_clear_line_and_a_non_zero_exit(case, tiny_sdxl_path
     extra, message = BAD_INPUTS[case]
     options = {"-m": tiny_sdxl_path, "-p": "a cat", "--num_inference_steps": "2", "-o": str(tmp_path / "out")}
     options.update(zip(extra[::2], extra[1::2]))  # a case's options replace the good ones (None drops one)
-    files = {"MISMATCHED": lambda: mismatched_lora(tiny_sdxl_path, tmp_path), "NARROW": lambda: narrow_embedding(tmp_path)}
+    files = {
+        "MISMATCHED": lambda: mismatched_lora(tiny_sdxl_path, tmp_path),
+        "NARROW": lambda: narrow_embedding(tmp_path),
+        "EMPTY_DIR": lambda: tmp_path,
+    }
     argv = [a for k, v in options.items() if v is not None for a in (k, str(files[v]()) if v in files else v)]
     code, _, err = run_infer(capsys, *argv)
     lines = err.strip().splitlines()
