@@ -1,0 +1,204 @@
+"""Diffusion training losses: each formula a small pure function, each formulation a small object.
+
+Vocabulary: x0 are clean latents, n ~ N(0, I) noise. Discrete (DDPM/VP) models see
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n; EDM models see x = x0 + sigma n. The two are one
+family: sigma_t = sqrt((1 - abar_t) / abar_t) and x_t = x / sqrt(1 + sigma_t^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# ---------------------------------------------------------------- discrete (DDPM) formulas
+
+
+def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t (Hang et al. 2023, Sec. 3)."""
+    abar = alphas_cumprod.to(timesteps.device)[timesteps].double()
+    return (abar / (1 - abar)).float()
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", Eq. 8).
+
+    The x0-error weight min(SNR, gamma) expressed on the network's own target:
+    ||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2 and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x0||^2,
+    so the weight is min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v.
+    """
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"Min-SNR is defined for epsilon and v_prediction targets, not {prediction_type!r}")
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """v = alpha_t n - sigma_t x0 (Salimans & Ho 2022, "Progressive Distillation", Sec. 4), alpha^2 + sigma^2 = 1."""
+    return alpha * noise - sigma * x0
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise plus a per-channel constant (Guttenberg 2023, "Diffusion with Offset Noise"): lets the model
+    learn to shift an image's mean brightness, which plain i.i.d. noise never perturbs."""
+    if strength == 0:
+        return noise
+    shape = (*noise.shape[:2], 1, 1)
+    return noise + strength * torch.randn(shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+
+# ---------------------------------------------------------------- EDM formulas (Karras et al. 2022)
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
+    """(c_skip, c_out, c_in, c_noise) of EDM, Karras et al. 2022, Table 1 ("Ours" column):
+
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4; D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+    """
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, Karras et al. 2022, Table 1: equals 1 / c_out^2,
+    so the loss on the network output F is unit-weighted at every sigma."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_snr(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """SNR(sigma) = sd^2 / sigma^2: signal variance over noise variance of x = x0 + sigma n."""
+    return sigma_data**2 / sigma**2
+
+
+def edm_min_snr_weight(sigma: torch.Tensor, sigma_data: float, gamma: float, soft: bool = False) -> torch.Tensor:
+    """Min-SNR-gamma in EDM form: the weight on the x0-error ||D - x0||^2 (replacing lambda(sigma)).
+
+    Derivation: Hang et al. 2023 clip the SNR at gamma in the x0-error weight, min(SNR, gamma); their
+    epsilon and v weights (`min_snr_weight`) are that weight divided by the factor SNR or SNR + 1
+    converting x0-error into the target's error. With x = x0 + sigma n the SNR is sd^2 / sigma^2
+    (`edm_snr`); for a VP model in its unit-variance normalisation (sd = 1, sigma_t^2 = (1 - abar)/abar)
+    this is abar / (1 - abar), the SNR of Hang et al., so the per-sample weights coincide.
+    Dividing by sd^2 keeps the scale of lambda(sigma) = (1 + SNR) / sd^2, which it equals below gamma
+    up to the "+1": on F the weight is min(SNR, gamma) / (1 + SNR) <= 1.
+
+    soft=True: the smooth minimum 1 / (1/SNR + 1/gamma), whose gamma = 1 case is k-diffusion's
+    "soft-min-snr" weighting (Crowson et al. 2024, k_diffusion/layers.py).
+    """
+    snr = edm_snr(sigma, sigma_data)
+    clipped = 1 / (1 / snr + 1 / gamma) if soft else torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / sigma_data**2
+
+
+def sample_lognormal_sigmas(count: int, p_mean: float, p_std: float, generator=None, device=None) -> torch.Tensor:
+    """ln(sigma) ~ N(P_mean, P_std^2), Karras et al. 2022, Sec. 5 and Table 1 (P_mean -1.2, P_std 1.2)."""
+    return (p_mean + p_std * torch.randn(count, generator=generator, device=device)).exp()
+
+
+def discrete_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1: the discrete model's noise levels in EDM units."""
+    abar = alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt()
+
+
+def sigma_to_timestep(sigma: torch.Tensor, schedule_sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timestep of a discrete model for a continuous sigma, by linear interpolation in
+    log-sigma over its training schedule and clipped to the schedule's range (as k-diffusion's
+    DiscreteSchedule.sigma_to_t): exact at the table's points, monotone in between."""
+    log_table = schedule_sigmas.double().log().to(sigma.device)
+    log_sigma = sigma.double().log().clamp(log_table[0], log_table[-1])
+    upper = torch.searchsorted(log_table, log_sigma).clamp(1, len(log_table) - 1)
+    lower = upper - 1
+    fraction = (log_sigma - log_table[lower]) / (log_table[upper] - log_table[lower])
+    return (lower + fraction).to(sigma.dtype)
+
+
+# ---------------------------------------------------------------- formulations: chosen once, before the loop
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, timestep) -> network output
+
+
+def _per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class DiscreteFormulation:
+    """DDPM training of a discrete model: uniform timesteps, epsilon or v target, optional Min-SNR-gamma."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+
+    def loss(self, network: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """Per-sample weighted loss; `network(model_input, timestep)` returns the UNet output."""
+        batch = x0.shape[0]
+        noise = offset_noise(torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype), self.noise_offset, generator)
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator, device=x0.device)
+        abar = self.alphas_cumprod.to(x0.device)[timesteps]
+        alpha, sigma = _broadcast(abar.sqrt(), x0), _broadcast((1 - abar).sqrt(), x0)
+        noisy = alpha * x0 + sigma * noise
+        target = noise if self.prediction_type == "epsilon" else v_target(x0, noise, alpha, sigma)
+        losses = _per_sample_mse(network(noisy, timesteps), target)
+        if self.snr_gamma:
+            snr = snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
+            losses = losses * min_snr_weight(snr, self.snr_gamma, self.prediction_type)
+        return losses
+
+
+@dataclass
+class EDMFormulation:
+    """EDM training (Karras et al. 2022): log-normal sigmas, preconditioning, lambda(sigma) or Min-SNR weights.
+
+    On an EDM-native base (Playground v2.5) the network is F of Table 1, fed c_in x and
+    c_noise = ln(sigma)/4. On a discrete epsilon base (SDXL) the network is its epsilon predictor:
+    D = x - sigma eps_hat(x / sqrt(sigma^2 + 1), t(sigma)) with t(sigma) from `sigma_to_timestep`.
+    """
+
+    sigma_data: float
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    schedule_sigmas: torch.Tensor | None = None  # set for a discrete base; None for an EDM-native one
+    snr_gamma: float | None = None
+    soft_min_snr: bool = False
+    noise_offset: float = 0.0
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.snr_gamma:
+            return edm_min_snr_weight(sigma, self.sigma_data, self.snr_gamma, soft=self.soft_min_snr)
+        return edm_loss_weight(sigma, self.sigma_data)
+
+    def denoise(self, network: Denoiser, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma), the model's estimate of x0 from x = x0 + sigma n."""
+        s = _broadcast(sigma, noisy)
+        if self.schedule_sigmas is None:
+            c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+            output = network(_broadcast(c_in, noisy) * noisy, c_noise)
+            return _broadcast(c_skip, noisy) * noisy + _broadcast(c_out, noisy) * output.to(noisy.dtype)
+        timesteps = sigma_to_timestep(sigma, self.schedule_sigmas)
+        epsilon = network(noisy / (s**2 + 1).sqrt(), timesteps)
+        return noisy - s * epsilon.to(noisy.dtype)
+
+    def loss(
+        self, network: Denoiser, x0: torch.Tensor, generator=None, sigma: torch.Tensor | None = None, noise=None
+    ) -> torch.Tensor:
+        """Per-sample weighted loss; sigma and noise are drawn unless given (tests and fixed evaluations)."""
+        if sigma is None:
+            sigma = sample_lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, generator, x0.device)
+        if self.schedule_sigmas is not None:
+            # a discrete model knows only its schedule's noise levels: noise and conditioning must agree
+            low, high = float(self.schedule_sigmas[0]), float(self.schedule_sigmas[-1])
+            sigma = sigma.clamp(low, high)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = offset_noise(noise, self.noise_offset, generator)
+        noisy = x0 + _broadcast(sigma, x0) * noise
+        return self.weight(sigma) * _per_sample_mse(self.denoise(network, noisy, sigma), x0)
