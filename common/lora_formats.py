@@ -7,8 +7,11 @@ landed in the model with the file's weights.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from common.cli import UserError
 
@@ -191,3 +194,44 @@ def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
+
+
+_DOWN_ATTENTION = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_MID_ATTENTION = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
+_UP_ATTENTION = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def unet_module_to_sgm(module: str, layers_per_block: int = 2) -> str:
+    """A diffusers UNet module path in the original SGM/LDM naming that kohya's SDXL trainer writes.
+
+    input_blocks.0 is conv_in, then each down level holds L = layers_per_block blocks and a
+    downsampler; each up level holds L + 1 blocks (the last with the upsampler):
+    down_blocks.i.attentions.j -> input_blocks.(1 + i(L+1) + j).1, mid_block.attentions.0 ->
+    middle_block.1, up_blocks.i.attentions.j -> output_blocks.(i(L+1) + j).1.
+    Other modules keep their diffusers path, which the loaders also accept.
+    """
+    if match := _DOWN_ATTENTION.match(module):
+        level, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + level * (layers_per_block + 1) + layer}.1.{rest}"
+    if match := _MID_ATTENTION.match(module):
+        return f"middle_block.1.{match[1]}"
+    if match := _UP_ATTENTION.match(module):
+        level, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{level * (layers_per_block + 1) + layer}.1.{rest}"
+    return module
+
+
+def peft_unet_to_kohya(unet_state: dict, alpha: float, layers_per_block: int = 2) -> dict:
+    """A peft UNet LoRA state dict (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya/WebUI format:
+    `lora_unet_<sgm path>.lora_down.weight`, `.lora_up.weight` and `.alpha`, with alpha the trained
+    lora_alpha so that alpha / rank reproduces the trained scale (diffusers' converter writes the rank)."""
+    kohya = {}
+    for key, value in unet_state.items():
+        module, factor = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_")
+        kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(factor)
+        if kind is None:
+            raise ValueError(f"cannot write {key!r} in kohya format (only plain LoRA A/B factors)")
+        kohya[f"{name}.{kind}"] = value.detach().contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return kohya

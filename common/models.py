@@ -69,14 +69,15 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype):
-    """StableDiffusionXLPipeline for a tiny name, folder or hub id; load failures become one-line errors."""
+def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype, **from_pretrained_options):
+    """StableDiffusionXLPipeline for a tiny name, folder or hub id; load failures become one-line errors.
+    Options (revision, variant, cache_dir) go to diffusers' from_pretrained."""
     from diffusers import StableDiffusionXLPipeline
 
     location = resolve_model(name_or_path)
     try:
         with quiet_libraries():
-            return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
+            return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **from_pretrained_options)
     except (OSError, ValueError, TypeError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model {name_or_path!r} as an SDXL pipeline: {reason}") from None

@@ -1,0 +1,289 @@
+"""Training images: folders or datasets, SDXL crops and micro-conditioning, aspect buckets, seeded order.
+
+Every random choice (order, crop, flip) is drawn from a generator seeded by (seed, epoch, example),
+so an interrupted run resumes with the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.cli import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and its caption; `image` is a path or an in-memory PIL image (datasets)."""
+
+    image: object
+    caption: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How an image is fitted into its bucket: SDXL's micro-conditioning numbers come from here."""
+
+    original_size: tuple[int, int]  # (height, width) before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    target_size: tuple[int, int]  # (height, width) of the bucket
+    flip: bool
+
+    def time_ids(self) -> torch.Tensor:
+        """SDXL's add_time_ids: original size, crop top-left, target size (Podell et al. 2023, Sec. 2.2)."""
+        return torch.tensor([*self.original_size, *self.crop_top_left, *self.target_size], dtype=torch.float32)
+
+
+def sdxl_buckets(resolution: int, step: int | None = None, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(height, width) buckets of about resolution^2 pixels, sides multiples of `step` (64 at 1024, as SDXL's
+    training buckets 1024x1024, 896x1152, 832x1216, 768x1344, 640x1536 ...), aspect ratio up to `max_ratio`."""
+    step = step or max(32, resolution // 16)
+    area = resolution * resolution
+    buckets = set()
+    for width in range(step, 4 * resolution + 1, step):
+        height = int(area / width) // step * step
+        if height >= step and max(width / height, height / width) <= max_ratio:
+            buckets.add((height, width))
+    return sorted(buckets, key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
+
+
+def find_examples(
+    instance_data_dir: Path | None,
+    instance_prompt: str | None,
+    dataset_name: str | None,
+    image_column: str,
+    caption_column: str | None,
+) -> list[Example]:
+    """Images with their captions, from a folder (one prompt for all) or a datasets dataset (a caption each)."""
+    if dataset_name:
+        return _dataset_examples(dataset_name, image_column, caption_column, instance_prompt)
+    if instance_data_dir is None:
+        raise UserError("give --instance_data_dir FOLDER (with --instance_prompt) or --dataset_name DATASET")
+    if not instance_data_dir.is_dir():
+        raise UserError(f"--instance_data_dir {str(instance_data_dir)!r} is not a folder")
+    if not instance_prompt:
+        raise UserError("--instance_prompt is required with --instance_data_dir (e.g. 'a photo of TOK dog')")
+    files = sorted(p for p in instance_data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(
+            f"--instance_data_dir {str(instance_data_dir)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return [Example(path, instance_prompt, path.name) for path in files]
+
+
+def _dataset_examples(dataset_name: str, image_column: str, caption_column: str | None, instance_prompt: str | None):
+    import datasets
+
+    try:
+        if Path(dataset_name).is_dir() and not any(Path(dataset_name).glob("*.py")):
+            dataset = datasets.load_dataset("imagefolder", data_dir=dataset_name, split="train")
+        else:
+            dataset = datasets.load_dataset(dataset_name, split="train")
+    except Exception as error:  # datasets raises many types for a missing or remote dataset
+        raise UserError(f"could not load dataset {dataset_name!r} (hub datasets need network access): {error}") from None
+    columns = dataset.column_names
+    if image_column not in columns:
+        raise UserError(f"--image_column {image_column!r} is not in dataset {dataset_name!r}; columns: {', '.join(columns)}")
+    if caption_column is not None and caption_column not in columns:
+        raise UserError(f"--caption_column {caption_column!r} is not in dataset {dataset_name!r}; columns: {', '.join(columns)}")
+    if caption_column is None and not instance_prompt:
+        raise UserError(f"dataset {dataset_name!r}: give --caption_column (columns: {', '.join(columns)}) or --instance_prompt")
+    return [
+        Example(row[image_column], str(row[caption_column]) if caption_column else instance_prompt, f"{dataset_name}[{i}]")
+        for i, row in enumerate(dataset)
+    ]
+
+
+def open_rgb(example: Example):
+    from PIL import Image, ImageOps
+
+    image = example.image if not isinstance(example.image, (str, Path)) else Image.open(example.image)
+    image = ImageOps.exif_transpose(image)
+    return image.convert("RGB")
+
+
+def check_images(examples: list[Example], skip_bad: bool) -> list[Example]:
+    """Every image decodes; a bad one is an error naming it, or is skipped with a warning when asked."""
+    good = []
+    for example in examples:
+        try:
+            open_rgb(example).load()
+            good.append(example)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            if not skip_bad:
+                raise UserError(f"cannot read image {example.name}: {error}; fix or remove it, or pass --skip_bad_images") from None
+            logger.warning("skipping unreadable image %s: %s", example.name, error)
+    if not good:
+        raise UserError("no readable training images left")
+    return good
+
+
+@dataclass(frozen=True)
+class Augment:
+    resolution: int
+    center_crop: bool = False
+    random_flip: bool = False
+    interpolation: str = "lanczos"
+    buckets: tuple[tuple[int, int], ...] = ()  # empty: every image is a resolution x resolution square
+
+
+INTERPOLATIONS = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
+
+
+def bucket_of(size: tuple[int, int], augment: Augment) -> tuple[int, int]:
+    """(height, width) that an image of `size` (height, width) is trained at."""
+    if not augment.buckets:
+        return (augment.resolution, augment.resolution)
+    return nearest_bucket(*size, list(augment.buckets))
+
+
+def place_image(image, augment: Augment, rng: random.Random, flip: bool | None = None):
+    """Resize to cover the bucket, crop to it, maybe flip: (pixel tensor in [-1, 1], Placement)."""
+    import numpy as np
+    from PIL import Image
+
+    original = (image.height, image.width)
+    target_h, target_w = bucket_of(original, augment)
+    scale = max(target_h / image.height, target_w / image.width)
+    resized_h, resized_w = max(target_h, round(image.height * scale)), max(target_w, round(image.width * scale))
+    resample = getattr(Image.Resampling, augment.interpolation.upper())
+    image = image.resize((resized_w, resized_h), resample=resample)
+    if augment.center_crop:
+        top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
+    else:
+        top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
+    image = image.crop((left, top, left + target_w, top + target_h))
+    if flip is None:
+        flip = augment.random_flip and rng.random() < 0.5
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return pixels, Placement(original, (top, left), (target_h, target_w), flip)
+
+
+def example_rng(seed: int, epoch: int, position: int) -> random.Random:
+    # string seeds are hashed with SHA-512 by `random`, the same in every process (unlike hash())
+    return random.Random(f"{seed}:{epoch}:{position}")
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """(index, pixels, placement) for each repeated example; captions stay with `examples[index]`."""
+
+    def __init__(self, examples: list[Example], augment: Augment, repeats: int, seed: int):
+        self.examples, self.augment, self.seed = examples, augment, seed
+        self.indices = [i for i in range(len(examples)) for _ in range(repeats)]
+        self.sizes = []
+        for example in examples:
+            image = open_rgb(example)
+            self.sizes.append((image.height, image.width))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        index = self.indices[position]
+        pixels, placement = place_image(open_rgb(self.examples[index]), self.augment, example_rng(self.seed, self.epoch, position))
+        return {"index": index, "pixels": pixels, "placement": placement}
+
+    def bucket(self, position: int) -> tuple[int, int]:
+        return bucket_of(self.sizes[self.indices[position]], self.augment)
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """Batches of positions that share a bucket, shuffled by (seed, epoch): identical in every process
+    and after a resume. Incomplete batches are kept (small DreamBooth sets would lose images)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True):
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}:order")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position in range(len(self.dataset)):
+            groups.setdefault(self.dataset.bucket(position), []).append(position)
+        batches = []
+        for positions in groups.values():
+            if self.shuffle:
+                rng.shuffle(positions)
+            batches += [positions[i : i + self.batch_size] for i in range(0, len(positions), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """TrainingImages encoded once: the VAE posterior (mean, std) of each example's fixed crop, for both
+    flips when flipping is on; each step draws its flip and samples the posterior. Items keep their
+    example index, so latent, caption and size stay paired whatever order the loader takes."""
+
+    def __init__(self, images: TrainingImages, encode, batch_size: int = 8):
+        self.images, self.cache = images, {}
+        flips = (False, True) if images.augment.random_flip else (False,)
+        keys = [(index, flip) for index in range(len(images.examples)) for flip in flips]
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start : start + batch_size]
+            placed = [place_image(open_rgb(images.examples[i]), images.augment, example_rng(images.seed, 0, i), flip) for i, flip in chunk]
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for k, (pixels, _) in enumerate(placed):
+                by_size.setdefault(tuple(pixels.shape[1:]), []).append(k)
+            for members in by_size.values():
+                means, stds = encode(torch.stack([placed[k][0] for k in members]))
+                for k, mean, std in zip(members, means, stds):
+                    self.cache[chunk[k]] = (mean, std, placed[k][1])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def epoch(self) -> int:
+        return self.images.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.images.epoch = value
+
+    def bucket(self, position: int) -> tuple[int, int]:
+        return self.images.bucket(position)
+
+    def __getitem__(self, position: int) -> dict:
+        index = self.images.indices[position]
+        flip = self.images.augment.random_flip and example_rng(self.images.seed, self.epoch, position).random() < 0.5
+        mean, std, placement = self.cache[(index, flip)]
+        return {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement}
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {
+        "index": torch.tensor([item["index"] for item in items]),
+        "time_ids": torch.stack([item["placement"].time_ids() for item in items]),
+    }
+    for key in ("pixels", "latent_mean", "latent_std"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch

@@ -1,0 +1,770 @@
+#!/usr/bin/env python
+"""DreamBooth LoRA/DoRA training for SDXL-family models, with EDM training done as the paper says.
+
+    accelerate launch train_lora.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --instance_data_dir dog/ --instance_prompt "a photo of TOK dog" --output_dir out/dog \\
+        --rank 16 --learning_rate 1e-4 --max_train_steps 500 --mixed_precision bf16 --cache_latents
+
+Accepts the flags of diffusers' train_dreambooth_lora_sdxl_advanced.py under their own spelling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from common.cli import UserError, flags, run_app
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+logger = logging.getLogger("train_lora")
+
+MODEL, DATA, LORA, OPTIM, LOSS, MEMORY, OUTPUT, TEXT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Memory and speed", "Output", "Text side (next release)"
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+BLORA_BLOCKS = ("unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1")
+OPTIMIZERS = ("adamw", "prodigy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TEXT_SIDE_FLAGS = ("train_text_encoder_ti", "train_text_encoder", "with_prior_preservation")
+
+
+@dataclass
+class TrainConfig:
+    """Every option, after validation; saved as training_args.json."""
+
+    pretrained_model_name_or_path: str
+    output_dir: str
+    instance_data_dir: Optional[str] = None
+    instance_prompt: Optional[str] = None
+    dataset_name: Optional[str] = None
+    image_column: str = "image"
+    caption_column: Optional[str] = None
+    repeats: int = 1
+    resolution: int = 1024
+    center_crop: bool = False
+    random_flip: bool = False
+    image_interpolation_mode: str = "lanczos"
+    aspect_buckets: bool = False
+    skip_bad_images: bool = False
+    train_batch_size: int = 4
+    num_train_epochs: int = 1
+    max_train_steps: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    dataloader_num_workers: int = 0
+    rank: int = 4
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    use_dora: bool = False
+    lora_unet_blocks: Optional[str] = None
+    use_blora: bool = False
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    use_8bit_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    prodigy_beta3: Optional[float] = None
+    prodigy_decouple: bool = True
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    edm: bool = False
+    edm_p_mean: float = -1.2
+    edm_p_std: float = 1.2
+    snr_gamma: Optional[float] = None
+    snr_weighting: str = "hard"
+    prediction_type: Optional[str] = None
+    noise_offset: float = 0.0
+    cache_latents: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: Optional[str] = None
+    allow_tf32: bool = False
+    torch_compile: bool = False
+    pretrained_vae_model_name_or_path: Optional[str] = None
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None
+    validation_prompt: Optional[str] = None
+    num_validation_images: int = 4
+    validation_epochs: int = 50
+    seed: Optional[int] = None
+    report_to: str = "none"
+    logging_dir: str = "logs"
+    extra: dict = field(default_factory=dict)  # accepted for compatibility, recorded, not used
+
+
+def main(
+    pretrained_model_name_or_path: Annotated[str, typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="tiny-sdxl, tiny-edm, a diffusers folder or a hub id", rich_help_panel=MODEL)],
+    pretrained_vae_model_name_or_path: Annotated[Optional[str], typer.Option(*flags("pretrained_vae_model_name_or_path"), help="an fp16-safe VAE folder; the model's VAE otherwise runs in fp32", rich_help_panel=MODEL)] = None,
+    revision: Annotated[Optional[str], typer.Option(*flags("revision"), help="hub revision (network)", rich_help_panel=MODEL)] = None,
+    variant: Annotated[Optional[str], typer.Option(*flags("variant"), help="weight variant, e.g. fp16", rich_help_panel=MODEL)] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(*flags("cache_dir"), help="hub download cache", rich_help_panel=MODEL)] = None,
+    instance_data_dir: Annotated[Optional[str], typer.Option(*flags("instance_data_dir"), help="folder of training images", rich_help_panel=DATA)] = None,
+    instance_prompt: Annotated[Optional[str], typer.Option(*flags("instance_prompt"), help="caption of every image (or fallback caption)", rich_help_panel=DATA)] = None,
+    dataset_name: Annotated[Optional[str], typer.Option(*flags("dataset_name"), help="a local ImageFolder/dataset (or hub id, network)", rich_help_panel=DATA)] = None,
+    dataset_config_name: Annotated[Optional[str], typer.Option(*flags("dataset_config_name"), help="dataset config (hub)", rich_help_panel=DATA)] = None,
+    image_column: Annotated[str, typer.Option(*flags("image_column"), rich_help_panel=DATA)] = "image",
+    caption_column: Annotated[Optional[str], typer.Option(*flags("caption_column"), help="per-image captions", rich_help_panel=DATA)] = None,
+    repeats: Annotated[int, typer.Option(*flags("repeats"), rich_help_panel=DATA)] = 1,
+    resolution: Annotated[int, typer.Option(*flags("resolution"), help="side of the square (or the bucket area's side)", rich_help_panel=DATA)] = 1024,
+    center_crop: Annotated[bool, typer.Option(*flags("center_crop"), rich_help_panel=DATA)] = False,
+    random_flip: Annotated[bool, typer.Option(*flags("random_flip"), rich_help_panel=DATA)] = False,
+    image_interpolation_mode: Annotated[str, typer.Option(*flags("image_interpolation_mode"), help="lanczos, bicubic, bilinear, nearest, box, hamming", rich_help_panel=DATA)] = "lanczos",
+    aspect_buckets: Annotated[bool, typer.Option(*flags("aspect_buckets"), help="train each image at the SDXL bucket of its aspect ratio", rich_help_panel=DATA)] = False,
+    skip_bad_images: Annotated[bool, typer.Option(*flags("skip_bad_images"), help="skip unreadable images with a warning", rich_help_panel=DATA)] = False,
+    train_batch_size: Annotated[int, typer.Option(*flags("train_batch_size"), rich_help_panel=DATA)] = 4,
+    num_train_epochs: Annotated[int, typer.Option(*flags("num_train_epochs"), rich_help_panel=DATA)] = 1,
+    max_train_steps: Annotated[Optional[int], typer.Option(*flags("max_train_steps"), help="optimizer steps (overrides epochs)", rich_help_panel=DATA)] = None,
+    gradient_accumulation_steps: Annotated[int, typer.Option(*flags("gradient_accumulation_steps"), rich_help_panel=DATA)] = 1,
+    dataloader_num_workers: Annotated[int, typer.Option(*flags("dataloader_num_workers"), rich_help_panel=DATA)] = 0,
+    rank: Annotated[int, typer.Option(*flags("rank"), help="LoRA rank r", rich_help_panel=LORA)] = 4,
+    lora_alpha: Annotated[Optional[float], typer.Option(*flags("lora_alpha"), help="LoRA alpha (default: the rank, scale 1)", rich_help_panel=LORA)] = None,
+    lora_dropout: Annotated[float, typer.Option(*flags("lora_dropout"), rich_help_panel=LORA)] = 0.0,
+    use_dora: Annotated[bool, typer.Option(*flags("use_dora"), rich_help_panel=LORA)] = False,
+    lora_unet_blocks: Annotated[Optional[str], typer.Option(*flags("lora_unet_blocks"), help="comma-separated blocks, e.g. unet.up_blocks.0.attentions.0", rich_help_panel=LORA)] = None,
+    use_blora: Annotated[bool, typer.Option(*flags("use_blora"), help="B-LoRA: only the content and style blocks", rich_help_panel=LORA)] = False,
+    optimizer: Annotated[str, typer.Option(*flags("optimizer"), help="AdamW or Prodigy", rich_help_panel=OPTIM)] = "AdamW",
+    learning_rate: Annotated[float, typer.Option(*flags("learning_rate"), rich_help_panel=OPTIM)] = 1e-4,
+    scale_lr: Annotated[bool, typer.Option(*flags("scale_lr"), rich_help_panel=OPTIM)] = False,
+    use_8bit_adam: Annotated[bool, typer.Option(*flags("use_8bit_adam"), help="bitsandbytes AdamW8bit (CUDA)", rich_help_panel=OPTIM)] = False,
+    adam_beta1: Annotated[float, typer.Option(*flags("adam_beta1"), rich_help_panel=OPTIM)] = 0.9,
+    adam_beta2: Annotated[float, typer.Option(*flags("adam_beta2"), rich_help_panel=OPTIM)] = 0.999,
+    adam_weight_decay: Annotated[float, typer.Option(*flags("adam_weight_decay"), rich_help_panel=OPTIM)] = 1e-4,
+    adam_epsilon: Annotated[float, typer.Option(*flags("adam_epsilon"), rich_help_panel=OPTIM)] = 1e-8,
+    prodigy_beta3: Annotated[Optional[float], typer.Option(*flags("prodigy_beta3"), rich_help_panel=OPTIM)] = None,
+    prodigy_decouple: Annotated[str, typer.Option(*flags("prodigy_decouple"), help="True/False", rich_help_panel=OPTIM)] = "True",
+    prodigy_use_bias_correction: Annotated[str, typer.Option(*flags("prodigy_use_bias_correction"), help="True/False", rich_help_panel=OPTIM)] = "True",
+    prodigy_safeguard_warmup: Annotated[str, typer.Option(*flags("prodigy_safeguard_warmup"), help="True/False", rich_help_panel=OPTIM)] = "True",
+    max_grad_norm: Annotated[float, typer.Option(*flags("max_grad_norm"), rich_help_panel=OPTIM)] = 1.0,
+    lr_scheduler: Annotated[str, typer.Option(*flags("lr_scheduler"), help=", ".join(LR_SCHEDULERS), rich_help_panel=OPTIM)] = "constant",
+    lr_warmup_steps: Annotated[int, typer.Option(*flags("lr_warmup_steps"), rich_help_panel=OPTIM)] = 500,
+    lr_num_cycles: Annotated[int, typer.Option(*flags("lr_num_cycles"), rich_help_panel=OPTIM)] = 1,
+    lr_power: Annotated[float, typer.Option(*flags("lr_power"), rich_help_panel=OPTIM)] = 1.0,
+    edm: Annotated[bool, typer.Option(*flags("edm", "--do_edm_style_training", "--do-edm-style-training"), help="EDM training (automatic on EDM bases)", rich_help_panel=LOSS)] = False,
+    edm_p_mean: Annotated[float, typer.Option(*flags("edm_p_mean"), help="mean of ln(sigma)", rich_help_panel=LOSS)] = -1.2,
+    edm_p_std: Annotated[float, typer.Option(*flags("edm_p_std"), help="std of ln(sigma)", rich_help_panel=LOSS)] = 1.2,
+    snr_gamma: Annotated[Optional[float], typer.Option(*flags("snr_gamma"), help="Min-SNR-gamma (5 is usual)", rich_help_panel=LOSS)] = None,
+    snr_weighting: Annotated[str, typer.Option(*flags("snr_weighting"), help="hard (min) or soft (smooth min) with --snr_gamma under EDM", rich_help_panel=LOSS)] = "hard",
+    prediction_type: Annotated[Optional[str], typer.Option(*flags("prediction_type"), help="epsilon or v_prediction (default: the model's)", rich_help_panel=LOSS)] = None,
+    noise_offset: Annotated[float, typer.Option(*flags("noise_offset"), rich_help_panel=LOSS)] = 0.0,
+    cache_latents: Annotated[bool, typer.Option(*flags("cache_latents"), help="encode every image once", rich_help_panel=MEMORY)] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(*flags("gradient_checkpointing"), rich_help_panel=MEMORY)] = False,
+    mixed_precision: Annotated[Optional[str], typer.Option(*flags("mixed_precision"), help="no, fp16, bf16", rich_help_panel=MEMORY)] = None,
+    allow_tf32: Annotated[bool, typer.Option(*flags("allow_tf32"), rich_help_panel=MEMORY)] = False,
+    torch_compile: Annotated[bool, typer.Option(*flags("torch_compile"), rich_help_panel=MEMORY)] = False,
+    enable_xformers_memory_efficient_attention: Annotated[bool, typer.Option(*flags("enable_xformers_memory_efficient_attention"), help="accepted; PyTorch SDPA is used", rich_help_panel=MEMORY)] = False,
+    output_dir: Annotated[str, typer.Option(*flags("output_dir", "-o"), rich_help_panel=OUTPUT)] = "lora-dreambooth-model",
+    checkpointing_steps: Annotated[int, typer.Option(*flags("checkpointing_steps"), rich_help_panel=OUTPUT)] = 500,
+    checkpoints_total_limit: Annotated[Optional[int], typer.Option(*flags("checkpoints_total_limit"), rich_help_panel=OUTPUT)] = None,
+    resume_from_checkpoint: Annotated[Optional[str], typer.Option(*flags("resume_from_checkpoint"), help="latest or a checkpoint folder", rich_help_panel=OUTPUT)] = None,
+    validation_prompt: Annotated[Optional[str], typer.Option(*flags("validation_prompt"), rich_help_panel=OUTPUT)] = None,
+    num_validation_images: Annotated[int, typer.Option(*flags("num_validation_images"), rich_help_panel=OUTPUT)] = 4,
+    validation_epochs: Annotated[int, typer.Option(*flags("validation_epochs"), rich_help_panel=OUTPUT)] = 50,
+    seed: Annotated[Optional[int], typer.Option(*flags("seed"), rich_help_panel=OUTPUT)] = None,
+    report_to: Annotated[str, typer.Option(*flags("report_to"), help="none, tensorboard, wandb, ... (must be installed)", rich_help_panel=OUTPUT)] = "none",
+    logging_dir: Annotated[str, typer.Option(*flags("logging_dir"), rich_help_panel=OUTPUT)] = "logs",
+    push_to_hub: Annotated[bool, typer.Option(*flags("push_to_hub"), help="needs network access", rich_help_panel=OUTPUT)] = False,
+    hub_token: Annotated[Optional[str], typer.Option(*flags("hub_token"), rich_help_panel=OUTPUT)] = None,
+    hub_model_id: Annotated[Optional[str], typer.Option(*flags("hub_model_id"), rich_help_panel=OUTPUT)] = None,
+    local_rank: Annotated[int, typer.Option(*flags("local_rank"), help="set by launchers; accelerate reads the environment", rich_help_panel=OUTPUT)] = -1,
+    train_text_encoder_ti: Annotated[bool, typer.Option(*flags("train_text_encoder_ti"), rich_help_panel=TEXT)] = False,
+    train_text_encoder_ti_frac: Annotated[float, typer.Option(*flags("train_text_encoder_ti_frac"), rich_help_panel=TEXT)] = 0.5,
+    token_abstraction: Annotated[str, typer.Option(*flags("token_abstraction"), rich_help_panel=TEXT)] = "TOK",
+    num_new_tokens_per_abstraction: Annotated[int, typer.Option(*flags("num_new_tokens_per_abstraction"), rich_help_panel=TEXT)] = 2,
+    train_text_encoder: Annotated[bool, typer.Option(*flags("train_text_encoder"), rich_help_panel=TEXT)] = False,
+    train_text_encoder_frac: Annotated[float, typer.Option(*flags("train_text_encoder_frac"), rich_help_panel=TEXT)] = 1.0,
+    text_encoder_lr: Annotated[float, typer.Option(*flags("text_encoder_lr"), rich_help_panel=TEXT)] = 5e-6,
+    adam_weight_decay_text_encoder: Annotated[Optional[float], typer.Option(*flags("adam_weight_decay_text_encoder"), rich_help_panel=TEXT)] = None,
+    clip_skip: Annotated[Optional[int], typer.Option(*flags("clip_skip"), rich_help_panel=TEXT)] = None,
+    with_prior_preservation: Annotated[bool, typer.Option(*flags("with_prior_preservation"), rich_help_panel=TEXT)] = False,
+    class_data_dir: Annotated[Optional[str], typer.Option(*flags("class_data_dir"), rich_help_panel=TEXT)] = None,
+    class_prompt: Annotated[Optional[str], typer.Option(*flags("class_prompt"), rich_help_panel=TEXT)] = None,
+    num_class_images: Annotated[int, typer.Option(*flags("num_class_images"), rich_help_panel=TEXT)] = 100,
+    prior_loss_weight: Annotated[float, typer.Option(*flags("prior_loss_weight"), rich_help_panel=TEXT)] = 1.0,
+    sample_batch_size: Annotated[int, typer.Option(*flags("sample_batch_size"), rich_help_panel=TEXT)] = 4,
+    prior_generation_precision: Annotated[Optional[str], typer.Option(*flags("prior_generation_precision"), rich_help_panel=TEXT)] = None,
+) -> None:
+    """Train a DreamBooth LoRA (or DoRA) on an SDXL-family model; EDM bases train with EDM automatically."""
+    options = dict(locals())
+    config = make_config(options)
+    train(config)
+
+
+app.command()(main)
+
+
+def make_config(options: dict) -> TrainConfig:
+    """Validate every option once, at the top, with messages for people; return the typed config."""
+    if options["push_to_hub"]:
+        raise UserError("--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards")
+    for name in TEXT_SIDE_FLAGS:
+        if options[name]:
+            raise UserError(f"--{name} is not available in this release yet (text-side training comes next); drop it")
+    for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
+        options[name] = parse_bool(name, options[name])
+    options["optimizer"] = options["optimizer"].lower()
+    fields = set(TrainConfig.__dataclass_fields__)
+    extra = {k: v for k, v in options.items() if k not in fields and v not in (None, False, -1)}
+    config = TrainConfig(**{k: v for k, v in options.items() if k in fields}, extra=extra)
+    checks = [
+        (config.rank >= 1, f"--rank must be a positive integer, got {config.rank}"),
+        (config.lora_alpha is None or config.lora_alpha > 0, f"--lora_alpha must be > 0, got {config.lora_alpha}"),
+        (0 <= config.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {config.lora_dropout}"),
+        (config.snr_gamma is None or config.snr_gamma > 0, f"--snr_gamma must be > 0 (5 is usual), got {config.snr_gamma}"),
+        (config.snr_weighting in ("hard", "soft"), f"--snr_weighting must be hard or soft, got {config.snr_weighting!r}"),
+        (config.optimizer in OPTIMIZERS, f"--optimizer {config.optimizer!r} is not supported; use AdamW or Prodigy"),
+        (config.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler {config.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}"),
+        (config.mixed_precision in (None, "no", "fp16", "bf16"), f"--mixed_precision {config.mixed_precision!r}; use no, fp16 or bf16"),
+        (config.prediction_type in (None, "epsilon", "v_prediction"), f"--prediction_type {config.prediction_type!r}; use epsilon or v_prediction"),
+        (config.resolution % 8 == 0 and config.resolution > 0, f"--resolution {config.resolution} must be a positive multiple of 8"),
+        (config.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {config.train_batch_size}"),
+        (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
+        (config.gradient_accumulation_steps >= 1, f"--gradient_accumulation_steps must be >= 1, got {config.gradient_accumulation_steps}"),
+        (config.max_train_steps is None or config.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {config.max_train_steps}"),
+        (config.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {config.checkpointing_steps}"),
+        (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
+        (config.edm_p_std > 0, f"--edm_p_std must be > 0, got {config.edm_p_std}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    from common.data import INTERPOLATIONS
+
+    if config.image_interpolation_mode not in INTERPOLATIONS:
+        raise UserError(f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}")
+    if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
+        if not (Path(config.resume_from_checkpoint) / "lora.safetensors").is_file():
+            raise UserError(f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder")
+    return config
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """True/False as text, as the reference script's `type=bool` flags take them (but parsed right)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off", ""):
+        return False
+    raise UserError(f"--{name} {value!r} is not a boolean; use True or False")
+
+
+def train(config: TrainConfig) -> None:
+    """Load models -> build data -> add LoRA -> optimizer -> loop over batches -> save."""
+    accelerator = make_accelerator(config)
+    pipe = load_models(config, accelerator)
+    formulation = choose_formulation(config, pipe, accelerator)
+    dataset, text = build_data(config, pipe, accelerator)
+    unet = add_lora(pipe.unet, config)
+    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, accelerator, dataset)
+    loader, batch_order = make_loader(config, dataset)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    register_checkpoint_hooks(accelerator, pipe)
+    step = resume(config, accelerator)
+
+    progress = Progress(total_steps, step, accelerator, config)
+    steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
+    started, first_step = time.time(), step
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            batch_order.set_epoch(epoch)
+            skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in batches:
+                with accelerator.accumulate(unet):
+                    latents = batch_latents(batch, pipe, accelerator)
+                    network = conditioned_unet(unet, text, batch, accelerator)
+                    with accelerator.autocast():
+                        loss = formulation.loss(network, latents).mean()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(loss, optimizer, lr_scheduler)
+                if step % config.checkpointing_steps == 0 or step == total_steps:
+                    save_checkpoint(accelerator, config, step)
+                if step >= total_steps:
+                    break
+            if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
+                validate_images(pipe, unet, config, accelerator, step)
+    except KeyboardInterrupt:
+        save_checkpoint(accelerator, config, step)
+        raise UserError(f"interrupted at step {step}; resume with --resume_from_checkpoint latest") from None
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_outputs(accelerator.unwrap_model(unet), pipe, config)
+    seconds = time.time() - started
+    steps_done = max(1, step - first_step)
+    accelerator.print(
+        f"done: {step} steps in {seconds:.1f} s ({seconds / steps_done:.3f} s/step), peak memory {peak_memory_gib(accelerator.device):.2f} GiB, "
+        f"LoRA in {config.output_dir}/"
+    )
+    accelerator.end_training()
+
+
+def make_accelerator(config: TrainConfig):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir))
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=project,
+            rng_types=[],  # our data order is seeded by (seed, epoch) and identical in every process
+        )
+    except (ValueError, ImportError) as error:
+        raise UserError(f"could not set up accelerate (--report_to {config.report_to!r}, --mixed_precision {config.mixed_precision!r}): {error}") from None
+    logging.basicConfig(format="%(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    set_seed(config.seed if config.seed is not None else 0)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        if config.report_to != "none":
+            accelerator.init_trackers("train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))})
+    return accelerator
+
+
+def weight_dtype(accelerator):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def load_models(config: TrainConfig, accelerator):
+    """The pipeline's frozen parts, in the compute dtype; the VAE in fp32 unless a fp16-safe one is named."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from common.models import load_sdxl_pipeline, quiet_libraries
+
+    hub_options = {k: config.extra[k] for k in ("revision", "variant", "cache_dir") if k in config.extra}
+    pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, torch.float32, **hub_options)
+    if config.pretrained_vae_model_name_or_path:
+        try:
+            pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
+        except (OSError, ValueError) as error:
+            raise UserError(f"could not load VAE {config.pretrained_vae_model_name_or_path!r}: {error}") from None
+    dtype = weight_dtype(accelerator)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False)
+    with quiet_libraries():
+        pipe.unet.to(accelerator.device, dtype=dtype)
+        pipe.vae.to(accelerator.device, dtype=dtype if config.pretrained_vae_model_name_or_path else torch.float32)
+        pipe.text_encoder.to(accelerator.device, dtype=dtype)
+        pipe.text_encoder_2.to(accelerator.device, dtype=dtype)
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def choose_formulation(config: TrainConfig, pipe, accelerator):
+    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM."""
+    import torch
+
+    from common.losses import DiscreteFormulation, EDMFormulation, discrete_sigmas
+    from common.models import is_edm_scheduler_config
+
+    scheduler_config = pipe.scheduler.config
+    if is_edm_scheduler_config(scheduler_config):
+        if not config.edm:
+            accelerator.print("EDM base detected from its scheduler config: training with the EDM formulation")
+        return EDMFormulation(
+            sigma_data=float(scheduler_config["sigma_data"]), p_mean=config.edm_p_mean, p_std=config.edm_p_std,
+            snr_gamma=config.snr_gamma, soft_min_snr=config.snr_weighting == "soft", noise_offset=config.noise_offset,
+        )
+    from diffusers import DDPMScheduler
+
+    training_schedule = DDPMScheduler.from_config(scheduler_config)
+    alphas_cumprod = training_schedule.alphas_cumprod.to(torch.float32)
+    prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    if config.edm:
+        if prediction_type != "epsilon":
+            raise UserError(f"--edm on a discrete base needs an epsilon model; this one predicts {prediction_type}")
+        # a discrete VP model's latents are scaled to unit variance, its implicit sigma_data (k-diffusion)
+        return EDMFormulation(
+            sigma_data=1.0, p_mean=config.edm_p_mean, p_std=config.edm_p_std, schedule_sigmas=discrete_sigmas(alphas_cumprod),
+            snr_gamma=config.snr_gamma, soft_min_snr=config.snr_weighting == "soft", noise_offset=config.noise_offset,
+        )
+    return DiscreteFormulation(alphas_cumprod, prediction_type, config.snr_gamma, config.noise_offset)
+
+
+@dataclass
+class TextConditioning:
+    """Prompt embeddings of every caption, computed once: the text encoders are frozen."""
+
+    prompt_embeds: dict  # caption -> (tokens, width)
+    pooled: dict  # caption -> (width,)
+    captions: list  # example index -> caption
+
+    def for_indices(self, captions: list[str], device, dtype):
+        import torch
+
+        embeds = torch.stack([self.prompt_embeds[c] for c in captions]).to(device, dtype)
+        pooled = torch.stack([self.pooled[c] for c in captions]).to(device, dtype)
+        return embeds, pooled
+
+
+def build_data(config: TrainConfig, pipe, accelerator):
+    """Examples -> checked images -> dataset (optionally as cached latents) and the caption embeddings."""
+    import torch
+
+    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets
+
+    examples = find_examples(
+        Path(config.instance_data_dir) if config.instance_data_dir else None, config.instance_prompt,
+        config.dataset_name, config.image_column, config.caption_column,
+    )
+    examples = check_images(examples, config.skip_bad_images)
+    augment = Augment(
+        config.resolution, config.center_crop, config.random_flip, config.image_interpolation_mode,
+        tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
+    )
+    dataset = TrainingImages(examples, augment, config.repeats, config.seed or 0)
+    captions = sorted({example.caption for example in examples})
+    embeds, pooled = {}, {}
+    with torch.no_grad():
+        for caption in captions:
+            prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(caption, device=accelerator.device, do_classifier_free_guidance=False)
+            embeds[caption], pooled[caption] = prompt_embeds[0].cpu(), pooled_embeds[0].cpu()
+    text = TextConditioning(embeds, pooled, [example.caption for example in examples])
+    if config.cache_latents:
+        with torch.no_grad():
+            dataset = CachedLatents(dataset, lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device))
+    accelerator.print(f"{len(examples)} images x {config.repeats} repeats, {len(captions)} distinct captions")
+    return dataset, text
+
+
+def vae_posterior(vae, pixels, device):
+    """(mean, std) of the VAE's latent distribution, still unnormalised."""
+    distribution = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    return distribution.mean.float().cpu(), distribution.std.float().cpu()
+
+
+def normalise_latents(raw, vae_config):
+    """Latents as the base model expects them (what its pipeline undoes before decoding):
+    (z - latents_mean) * scaling_factor / latents_std with per-channel statistics when the VAE config
+    has them (Playground v2.5: scaling 0.5, giving latents of std about sigma_data = 0.5), else
+    z * scaling_factor (SDXL: 0.13025, unit variance)."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        mean = raw.new_tensor(mean).view(shape)
+        std = raw.new_tensor(std).view(shape)
+        return (raw - mean) * vae_config["scaling_factor"] / std
+    return raw * vae_config["scaling_factor"]
+
+
+def batch_latents(batch, pipe, accelerator):
+    """Normalised latents of a batch: sampled from the cached posterior, or encoded now."""
+    import torch
+
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(accelerator.device), batch["latent_std"].to(accelerator.device)
+        raw = mean + std * torch.randn_like(mean)
+    else:
+        with torch.no_grad():
+            raw = pipe.vae.encode(batch["pixels"].to(accelerator.device, pipe.vae.dtype)).latent_dist.sample().float()
+    return normalise_latents(raw, pipe.vae.config)
+
+
+def conditioned_unet(unet, text: TextConditioning, batch, accelerator):
+    """network(model_input, timestep) for this batch's captions and SDXL micro-conditioning."""
+    captions = [text.captions[i] for i in batch["index"].tolist()]
+    dtype = weight_dtype(accelerator)
+    embeds, pooled = text.for_indices(captions, accelerator.device, dtype)
+    time_ids = batch["time_ids"].to(accelerator.device, dtype)
+
+    def network(model_input, timestep):
+        timestep = timestep.to(accelerator.device)
+        return unet(model_input.to(dtype), timestep, encoder_hidden_states=embeds,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    return network
+
+
+def lora_target_modules(unet, config: TrainConfig) -> list[str]:
+    """Attention projections of the UNet, restricted to the chosen blocks (B-LoRA: content and style)."""
+    blocks = BLORA_BLOCKS if config.use_blora else tuple(b.strip() for b in (config.lora_unet_blocks or "").split(",") if b.strip())
+    prefixes = tuple(b.removeprefix("unet.").rstrip(".") + "." for b in blocks)
+    names = [n for n, _ in unet.named_modules() if n.endswith(tuple("." + t for t in UNET_LORA_TARGETS))]
+    if prefixes:
+        chosen = [n for n in names if n.startswith(prefixes)]
+        for prefix in prefixes:
+            if not any(n.startswith(prefix) for n in chosen):
+                raise UserError(f"--lora_unet_blocks: no attention layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0")
+        return chosen
+    return names
+
+
+def add_lora(unet, config: TrainConfig):
+    """peft LoRA (or DoRA) on the chosen attention projections; LoRA weights train in fp32."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    lora_config = LoraConfig(
+        r=config.rank, lora_alpha=config.lora_alpha or config.rank, lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora, init_lora_weights="gaussian", target_modules=lora_target_modules(unet, config),
+    )
+    unet.add_adapter(lora_config)
+    cast_training_params(unet)
+    return unet
+
+
+def make_optimizer(config: TrainConfig, unet, accelerator, dataset):
+    """Optimizer over the LoRA parameters, its learning-rate schedule, and the number of optimizer steps."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    batches_per_epoch = math.ceil(len(dataset) / config.train_batch_size / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
+    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    if config.optimizer == "prodigy":
+        import prodigyopt
+
+        if learning_rate < 0.1:
+            logger.warning("Prodigy adapts the step size itself; its learning rate is usually 1.0, got %s", learning_rate)
+        optimizer = prodigyopt.Prodigy(
+            parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), beta3=config.prodigy_beta3,
+            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, decouple=config.prodigy_decouple,
+            use_bias_correction=config.prodigy_use_bias_correction, safeguard_warmup=config.prodigy_safeguard_warmup,
+        )
+    else:
+        optimizer_class = torch.optim.AdamW
+        if config.use_8bit_adam:
+            if not torch.cuda.is_available():
+                raise UserError("--use_8bit_adam needs bitsandbytes on a CUDA GPU; drop it on the CPU")
+            try:
+                import bitsandbytes
+            except ImportError:
+                raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer = optimizer_class(
+            parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+        )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
+    )
+    return optimizer, lr_scheduler, total_steps
+
+
+def make_loader(config: TrainConfig, dataset):
+    import torch
+
+    from common.data import BucketBatches, collate
+
+    batch_order = BucketBatches(dataset, config.train_batch_size, config.seed or 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_order, collate_fn=collate, num_workers=config.dataloader_num_workers)
+    return loader, batch_order
+
+
+def lora_state(unet) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def register_checkpoint_hooks(accelerator, pipe) -> None:
+    """Checkpoints hold only the LoRA weights (not 2.6 B frozen UNet parameters), plus optimizer state."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                save_file(lora_state(accelerator.unwrap_model(model)), os.path.join(output_dir, "lora.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(os.path.join(input_dir, "lora.safetensors")))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoints(output_dir: str) -> list[Path]:
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator, config: TrainConfig, step: int) -> None:
+    """accelerate state in checkpoint-STEP, written beside and renamed, so a crash never leaves half of one."""
+    final = Path(config.output_dir) / f"checkpoint-{step}"
+    staging = Path(config.output_dir) / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if config.checkpoints_total_limit:
+            for old in checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume(config: TrainConfig, accelerator) -> int:
+    """The step to continue from: 0, or the step of the checkpoint whose state was just restored."""
+    if not config.resume_from_checkpoint:
+        return 0
+    if config.resume_from_checkpoint == "latest":
+        found = checkpoints(config.output_dir)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {config.output_dir!r}")
+        path = found[-1]
+    else:
+        path = Path(config.resume_from_checkpoint)
+    accelerator.load_state(str(path))
+    step = int(path.name.split("-")[-1])
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step
+
+
+class Progress:
+    """A progress bar with loss, learning rate and, for Prodigy, the adapted step size d*lr."""
+
+    def __init__(self, total: int, start: int, accelerator, config: TrainConfig):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+        self.accelerator = accelerator
+
+    def update(self, loss, optimizer, lr_scheduler) -> None:
+        group = optimizer.param_groups[0]
+        values = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0]}
+        if "d" in group:
+            values["d*lr"] = group["d"] * group["lr"]
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+        self.bar.update(1)
+        self.accelerator.log(values, step=self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def peak_memory_gib(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> None:
+    """Validation images with the LoRA as trained so far, under OUTPUT/validation/step-N/."""
+    import torch
+
+    from common.generation import SamplingSettings, generate_images, plan_jobs
+
+    if not accelerator.is_main_process:
+        return
+    pipe.unet = accelerator.unwrap_model(unet)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    settings = SamplingSettings(native, native, 25, 5.0, "default", "default", model=config.pretrained_model_name_or_path)
+    jobs = plan_jobs([config.validation_prompt], None, config.num_validation_images, [config.seed or 0])
+    with torch.no_grad(), accelerator.autocast():
+        generate_images(pipe, jobs, settings, Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1)
+
+
+def save_outputs(unet, pipe, config: TrainConfig) -> None:
+    """diffusers LoRA file, kohya/WebUI copy, training_args.json and a model card, each written atomically."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from common.files import atomic_path
+    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_unet_to_kohya
+
+    output = Path(config.output_dir)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    lora_config = unet.peft_config["default"]
+    staging = output / ".lora.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionXLPipeline.save_lora_weights(staging, unet_lora_layers=state, unet_lora_adapter_metadata=lora_config.to_dict())
+    os.replace(staging / DIFFUSERS_LORA_FILE, output / DIFFUSERS_LORA_FILE)
+    shutil.rmtree(staging, ignore_errors=True)
+
+    name = output.resolve().name
+    if config.use_dora:
+        logger.warning("DoRA: no kohya copy written; convert_for_webui.py bakes DoRA for WebUI/ComfyUI")
+    else:
+        kohya = peft_unet_to_kohya(state, lora_config.lora_alpha, pipe.unet.config.layers_per_block)
+        metadata = {"ss_network_dim": str(config.rank), "ss_network_alpha": str(lora_config.lora_alpha),
+                    "ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
+        with atomic_path(output / f"{name}.safetensors") as partial:
+            save_file(kohya, str(partial), metadata=metadata)
+    with atomic_path(output / "training_args.json") as partial:
+        partial.write_text(json.dumps(asdict(config), indent=2, default=str))
+    with atomic_path(output / "README.md") as partial:
+        partial.write_text(model_card(config, name))
+
+
+def model_card(config: TrainConfig, name: str) -> str:
+    trigger = config.instance_prompt or "(captions from the dataset)"
+    return f"""# {name}
+
+LoRA (rank {config.rank}{', DoRA' if config.use_dora else ''}) for `{config.pretrained_model_name_or_path}`,
+trained with train_lora.py{' (EDM formulation)' if config.edm else ''}.
+
+Trigger prompt: `{trigger}`
+
+## diffusers
+
+```python
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained("{config.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{config.output_dir}")
+image = pipe("{trigger}").images[0]
+```
+
+or: `python infer.py --model {config.pretrained_model_name_or_path} --lora {config.output_dir} --prompt "{trigger}"`
+
+## WebUI / ComfyUI
+
+Copy `{name}.safetensors` into `models/Lora` (WebUI: prompt `<lora:{name}:1>`) or `models/loras` (ComfyUI: LoraLoader).
+"""
+
+
+if __name__ == "__main__":
+    run_app(app)
