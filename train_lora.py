@@ -274,6 +274,7 @@ def train(config: TrainConfig) -> None:
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     register_checkpoint_hooks(accelerator, pipe)
     step = resume(config, accelerator)
+    accelerator.print(f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps")
 
     progress = Progress(total_steps, step, accelerator, config)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
@@ -281,7 +282,7 @@ def train(config: TrainConfig) -> None:
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
-            batch_order.set_epoch(epoch)
+            batch_order.start_epoch(epoch)
             skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in batches:
@@ -336,6 +337,8 @@ def make_accelerator(config: TrainConfig):
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=project,
             rng_types=[],  # our data order is seeded by (seed, epoch) and identical in every process
+            # accelerate picks gloo multi-CPU only when asked for the CPU: torchrun on a machine without GPUs
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         )
     except (ValueError, ImportError) as error:
         raise UserError(f"could not set up accelerate (--report_to {config.report_to!r}, --mixed_precision {config.mixed_precision!r}): {error}") from None

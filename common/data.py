@@ -212,7 +212,8 @@ class BucketBatches(torch.utils.data.Sampler):
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        # not `set_epoch`: accelerate calls that with its own count of iterations, which restarts at 0 on resume
         self.epoch = epoch
         self.dataset.epoch = epoch
 

@@ -1,0 +1,216 @@
+"""train_lora.py on the tiny models: it learns, resumes exactly, keeps cached data paired, writes loadable files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from common.lora_formats import LoraSpec, load_loras
+from helpers import generate_array, load_pipe
+from training_helpers import PROMPT, denoising_losses, train_cli, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_args(model: str, images: Path, out: Path, steps: int, *extra) -> list:
+    return ["-m", model, "--instance_data_dir", images, "--instance_prompt", PROMPT, "--resolution", 64,
+            "--output_dir", out, "--max_train_steps", steps, "--seed", 0, *extra]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("instance"))
+
+
+def test_lora_lowers_the_denoising_loss_of_its_images_on_tiny_sdxl(tiny_sdxl_path, images, tmp_path, capsys):
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 200, "--train_batch_size", 4,
+                                                "--rank", 8, "--learning_rate", 5e-3, "--checkpointing_steps", 1000))
+    assert code == 0, err
+    timesteps = [50, 200, 500, 800]
+    before = denoising_losses(tiny_sdxl_path, images, None, timesteps, edm=False)
+    after = denoising_losses(tiny_sdxl_path, images, tmp_path / "pytorch_lora_weights.safetensors", timesteps, edm=False)
+    ratios = [a / b for a, b in zip(after, before)]
+    assert max(ratios) < 0.95, f"epsilon MSE at t={timesteps}: base {before}, LoRA {after}"
+
+
+def test_edm_lora_lowers_the_loss_on_tiny_edm_at_low_sigmas_too(tiny_edm_path, images, tmp_path, capsys):
+    code, out, err = train_cli(capsys, *base_args(tiny_edm_path, images, tmp_path, 200, "--train_batch_size", 4,
+                                                  "--rank", 8, "--learning_rate", 5e-3, "--checkpointing_steps", 1000))
+    assert code == 0, err
+    assert "EDM base detected from its scheduler config" in out
+    sigmas = [0.05, 0.2, 0.5, 1.0, 3.0]
+    before = denoising_losses(tiny_edm_path, images, None, sigmas, edm=True)
+    after = denoising_losses(tiny_edm_path, images, tmp_path / "pytorch_lora_weights.safetensors", sigmas, edm=True)
+    ratios = [a / b for a, b in zip(after, before)]
+    message = f"x0 MSE at sigma={sigmas}: base {before}, LoRA {after}"
+    assert all(r < 0.99 for r in ratios[:2]), message
+    assert sum(ratios) / len(ratios) < 0.9, message
+
+
+def test_resuming_at_step_10_gives_the_same_lora_as_20_straight_steps(tiny_sdxl_path, images, tmp_path, capsys):
+    extra = ["--train_batch_size", 2, "--checkpointing_steps", 10, "--random_flip", "--lr_scheduler", "cosine",
+             "--lr_warmup_steps", 3, "--learning_rate", 1e-3]
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path / "straight", 20, *extra))
+    assert code == 0, err
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-10", resumed / "checkpoint-10")
+    code, out, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, resumed, 20, *extra, "--resume_from_checkpoint", "latest"))
+    assert code == 0, err
+    assert "resumed from" in out and "at step 10" in out
+    straight = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    again = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert straight.keys() == again.keys()
+    differences = {k: float((straight[k] - again[k]).abs().max()) for k in straight}
+    assert max(differences.values()) == 0, f"largest difference {max(differences.values())}"
+    at_step_10 = load_file(tmp_path / "straight" / "checkpoint-10" / "lora.safetensors")
+    moved = max(float((at_step_10[k] - again[f"unet.{k}"]).abs().max()) for k in at_step_10)
+    assert moved > 1e-4, "the resumed run must have trained its last 10 steps"
+
+
+def test_outputs_load_through_diffusers_and_kohya_alike(tiny_sdxl_path, images, tmp_path, capsys):
+    out = tmp_path / "my_dog"
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, out, 30, "--rank", 4, "--lora_alpha", 8,
+                                                "--learning_rate", 1e-2, "--checkpointing_steps", 100))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "README.md", "my_dog.safetensors", "pytorch_lora_weights.safetensors", "training_args.json"]
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["rank"] == 4 and args["lora_alpha"] == 8
+    assert "<lora:my_dog:1>" in (out / "README.md").read_text()
+    kohya = load_file(out / "my_dog.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    arrays = []
+    for file in (out / "pytorch_lora_weights.safetensors", out / "my_dog.safetensors"):
+        pipe = load_pipe(tiny_sdxl_path)
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+        arrays.append(generate_array(pipe, PROMPT))
+    plain = generate_array(load_pipe(tiny_sdxl_path), PROMPT)
+    assert np.abs(arrays[0] - plain).max() > 1e-3, "the trained LoRA must change the image"
+    assert np.abs(arrays[0] - arrays[1]).max() <= 1e-5
+
+
+def test_cached_latents_stay_paired_with_their_captions_and_sizes(tmp_path):
+    from common.data import Augment, BucketBatches, CachedLatents, Example, TrainingImages, collate, sdxl_buckets
+
+    examples = []
+    for k, size in enumerate([(64, 64), (48, 96), (96, 48), (64, 64), (40, 88), (80, 64)]):
+        value = 20 + 35 * k
+        Image.new("RGB", (size[1], size[0]), (value, value, value)).save(tmp_path / f"{k}.png")
+        examples.append(Example(tmp_path / f"{k}.png", f"caption {k}", f"{k}.png"))
+    augment = Augment(64, center_crop=True, random_flip=True, buckets=tuple(sdxl_buckets(64)))
+    images = TrainingImages(examples, augment, repeats=3, seed=7)
+
+    def fake_encode(pixels):  # a "latent" that records the image's grey level
+        grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
+        return grey.expand(-1, 4, 2, 2).clone(), torch.zeros(pixels.shape[0], 4, 2, 2)
+
+    cached = CachedLatents(images, fake_encode)
+    order = BucketBatches(cached, batch_size=2, seed=7)
+    loader = torch.utils.data.DataLoader(cached, batch_sampler=order, collate_fn=collate)
+    seen = 0
+    for epoch in range(3):
+        order.start_epoch(epoch)
+        for batch in loader:
+            for index, latent, time_ids in zip(batch["index"].tolist(), batch["latent_mean"], batch["time_ids"]):
+                expected_grey = (20 + 35 * index) / 127.5 - 1
+                assert latent.mean().item() == pytest.approx(expected_grey, abs=1e-5), f"latent of example {index}"
+                assert tuple(time_ids[:2].int().tolist()) == images.sizes[index], f"original size of example {index}"
+                assert examples[index].caption == f"caption {index}"
+                seen += 1
+    assert seen == 3 * len(images)
+
+
+def test_aspect_buckets_include_sdxls_training_shapes_and_train_non_square_images(tiny_sdxl_path, tmp_path, capsys):
+    from common.data import sdxl_buckets
+
+    buckets = set(sdxl_buckets(1024))
+    assert {(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (768, 1344), (640, 1536)} <= buckets
+    assert all(h * w <= 1024 * 1024 and h % 64 == 0 and w % 64 == 0 for h, w in buckets)
+    wide = write_images(tmp_path / "wide", count=2, size=(48, 112))
+    code, out, err = train_cli(capsys, *base_args(tiny_sdxl_path, wide, tmp_path / "out", 2, "--aspect_buckets", "--train_batch_size", 2))
+    assert code == 0, err
+
+
+def test_lora_targets_follow_blocks_blora_and_dora(tiny_sdxl_path):
+    import train_lora
+
+    pipe = load_pipe(tiny_sdxl_path)
+    config = train_lora.TrainConfig(pretrained_model_name_or_path="x", output_dir="y", use_blora=True)
+    targets = train_lora.lora_target_modules(pipe.unet, config)
+    assert targets and all(t.startswith(("up_blocks.0.attentions.0.", "up_blocks.0.attentions.1.")) for t in targets)
+    assert any(t.startswith("up_blocks.0.attentions.1.") for t in targets)
+    config = train_lora.TrainConfig(pretrained_model_name_or_path="x", output_dir="y", lora_unet_blocks="unet.mid_block", use_dora=True, rank=2)
+    unet = train_lora.add_lora(pipe.unet, config)
+    adapted = [n for n, m in unet.named_modules() if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector]
+    assert adapted and all(n.startswith("mid_block.") for n in adapted)
+    assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+
+
+def test_prodigy_with_reference_style_boolean_values(tiny_sdxl_path, images, tmp_path, capsys):
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 3, "--optimizer", "prodigy", "--learning_rate", 1.0,
+                                                "--prodigy_safeguard_warmup=False", "--prodigy_use_bias_correction=True",
+                                                "--prodigy_decouple", "false"))
+    assert code == 0, err
+    args = json.loads((tmp_path / "training_args.json").read_text())
+    assert (args["optimizer"], args["prodigy_safeguard_warmup"], args["prodigy_use_bias_correction"], args["prodigy_decouple"]) == (
+        "prodigy", False, True, False)
+    assert "d*lr=" in err
+
+
+def unreadable(folder: Path) -> Path:
+    write_images(folder, count=2)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+BAD_TRAINING_INPUTS = {
+    "empty data folder": (lambda tmp: ["--instance_data_dir", (tmp / "empty").mkdir() or tmp / "empty"], "has no images"),
+    "unreadable image": (lambda tmp: ["--instance_data_dir", unreadable(tmp / "broken")], "cannot read image broken.png"),
+    "missing caption column": (
+        lambda tmp: ["--dataset_name", write_images(tmp / "dataset", 2), "--caption_column", "text"],
+        "--caption_column 'text' is not in dataset"),
+    "rank zero": (lambda tmp: ["--rank", "0"], "--rank must be a positive integer, got 0"),
+    "non-positive snr gamma": (lambda tmp: ["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+    "missing checkpoint": (lambda tmp: ["--resume_from_checkpoint", str(tmp / "checkpoint-7")], "is not a checkpoint folder"),
+    "no checkpoint to resume": (lambda tmp: ["--resume_from_checkpoint", "latest"], "no checkpoint-N folder in"),
+    "boolean that is not one": (lambda tmp: ["--prodigy_decouple", "maybe"], "--prodigy_decouple 'maybe' is not a boolean"),
+    "text side not yet": (lambda tmp: ["--train_text_encoder_ti"], "--train_text_encoder_ti is not available in this release yet"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAINING_INPUTS)
+def test_bad_training_input_gives_one_clear_line(case, tiny_sdxl_path, images, tmp_path, capsys):
+    make_extra, message = BAD_TRAINING_INPUTS[case]
+    argv = base_args(tiny_sdxl_path, images, tmp_path / "out", 2)
+    extra = make_extra(tmp_path)
+    if extra[0] in ("--instance_data_dir", "--dataset_name"):
+        argv = argv[:2] + argv[4:]  # replace the good data folder
+    code, _, err = train_cli(capsys, *argv, *extra)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], err
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_torchrun_with_two_processes_shards_the_data_and_saves_once(tiny_sdxl_path, images, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "train_lora.py",
+               *map(str, base_args(tiny_sdxl_path, images, tmp_path / "ddp", 4, "--train_batch_size", 1, "--checkpointing_steps", 2))]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), 2 batches each per epoch, 4 steps" in result.stdout, result.stdout
+    assert result.stdout.count("done: 4 steps") == 1
+    assert (tmp_path / "ddp" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
