@@ -269,6 +269,10 @@ def train(config: TrainConfig) -> None:
     dataset, text = build_data(config, pipe, accelerator)
     unet = add_lora(pipe.unet, config)
     optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, accelerator, dataset)
+    if config.torch_compile:
+        import torch
+
+        unet = torch.compile(unet)
     loader, batch_order = make_loader(config, dataset)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     loader = accelerator.prepare_data_loader(loader, device_placement=False)

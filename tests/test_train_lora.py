@@ -214,3 +214,130 @@ def test_torchrun_with_two_processes_shards_the_data_and_saves_once(tiny_sdxl_pa
     assert result.stdout.count("done: 4 steps") == 1
     assert (tmp_path / "ddp" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+REFERENCE_FLAGS = """pretrained_model_name_or_path pretrained_vae_model_name_or_path revision variant dataset_name
+dataset_config_name instance_data_dir cache_dir image_column caption_column repeats class_data_dir instance_prompt
+token_abstraction num_new_tokens_per_abstraction class_prompt validation_prompt num_validation_images validation_epochs
+do_edm_style_training with_prior_preservation prior_loss_weight num_class_images output_dir seed resolution center_crop
+random_flip train_text_encoder train_batch_size sample_batch_size num_train_epochs max_train_steps checkpointing_steps
+checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps gradient_checkpointing learning_rate clip_skip
+text_encoder_lr scale_lr lr_scheduler snr_gamma lr_warmup_steps lr_num_cycles lr_power dataloader_num_workers
+train_text_encoder_ti train_text_encoder_ti_frac train_text_encoder_frac optimizer use_8bit_adam adam_beta1 adam_beta2
+prodigy_beta3 prodigy_decouple adam_weight_decay adam_weight_decay_text_encoder adam_epsilon prodigy_use_bias_correction
+prodigy_safeguard_warmup max_grad_norm push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to
+mixed_precision prior_generation_precision local_rank enable_xformers_memory_efficient_attention noise_offset rank
+use_dora lora_unet_blocks use_blora cache_latents""".split()
+
+
+def test_every_flag_of_the_reference_script_is_accepted_under_its_own_spelling():
+    import typer.main
+
+    import train_lora
+
+    command = typer.main.get_command(train_lora.app)
+    accepted = {option for parameter in command.params for option in parameter.opts}
+    assert len(REFERENCE_FLAGS) == 79
+    missing = [flag for flag in REFERENCE_FLAGS if f"--{flag}" not in accepted]
+    assert not missing, f"not accepted: {missing}"
+
+
+def test_dataset_captions_are_used_per_image_and_bad_images_can_be_skipped(tiny_sdxl_path, tmp_path, capsys, caplog):
+    dataset = write_images(tmp_path / "dataset", count=4)
+    rows = [{"file_name": f"image_{k}.png", "text": f"a photo of sks {'dog' if k % 2 else 'cat'}"} for k in range(4)]
+    (dataset / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    argv = ["-m", tiny_sdxl_path, "--dataset_name", dataset, "--caption_column", "text", "--resolution", 64,
+            "--output_dir", tmp_path / "out", "--max_train_steps", 1]
+    code, out, err = train_cli(capsys, *argv)
+    assert code == 0, err
+    assert "4 images x 1 repeats, 2 distinct captions" in out
+    broken = unreadable(tmp_path / "broken")
+    code, out, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", broken, "--instance_prompt", PROMPT,
+                               "--resolution", 64, "--output_dir", tmp_path / "out2", "--max_train_steps", 1, "--skip_bad_images")
+    assert code == 0, err
+    assert "skipping unreadable image broken.png" in caplog.text and "2 images x 1 repeats" in out
+
+
+def test_formulation_is_chosen_from_the_scheduler_config(tiny_sdxl_path, tiny_edm_path):
+    import train_lora
+    from common.losses import DiscreteFormulation, EDMFormulation
+    from training_helpers import reset_accelerate
+
+    reset_accelerate()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+
+    def chosen(model, **options):
+        config = train_lora.TrainConfig(pretrained_model_name_or_path=model, output_dir="x", **options)
+        return train_lora.choose_formulation(config, load_pipe(model), accelerator)
+
+    discrete = chosen(tiny_sdxl_path, snr_gamma=5.0)
+    assert isinstance(discrete, DiscreteFormulation) and discrete.prediction_type == "epsilon" and discrete.snr_gamma == 5.0
+    assert chosen(tiny_sdxl_path, prediction_type="v_prediction").prediction_type == "v_prediction"
+    edm_on_discrete = chosen(tiny_sdxl_path, edm=True, snr_gamma=5.0, snr_weighting="soft")
+    assert isinstance(edm_on_discrete, EDMFormulation) and edm_on_discrete.schedule_sigmas is not None
+    assert (edm_on_discrete.sigma_data, edm_on_discrete.soft_min_snr) == (1.0, True)
+    native = chosen(tiny_edm_path)
+    assert isinstance(native, EDMFormulation) and native.schedule_sigmas is None and native.sigma_data == 0.5
+    assert (native.p_mean, native.p_std) == (-1.2, 1.2)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sdxl_path", "tiny_edm_path"])
+def test_normalised_latents_are_what_the_pipeline_decodes(fixture, request):
+    from train_lora import normalise_latents
+
+    pipe = load_pipe(request.getfixturevalue(fixture))
+    raw = torch.randn(2, 4, 8, 8)
+    normalised = normalise_latents(raw, pipe.vae.config)
+    config = pipe.vae.config
+    # StableDiffusionXLPipeline.__call__, before vae.decode:
+    if config.get("latents_mean") is not None:
+        mean, std = torch.tensor(config.latents_mean).view(1, 4, 1, 1), torch.tensor(config.latents_std).view(1, 4, 1, 1)
+        decoded_input = normalised * std / config.scaling_factor + mean
+    else:
+        decoded_input = normalised / config.scaling_factor
+    torch.testing.assert_close(decoded_input, raw, rtol=1e-5, atol=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_sdxl_path, images, tmp_path, capsys, monkeypatch):
+    import train_lora
+
+    original, calls = train_lora.batch_latents, []
+
+    def interrupted_at_the_fourth_batch(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train_lora, "batch_latents", interrupted_at_the_fourth_batch)
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 10, "--train_batch_size", 2))
+    assert code == 2
+    assert "interrupted at step 3; resume with --resume_from_checkpoint latest" in err
+    assert (tmp_path / "checkpoint-3" / "lora.safetensors").is_file()
+    assert not list(tmp_path.glob(".checkpoint-*"))
+
+
+def test_validation_images_and_checkpoint_limit(tiny_sdxl_path, images, tmp_path, capsys):
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 3, "--train_batch_size", 4,
+                                                "--checkpointing_steps", 1, "--checkpoints_total_limit", 2,
+                                                "--validation_prompt", PROMPT, "--validation_epochs", 2,
+                                                "--num_validation_images", 2))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == ["step-2"]
+    assert len(list((tmp_path / "validation" / "step-2").glob("*.png"))) == 2
+
+
+def test_torch_compile_wraps_the_lora_unet(tiny_sdxl_path, images, tmp_path, capsys, monkeypatch):
+    compiled = []
+
+    def record(module, *args, **kwargs):  # inductor takes minutes on a CPU; the wiring is what is checked here
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 1, "--torch_compile"))
+    assert code == 0, err
+    assert len(compiled) == 1 and hasattr(compiled[0], "peft_config")
