@@ -290,17 +290,9 @@ def train(config: TrainConfig) -> None:
             skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in batches:
-                with accelerator.accumulate(unet):
-                    latents = batch_latents(batch, pipe, accelerator)
-                    network = conditioned_unet(unet, text, batch, accelerator)
-                    with accelerator.autocast():
-                        loss = formulation.loss(network, latents).mean()
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                latents = batch_latents(batch, pipe, accelerator)
+                network = conditioned_unet(unet, text, batch, accelerator)
+                loss = training_step(network, latents, unet, formulation, accelerator, optimizer, lr_scheduler, config.max_grad_norm)
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -319,6 +311,8 @@ def train(config: TrainConfig) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(unet), pipe, config)
+    from common.models import peak_memory_gib
+
     seconds = time.time() - started
     steps_done = max(1, step - first_step)
     accelerator.print(
@@ -326,6 +320,20 @@ def train(config: TrainConfig) -> None:
         f"LoRA in {config.output_dir}/"
     )
     accelerator.end_training()
+
+
+def training_step(network, latents, unet, formulation, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
+    """One micro-batch: weighted loss, backward, and (when gradients are due) clip and step."""
+    with accelerator.accumulate(unet):
+        with accelerator.autocast():
+            loss = formulation.loss(network, latents).mean()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def make_accelerator(config: TrainConfig):
@@ -686,16 +694,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def peak_memory_gib(device) -> float:
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> None:

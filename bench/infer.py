@@ -12,8 +12,6 @@ come from torch's FlopCounterMode (about 6.8 TFLOP at 1024x1024 per image row).
 
 from __future__ import annotations
 
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,44 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.cli import flags, run_app  # noqa: E402
-from common.models import parse_dtype, pick_device, speed_up_unet  # noqa: E402
+from common.models import parse_dtype, peak_memory_gib, pick_device, speed_up_unet  # noqa: E402
+from measure import device_label, peak_tflops, report, reset_peak_memory, synchronize  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, in TFLOP/s.
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2}
-
-
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """GPU: peak allocated by torch; CPU: the process's peak resident size (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def report(rows: list[dict], out: Path | None) -> None:
-    for row in rows:
-        typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    if out:
-        out.write_text(json.dumps(rows, indent=2))
-
 
 @app.command()
 def pipeline(
@@ -146,12 +110,6 @@ def sdxl_unet_loop(
                      "tflop_per_forward_row": flops_per_call / rows_per_call / 1e12, "achieved_tflops": achieved,
                      "flop_utilisation": achieved / peak if peak else float("nan"), "peak_mem_gib": peak_memory_gib(device)})
     report(rows, out)
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu x{torch.get_num_threads()}"
 
 
 if __name__ == "__main__":

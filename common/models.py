@@ -124,3 +124,12 @@ def speed_up_unet(unet, device: torch.device, compile_unet: bool = False):
     if compile_unet:
         return torch.compile(unet, mode="max-autotune-no-cudagraphs")
     return unet
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """GPU: the peak torch allocated on it; CPU: the process's peak resident size (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
