@@ -267,6 +267,7 @@ def train(config: TrainConfig) -> None:
     pipe = load_models(config, accelerator)
     formulation = choose_formulation(config, pipe, accelerator)
     dataset, text = build_data(config, pipe, accelerator)
+    park_frozen_encoders(pipe, config)
     unet = add_lora(pipe.unet, config)
     optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, accelerator, dataset)
     if config.torch_compile:
@@ -476,6 +477,15 @@ def build_data(config: TrainConfig, pipe, accelerator):
             dataset = CachedLatents(dataset, lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device))
     accelerator.print(f"{len(examples)} images x {config.repeats} repeats, {len(captions)} distinct captions")
     return dataset, text
+
+
+def park_frozen_encoders(pipe, config: TrainConfig) -> None:
+    """Move what the loop no longer needs to CPU memory: the text encoders (captions are embedded once)
+    and, with cached latents, the VAE. About 1.7 GiB of GPU memory for SDXL in bf16."""
+    pipe.text_encoder.to("cpu")
+    pipe.text_encoder_2.to("cpu")
+    if config.cache_latents:
+        pipe.vae.to("cpu")
 
 
 def vae_posterior(vae, pixels, device):
@@ -705,11 +715,16 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
     if not accelerator.is_main_process:
         return
     pipe.unet = accelerator.unwrap_model(unet)
+    parked = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m.device != accelerator.device]
+    for module in parked:
+        module.to(accelerator.device)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = SamplingSettings(native, native, 25, 5.0, "default", "default", model=config.pretrained_model_name_or_path)
     jobs = plan_jobs([config.validation_prompt], None, config.num_validation_images, [config.seed or 0])
     with torch.no_grad(), accelerator.autocast():
         generate_images(pipe, jobs, settings, Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1)
+    for module in parked:
+        module.to("cpu")
 
 
 def save_outputs(unet, pipe, config: TrainConfig) -> None:
