@@ -16,8 +16,8 @@ import typer
 
 from common.cli import UserError, flags, run_app
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_weighted_path
-from common.models import parse_dtype, pick_device
-from common.schedulers import SCHEDULER_NAMES, SCHEDULERS, check_scheduler_name
+from common.models import parse_dtype
+from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
 from common.tokens import EmbeddingSpec, parse_embedding_spec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -110,9 +110,9 @@ def main(
 
 def run(config: InferConfig) -> list[Path]:
     """Load the model and adapters, then generate and save every image."""
-    from common.generation import SamplingSettings, generate_images, next_free_index, plan_jobs
+    from common.generation import generate_images, next_free_index, plan_jobs, sampling_settings
     from common.models import load_sdxl_pipeline
-    from common.schedulers import make_scheduler, scheduler_name_of
+    from common.schedulers import make_scheduler
 
     device, dtype = resolve_device_and_dtype(config)
     pipe = load_sdxl_pipeline(config.model, dtype)
@@ -120,20 +120,9 @@ def run(config: InferConfig) -> list[Path]:
     load_adapters(pipe, config)
     place(pipe, device, config)
 
-    width, height = image_size(pipe, config)
-    scheduler_name = scheduler_name_of(pipe.scheduler)
-    choice = SCHEDULERS.get(scheduler_name)
-    settings = SamplingSettings(
-        width=width,
-        height=height,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        scheduler_name=scheduler_name,
-        webui_sampler=choice.webui_sampler if choice else scheduler_name,
-        webui_schedule=choice.webui_schedule if choice else "",
-        eta=config.eta if config.eta is not None else (choice.default_eta if choice else 0.0),
-        model=Path(config.model).name or config.model,
-        extra=adapter_description(config),
+    settings = sampling_settings(
+        pipe, config.width, config.height, config.num_inference_steps, config.guidance_scale, config.eta, config.model,
+        adapter_description(config),
     )
     config.output_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(
@@ -173,9 +162,10 @@ def lora_specs(
 
 def validate(config: InferConfig) -> None:
     """Every check on the options, before any model is loaded."""
-    for name, value in (("width", config.width), ("height", config.height)):
-        if value is not None and (value <= 0 or value % 8):
-            raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(value / 8) * 8)}")
+    from common.generation import check_image_size
+
+    check_image_size("width", config.width)
+    check_image_size("height", config.height)
     for name, value in (("num_images", config.num_images), ("batch_size", config.batch_size), ("num_inference_steps", config.num_inference_steps)):
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
@@ -188,15 +178,9 @@ def validate(config: InferConfig) -> None:
 
 
 def resolve_device_and_dtype(config: InferConfig):
-    import torch
+    from common.models import device_and_dtype
 
-    device = pick_device(config.device)
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = parse_dtype(config.dtype)
-    if device.type == "cpu" and dtype == torch.float16:
-        raise UserError("--dtype fp16 is not supported on the CPU (many CPU kernels lack it); use fp32 or bf16")
+    device, dtype = device_and_dtype(config.device, config.dtype)
     if config.cpu_offload and device.type != "cuda":
         raise UserError("--cpu_offload moves components between CPU and GPU memory and needs a CUDA GPU; drop it on the CPU")
     return device, dtype
@@ -224,12 +208,6 @@ def place(pipe, device, config: InferConfig) -> None:
         pipe.vae.enable_tiling()
     if config.vae_slicing:
         pipe.vae.enable_slicing()
-
-
-def image_size(pipe, config: InferConfig) -> tuple[int, int]:
-    """The requested size, or the model's native one (UNet sample size times the VAE factor)."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return config.width or native, config.height or native
 
 
 def adapter_description(config: InferConfig) -> dict[str, str]:

@@ -342,6 +342,8 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    from common.models import cpu_processes_requested
+
     project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir))
     try:
         accelerator = Accelerator(
@@ -350,8 +352,7 @@ def make_accelerator(config: TrainConfig):
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=project,
             rng_types=[],  # our data order is seeded by (seed, epoch) and identical in every process
-            # accelerate picks gloo multi-CPU only when asked for the CPU: torchrun on a machine without GPUs
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            cpu=cpu_processes_requested(),
         )
     except (ValueError, ImportError) as error:
         raise UserError(f"could not set up accelerate (--report_to {config.report_to!r}, --mixed_precision {config.mixed_precision!r}): {error}") from None

@@ -40,6 +40,34 @@ class SamplingSettings:
     extra: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
 
 
+def check_image_size(name: str, value: int | None) -> None:
+    if value is not None and (value <= 0 or value % 8):
+        raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(value / 8) * 8)}")
+
+
+def sampling_settings(pipe, width: int | None, height: int | None, steps: int, guidance_scale: float, eta: float | None,
+                      model: str, extra: dict | None = None) -> SamplingSettings:
+    """Settings for the pipeline's current scheduler; size defaults to the model's native one
+    (UNet sample size times the VAE factor, 1024 for SDXL)."""
+    from common.schedulers import SCHEDULERS, scheduler_name_of
+
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    name = scheduler_name_of(pipe.scheduler)
+    choice = SCHEDULERS.get(name)
+    return SamplingSettings(
+        width=width or native,
+        height=height or native,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler_name=name,
+        webui_sampler=choice.webui_sampler if choice else name,
+        webui_schedule=choice.webui_schedule if choice else "",
+        eta=eta if eta is not None else (choice.default_eta if choice else 0.0),
+        model=Path(model).name or model,
+        extra=extra or {},
+    )
+
+
 def plan_jobs(
     prompts: list[str], negative_prompt: str | None, num_images: int, seeds: list[int], first_index: int = 0
 ) -> list[ImageJob]:
@@ -107,18 +135,23 @@ def save_png(image, path: Path, parameters: str) -> None:
         image.save(partial, format="PNG", pnginfo=info)
 
 
-def generate_images(pipe, jobs: list[ImageJob], settings: SamplingSettings, output_dir: Path, batch_size: int) -> list[Path]:
-    """Run the pipeline over `jobs` in batches and save each image as soon as its batch is done."""
+def generate_images(
+    pipe, jobs: list[ImageJob], settings: SamplingSettings, output_dir: Path, batch_size: int, path_for=image_path,
+    batches: list[list[ImageJob]] | None = None, show_progress: bool = True,
+) -> list[Path]:
+    """Run the pipeline over `jobs` in batches (or the given `batches`) and save each image as soon as
+    its batch is done, at `path_for(output_dir, job)`."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
+    if batches is None:
+        batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
     saved = []
-    with tqdm(total=len(jobs), unit="img", desc="generating") as progress:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
+    with tqdm(total=sum(map(len, batches)), unit="img", desc="generating", disable=not show_progress) as progress:
+        for batch in batches:
             images = run_batch(pipe, batch, settings)
             for job, image in zip(batch, images):
-                path = image_path(output_dir, job)
+                path = path_for(output_dir, job)
                 save_png(image, path, webui_parameters(job, settings))
                 saved.append(path)
             progress.update(len(batch))
@@ -141,3 +174,59 @@ def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
             eta=settings.eta,
             generator=generators,
         ).images
+
+
+# ---------------------------------------------------------------- class images for prior preservation
+
+CLASS_IMAGE = re.compile(r"^class_(\d{6})\.png$")
+
+
+def class_image_path(folder: Path, job: ImageJob) -> Path:
+    return folder / f"class_{job.index:06d}.png"
+
+
+def is_readable_image(path: Path) -> bool:
+    """The whole file decodes (a PNG cut short by an interrupted run does not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return False
+
+
+def missing_class_indices(folder: Path, wanted: int) -> list[int]:
+    """Indices of the class images still to make so that `folder` holds `wanted` readable images.
+
+    Photos of the user's own count; our `class_NNNNNN.png` files are numbered, so a re-run with a
+    larger count adds new numbers and a broken file of ours is made again under its own number.
+    """
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    files = [p for p in folder.iterdir() if p.suffix.lower() in suffixes] if folder.is_dir() else []
+    ours = {int(m.group(1)): p for p in files if (m := CLASS_IMAGE.match(p.name))}
+    readable_ours = {i for i, p in ours.items() if is_readable_image(p)}
+    readable_others = sum(1 for p in files if not CLASS_IMAGE.match(p.name) and is_readable_image(p))
+    needed = wanted - readable_others - len(readable_ours)
+    missing, index = [], 0
+    while len(missing) < needed:
+        if index not in readable_ours:
+            missing.append(index)
+        index += 1
+    return missing
+
+
+def class_image_batches(folder: Path, wanted: int, prompt: str, negative_prompt: str | None, seed: int, batch_size: int,
+                        process_index: int = 0, num_processes: int = 1) -> list[list[ImageJob]]:
+    """This process's share of the class images still missing. Image i always gets seed + i, and
+    batches are dealt out whole, so every image is made once and identically whatever the number
+    of processes. Every process must list the folder before any of them writes to it."""
+    jobs = [ImageJob(i, prompt, negative_prompt, seed + i) for i in missing_class_indices(folder, wanted)]
+    batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
+    return batches[process_index::num_processes]
+
+
+def make_class_images(pipe, batches: list[list[ImageJob]], settings: SamplingSettings, folder: Path, show_progress: bool = True) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    return len(generate_images(pipe, [], settings, folder, 1, path_for=class_image_path, batches=batches, show_progress=show_progress))

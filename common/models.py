@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -133,3 +134,20 @@ def peak_memory_gib(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def device_and_dtype(device_name: str = "auto", dtype_name: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device, and the dtype to run on it: auto means bf16 on a GPU and fp32 on the CPU."""
+    device = pick_device(device_name)
+    if dtype_name == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = parse_dtype(dtype_name)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UserError("--dtype fp16 is not supported on the CPU (many CPU kernels lack it); use fp32 or bf16")
+    return device, dtype
+
+
+def cpu_processes_requested() -> bool:
+    """Several processes on a machine without a GPU (torchrun on a CPU box): accelerate uses gloo
+    multi-CPU only when it is told that the CPU is the device."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -91,3 +91,59 @@ def load_embedding(pipe, spec: EmbeddingSpec) -> list[str]:
         for _, rows, encoder, tokenizer in pairs:
             pipe.load_textual_inversion(rows, token=tokens, text_encoder=encoder, tokenizer=tokenizer)
     return tokens
+
+
+def abstraction_tokens(abstractions: list[str], per_abstraction: int) -> dict[str, list[str]]:
+    """Pivotal tuning's new tokens: TOK -> <s0><s1>, TOK2 -> <s2><s3> (in the order given)."""
+    return {name: default_tokens(per_abstraction, start=k * per_abstraction) for k, name in enumerate(abstractions)}
+
+
+def expand_abstractions(text: str, mapping: dict[str, list[str]]) -> str:
+    """Each abstraction in `text` replaced by its tokens; longer names first, so TOK2 is not read as TOK + 2."""
+    for name in sorted(mapping, key=len, reverse=True):
+        text = text.replace(name, "".join(mapping[name]))
+    return text
+
+
+class NewTokenRows(torch.nn.Module):
+    """A token-embedding table whose original rows stay frozen while only the rows of added tokens train.
+
+    Ids below the original vocabulary size read the frozen table; ids above it read `rows`. Training
+    the whole table and restoring the old rows after each step (the reference's way) holds optimizer
+    state for every row: about 101 M parameters for SDXL's two tables.
+    """
+
+    def __init__(self, table: torch.nn.Embedding, rows: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.original_size = table.num_embeddings
+        self.new_rows = torch.nn.Parameter(rows.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # what transformers and diffusers read as the embedding table
+        return torch.cat([self.table.weight, self.new_rows.to(self.table.weight.dtype)])
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.original_size + self.new_rows.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids >= self.original_size
+        old = self.table(ids.clamp(max=self.original_size - 1))
+        new = torch.nn.functional.embedding((ids - self.original_size).clamp(min=0), self.new_rows).to(old.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, old)
+
+
+def save_embedding(path, clip_l_rows: torch.Tensor, clip_g_rows: torch.Tensor, tokens: list[str]) -> None:
+    """`clip_l`/`clip_g` rows as diffusers' load_textual_inversion, WebUI and ComfyUI read SDXL embeddings."""
+    from safetensors.torch import save_file
+
+    from common.files import atomic_path
+
+    tensors = {CLIP_L_KEY: clip_l_rows.detach().float().cpu().contiguous(), CLIP_G_KEY: clip_g_rows.detach().float().cpu().contiguous()}
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata={"tokens": ",".join(tokens)})
