@@ -27,12 +27,12 @@ from common.cli import UserError, flags, run_app
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 logger = logging.getLogger("train_lora")
 
-MODEL, DATA, LORA, OPTIM, LOSS, MEMORY, OUTPUT, TEXT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Memory and speed", "Output", "Text side (next release)"
+MODEL, DATA, LORA, OPTIM, LOSS, MEMORY, OUTPUT, TEXT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Memory and speed", "Output", "Pivotal tuning, text encoders, prior preservation"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 BLORA_BLOCKS = ("unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1")
 OPTIMIZERS = ("adamw", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-TEXT_SIDE_FLAGS = ("train_text_encoder_ti", "train_text_encoder", "with_prior_preservation")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass
@@ -103,6 +103,24 @@ class TrainConfig:
     seed: Optional[int] = None
     report_to: str = "none"
     logging_dir: str = "logs"
+    train_text_encoder_ti: bool = False
+    train_text_encoder_ti_frac: float = 0.5
+    token_abstraction: str = "TOK"
+    num_new_tokens_per_abstraction: int = 2
+    initializer_token: Optional[str] = None
+    train_text_encoder: bool = False
+    train_text_encoder_frac: float = 1.0
+    text_encoder_lr: float = 5e-6
+    adam_weight_decay_text_encoder: Optional[float] = None
+    clip_skip: Optional[int] = None
+    with_prior_preservation: bool = False
+    class_data_dir: Optional[str] = None
+    class_prompt: Optional[str] = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    prior_generation_precision: Optional[str] = None
+    token_map: dict = field(default_factory=dict)  # abstraction -> new tokens, filled in by pivotal tuning
     extra: dict = field(default_factory=dict)  # accepted for compatibility, recorded, not used
 
 
@@ -184,6 +202,7 @@ def main(
     train_text_encoder_ti_frac: Annotated[float, typer.Option(*flags("train_text_encoder_ti_frac"), rich_help_panel=TEXT)] = 0.5,
     token_abstraction: Annotated[str, typer.Option(*flags("token_abstraction"), rich_help_panel=TEXT)] = "TOK",
     num_new_tokens_per_abstraction: Annotated[int, typer.Option(*flags("num_new_tokens_per_abstraction"), rich_help_panel=TEXT)] = 2,
+    initializer_token: Annotated[Optional[str], typer.Option(*flags("initializer_token"), help="start the new rows from this word's embedding (default: random with the table's std)", rich_help_panel=TEXT)] = None,
     train_text_encoder: Annotated[bool, typer.Option(*flags("train_text_encoder"), rich_help_panel=TEXT)] = False,
     train_text_encoder_frac: Annotated[float, typer.Option(*flags("train_text_encoder_frac"), rich_help_panel=TEXT)] = 1.0,
     text_encoder_lr: Annotated[float, typer.Option(*flags("text_encoder_lr"), rich_help_panel=TEXT)] = 5e-6,
@@ -210,9 +229,6 @@ def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
     if options["push_to_hub"]:
         raise UserError("--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards")
-    for name in TEXT_SIDE_FLAGS:
-        if options[name]:
-            raise UserError(f"--{name} is not available in this release yet (text-side training comes next); drop it")
     for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
         options[name] = parse_bool(name, options[name])
     options["optimizer"] = options["optimizer"].lower()
@@ -237,6 +253,16 @@ def make_config(options: dict) -> TrainConfig:
         (config.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {config.checkpointing_steps}"),
         (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
         (config.edm_p_std > 0, f"--edm_p_std must be > 0, got {config.edm_p_std}"),
+        (0 < config.train_text_encoder_ti_frac <= 1, f"--train_text_encoder_ti_frac must be in (0, 1], got {config.train_text_encoder_ti_frac}"),
+        (0 < config.train_text_encoder_frac <= 1, f"--train_text_encoder_frac must be in (0, 1], got {config.train_text_encoder_frac}"),
+        (config.num_new_tokens_per_abstraction >= 1, f"--num_new_tokens_per_abstraction must be >= 1, got {config.num_new_tokens_per_abstraction}"),
+        (config.clip_skip is None or config.clip_skip >= 0, f"--clip_skip must be >= 0, got {config.clip_skip}"),
+        (config.text_encoder_lr > 0, f"--text_encoder_lr must be > 0, got {config.text_encoder_lr}"),
+        (not config.with_prior_preservation or (config.class_data_dir and config.class_prompt),
+         "--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt TEXT (e.g. 'a photo of a dog')"),
+        (config.num_class_images >= 1 and config.sample_batch_size >= 1, "--num_class_images and --sample_batch_size must be >= 1"),
+        (config.prior_generation_precision in (None, "no", "fp32", "fp16", "bf16"),
+         f"--prior_generation_precision {config.prior_generation_precision!r}; use fp32, fp16 or bf16"),
     ]
     for ok, message in checks:
         if not ok:
@@ -262,23 +288,32 @@ def parse_bool(name: str, value: str) -> bool:
 
 
 def train(config: TrainConfig) -> None:
-    """Load models -> build data -> add LoRA -> optimizer -> loop over batches -> save."""
+    """Load models -> (class images) -> (pivotal tokens, text LoRA) -> data -> UNet LoRA -> optimizer -> loop -> save."""
     accelerator = make_accelerator(config)
     pipe = load_models(config, accelerator)
+    if config.with_prior_preservation:
+        make_missing_class_images(config, pipe, accelerator)
+    config.token_map = add_pivotal_tokens(pipe, config)
+    if config.train_text_encoder:
+        add_text_encoder_lora(pipe, config)
     formulation = choose_formulation(config, pipe, accelerator)
-    dataset, text = build_data(config, pipe, accelerator)
-    park_frozen_encoders(pipe, config)
+    data = build_data(config, pipe, accelerator)
     unet = add_lora(pipe.unet, config)
-    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, accelerator, dataset)
+    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances)
+    text = TextSide(pipe, config, total_steps, data.all_captions(), accelerator)
     if config.torch_compile:
         import torch
 
         unet = torch.compile(unet)
-    loader, batch_order = make_loader(config, dataset)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    loader, batch_order = make_loader(config, data.instances)
+    unet, *encoders, optimizer, lr_scheduler = accelerator.prepare(unet, *text.trainable_encoders(), optimizer, lr_scheduler)
+    text.use_prepared(encoders)
+    models = [unet, *encoders]
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
-    register_checkpoint_hooks(accelerator, pipe)
+    class_batches = ClassBatches(data, config, accelerator) if data.classes is not None else None
+    register_checkpoint_hooks(accelerator, config, text)
     step = resume(config, accelerator)
+    text.update_phase(step)
     accelerator.print(f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps")
 
     progress = Progress(total_steps, step, accelerator, config)
@@ -290,13 +325,16 @@ def train(config: TrainConfig) -> None:
             batch_order.start_epoch(epoch)
             skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            for batch in batches:
-                latents = batch_latents(batch, pipe, accelerator)
-                network = conditioned_unet(unet, text, batch, accelerator)
-                loss = training_step(network, latents, unet, formulation, accelerator, optimizer, lr_scheduler, config.max_grad_norm)
+            for micro_step, batch in enumerate(batches, start=step * config.gradient_accumulation_steps):
+                class_batch = class_batches.batch(micro_step) if class_batches else None
+                loss = training_step(
+                    lambda: batch_loss(batch, class_batch, unet, text, data, pipe, formulation, accelerator, config, step),
+                    models, accelerator, optimizer, lr_scheduler, config.max_grad_norm,
+                )
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                text.update_phase(step)
                 progress.update(loss, optimizer, lr_scheduler)
                 if step % config.checkpointing_steps == 0 or step == total_steps:
                     save_checkpoint(accelerator, config, step)
@@ -310,8 +348,9 @@ def train(config: TrainConfig) -> None:
     progress.close()
 
     accelerator.wait_for_everyone()
+    text.check_original_rows()
     if accelerator.is_main_process:
-        save_outputs(accelerator.unwrap_model(unet), pipe, config)
+        save_outputs(accelerator.unwrap_model(unet), pipe, text, config)
     from common.models import peak_memory_gib
 
     seconds = time.time() - started
@@ -323,14 +362,41 @@ def train(config: TrainConfig) -> None:
     accelerator.end_training()
 
 
-def training_step(network, latents, unet, formulation, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
-    """One micro-batch: weighted loss, backward, and (when gradients are due) clip and step."""
-    with accelerator.accumulate(unet):
+def batch_loss(batch, class_batch, unet, text, data, pipe, formulation, accelerator, config: TrainConfig, step: int):
+    """The batch's loss; with prior preservation, instance loss + prior_loss_weight x class loss, in one
+    forward pass when instance and class images share a shape."""
+    import torch
+
+    from common.losses import prior_preservation_loss
+
+    parts = [(batch, data.captions)] + ([(class_batch, data.class_captions)] if class_batch is not None else [])
+    latents = [batch_latents(b, pipe, accelerator) for b, _ in parts]
+    captions = [[names[i] for i in b["index"].tolist()] for b, names in parts]
+    time_ids = [b["time_ids"] for b, _ in parts]
+    if len(parts) == 1 or latents[0].shape[1:] != latents[1].shape[1:]:
+        losses = [
+            formulation.loss(conditioned_unet(unet, text.embed(c, step), t, accelerator), x)
+            for x, c, t in zip(latents, captions, time_ids)
+        ]
+    else:
+        joint = formulation.loss(
+            conditioned_unet(unet, text.embed(captions[0] + captions[1], step), torch.cat(time_ids), accelerator), torch.cat(latents)
+        )
+        losses = [joint[: len(captions[0])], joint[len(captions[0]) :]]
+    if len(losses) == 1:
+        return losses[0].mean()
+    return prior_preservation_loss(losses[0], losses[1], config.prior_loss_weight)
+
+
+def training_step(compute_loss, models: list, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
+    """One micro-batch: loss, backward, and (when gradients are due) clip and step."""
+    with accelerator.accumulate(*models):
         with accelerator.autocast():
-            loss = formulation.loss(network, latents).mean()
+            loss = compute_loss()
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+            parameters = [p for model in models for p in model.parameters() if p.requires_grad]
+            accelerator.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -435,58 +501,214 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
 
 
 @dataclass
-class TextConditioning:
-    """Prompt embeddings of every caption, computed once: the text encoders are frozen."""
+class TrainingData:
+    """Instance images (and class images for prior preservation) with each example's caption."""
 
-    prompt_embeds: dict  # caption -> (tokens, width)
-    pooled: dict  # caption -> (width,)
-    captions: list  # example index -> caption
+    instances: object
+    captions: list  # instance example index -> caption, abstractions already expanded
+    classes: object = None
+    class_captions: list = field(default_factory=list)
 
-    def for_indices(self, captions: list[str], device, dtype):
-        import torch
-
-        embeds = torch.stack([self.prompt_embeds[c] for c in captions]).to(device, dtype)
-        pooled = torch.stack([self.pooled[c] for c in captions]).to(device, dtype)
-        return embeds, pooled
+    def all_captions(self) -> list[str]:
+        return sorted(set(self.captions) | set(self.class_captions))
 
 
-def build_data(config: TrainConfig, pipe, accelerator):
-    """Examples -> checked images -> dataset (optionally as cached latents) and the caption embeddings."""
+def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
+    """Examples -> checked images -> datasets (optionally as cached latents), captions expanded."""
     import torch
 
-    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets
+    from common.data import Augment, CachedLatents, Example, TrainingImages, check_images, find_examples, sdxl_buckets
+    from common.tokens import expand_abstractions
 
     examples = find_examples(
         Path(config.instance_data_dir) if config.instance_data_dir else None, config.instance_prompt,
         config.dataset_name, config.image_column, config.caption_column,
     )
-    examples = check_images(examples, config.skip_bad_images)
+    examples = [Example(e.image, expand_abstractions(e.caption, config.token_map), e.name) for e in check_images(examples, config.skip_bad_images)]
     augment = Augment(
         config.resolution, config.center_crop, config.random_flip, config.image_interpolation_mode,
         tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
     )
-    dataset = TrainingImages(examples, augment, config.repeats, config.seed or 0)
-    captions = sorted({example.caption for example in examples})
-    embeds, pooled = {}, {}
-    with torch.no_grad():
-        for caption in captions:
-            prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(caption, device=accelerator.device, do_classifier_free_guidance=False)
-            embeds[caption], pooled[caption] = prompt_embeds[0].cpu(), pooled_embeds[0].cpu()
-    text = TextConditioning(embeds, pooled, [example.caption for example in examples])
+    seed = config.seed or 0
+    data = TrainingData(TrainingImages(examples, augment, config.repeats, seed), [e.caption for e in examples])
+    if config.with_prior_preservation:
+        class_examples = find_examples(Path(config.class_data_dir), config.class_prompt, None, "image", None)
+        class_examples = check_images(class_examples, config.skip_bad_images)[: config.num_class_images]
+        data.classes = TrainingImages(class_examples, augment, 1, seed + 1)
+        data.class_captions = [e.caption for e in class_examples]
     if config.cache_latents:
+        encode = lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device)  # noqa: E731
         with torch.no_grad():
-            dataset = CachedLatents(dataset, lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device))
-    accelerator.print(f"{len(examples)} images x {config.repeats} repeats, {len(captions)} distinct captions")
-    return dataset, text
+            data.instances = CachedLatents(data.instances, encode)
+            if data.classes is not None:
+                data.classes = CachedLatents(data.classes, encode)
+        pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
+    classes = f", {len(data.class_captions)} class images" if data.classes is not None else ""
+    accelerator.print(f"{len(examples)} images x {config.repeats} repeats, {len(set(data.captions))} distinct captions{classes}")
+    return data
 
 
-def park_frozen_encoders(pipe, config: TrainConfig) -> None:
-    """Move what the loop no longer needs to CPU memory: the text encoders (captions are embedded once)
-    and, with cached latents, the VAE. About 1.7 GiB of GPU memory for SDXL in bf16."""
-    pipe.text_encoder.to("cpu")
-    pipe.text_encoder_2.to("cpu")
-    if config.cache_latents:
-        pipe.vae.to("cpu")
+def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
+    """Fill --class_data_dir up to --num_class_images with the base model, as gen_class_images.py does."""
+    from common.generation import class_image_batches, make_class_images, sampling_settings
+    from common.models import load_sdxl_pipeline, parse_dtype
+
+    folder = Path(config.class_data_dir)
+    batches = class_image_batches(folder, config.num_class_images, config.class_prompt, None, config.seed or 0,
+                                  config.sample_batch_size, accelerator.process_index, accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    if batches:
+        generator_pipe = pipe
+        if config.prior_generation_precision not in (None, "no"):
+            dtype = parse_dtype(config.prior_generation_precision)
+            generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
+        settings = sampling_settings(generator_pipe, config.resolution, config.resolution, 25, 5.0, None, config.pretrained_model_name_or_path)
+        made = make_class_images(generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process)
+        accelerator.print(f"made {made} class image(s) in {folder}/")
+    accelerator.wait_for_everyone()
+
+
+def add_pivotal_tokens(pipe, config: TrainConfig) -> dict:
+    """New tokens for each abstraction in both tokenizers, with trainable rows beside frozen tables."""
+    if not config.train_text_encoder_ti:
+        return {}
+    import torch
+
+    from common.tokens import NewTokenRows, abstraction_tokens
+
+    abstractions = [a.strip() for a in config.token_abstraction.split(",") if a.strip()]
+    if not abstractions:
+        raise UserError(f"--token_abstraction {config.token_abstraction!r} names no abstraction; e.g. TOK or TOK,TOK2")
+    mapping = abstraction_tokens(abstractions, config.num_new_tokens_per_abstraction)
+    tokens = [t for group in mapping.values() for t in group]
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        table = encoder.get_input_embeddings()
+        if any(t in tokenizer.get_vocab() for t in tokens):
+            raise UserError(f"the tokenizer already has one of {', '.join(tokens)}; this model was pivotal-tuned before")
+        tokenizer.add_tokens(tokens)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if ids != list(range(table.num_embeddings, table.num_embeddings + len(tokens))):
+            raise UserError(f"the tokenizer ({len(tokenizer)} tokens) and its embedding table ({table.num_embeddings} rows) disagree")
+        if config.initializer_token:
+            start = tokenizer(config.initializer_token, add_special_tokens=False).input_ids
+            if not start:
+                raise UserError(f"--initializer_token {config.initializer_token!r} encodes to no token")
+            rows = table.weight[start[0]].detach().float().expand(len(tokens), -1)
+        else:
+            rows = torch.randn(len(tokens), table.embedding_dim) * table.weight.detach().float().std()
+        encoder.set_input_embeddings(NewTokenRows(table, rows.to(table.weight.device)))
+    return mapping
+
+
+def add_text_encoder_lora(pipe, config: TrainConfig) -> None:
+    """LoRA on both text encoders' attention projections (trained in fp32)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank,
+                                       init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)))
+        cast_training_params(encoder)
+
+
+def encode_captions(tokenizers, encoders, captions: list[str], clip_skip: int | None, device):
+    """SDXL's prompt encoding through the (possibly wrapped, possibly training) encoders: the penultimate
+    (or clip_skip-th from last) hidden state of both encoders side by side, and the second one's pooled
+    projection, as diffusers' StableDiffusionXLPipeline.encode_prompt computes them."""
+    import torch
+
+    hidden = []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output[0]
+        hidden.append(output.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+class TextSide:
+    """Caption embeddings. Through the trainable text parts (pivotal rows, text-encoder LoRA) while they
+    train; once the last of them stops (its fraction of the steps), every caption is embedded once,
+    cached, and the encoders leave the GPU."""
+
+    def __init__(self, pipe, config: TrainConfig, total_steps: int, captions: list[str], accelerator):
+        self.pipe, self.config, self.captions, self.accelerator = pipe, config, captions, accelerator
+        self.encoders = [pipe.text_encoder, pipe.text_encoder_2]
+        self.rows = [e.get_input_embeddings() for e in self.encoders] if config.train_text_encoder_ti else []
+        self.rows_stop = int(config.train_text_encoder_ti_frac * total_steps) if self.rows else 0
+        self.lora_stop = int(config.train_text_encoder_frac * total_steps) if config.train_text_encoder else 0
+        self.cache = None
+        self.original_digests = [self._digest(r.table.weight) for r in self.rows]
+
+    @staticmethod
+    def _digest(tensor) -> str:
+        import hashlib
+
+        return hashlib.sha256(tensor.detach().float().cpu().numpy().tobytes()).hexdigest()
+
+    def trainable_encoders(self) -> list:
+        return list(self.encoders) if self.rows or self.config.train_text_encoder else []
+
+    def use_prepared(self, encoders: list) -> None:
+        if encoders:
+            self.encoders = encoders
+
+    def update_phase(self, step: int) -> None:
+        """Freeze the pivotal rows after their fraction of the steps, the text LoRA after its own."""
+        for rows in self.rows:
+            rows.new_rows.requires_grad_(step < self.rows_stop)
+        if self.config.train_text_encoder:
+            for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+                for name, parameter in encoder.named_parameters():
+                    if "lora_" in name:
+                        parameter.requires_grad_(step < self.lora_stop)
+
+    def embed(self, captions: list[str], step: int):
+        """(prompt embeddings, pooled embeddings) for a batch of captions, in the compute dtype."""
+        import torch
+
+        device, dtype = self.accelerator.device, weight_dtype(self.accelerator)
+        tokenizers = [self.pipe.tokenizer, self.pipe.tokenizer_2]
+        if step < max(self.rows_stop, self.lora_stop):
+            embeds, pooled = encode_captions(tokenizers, self.encoders, captions, self.config.clip_skip, device)
+            return embeds.to(dtype), pooled.to(dtype)
+        if self.cache is None:
+            with torch.no_grad():
+                self.cache = {c: tuple(t[0].cpu() for t in encode_captions(tokenizers, self.encoders, [c], self.config.clip_skip, device))
+                              for c in self.captions}
+            for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+                encoder.to("cpu")  # frozen from here on: about 1.6 GiB of GPU memory for SDXL in bf16
+        embeds = torch.stack([self.cache[c][0] for c in captions]).to(device, dtype)
+        pooled = torch.stack([self.cache[c][1] for c in captions]).to(device, dtype)
+        return embeds, pooled
+
+    def check_original_rows(self) -> None:
+        """Pivotal tuning must leave every original vocabulary row bit-identical."""
+        for rows, digest in zip(self.rows, self.original_digests):
+            if self._digest(rows.table.weight) != digest:
+                raise RuntimeError("an original token-embedding row changed during pivotal tuning")
+
+
+class ClassBatches:
+    """Class-image batches for prior preservation, one per micro-step, in a seeded order that is the
+    same after a resume; process p takes batch (micro_step * processes + p), so processes differ."""
+
+    def __init__(self, data: TrainingData, config: TrainConfig, accelerator):
+        from common.data import BucketBatches
+
+        self.dataset = data.classes
+        self.order = BucketBatches(data.classes, config.train_batch_size, (config.seed or 0) + 1)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+
+    def batch(self, micro_step: int) -> dict:
+        from common.data import collate
+
+        number = micro_step * self.world + self.rank
+        per_epoch = len(self.order)
+        self.order.start_epoch(number // per_epoch)
+        positions = self.order.batches()[number % per_epoch]
+        return collate([self.dataset[p] for p in positions])
 
 
 def vae_posterior(vae, pixels, device):
@@ -522,16 +744,14 @@ def batch_latents(batch, pipe, accelerator):
     return normalise_latents(raw, pipe.vae.config)
 
 
-def conditioned_unet(unet, text: TextConditioning, batch, accelerator):
-    """network(model_input, timestep) for this batch's captions and SDXL micro-conditioning."""
-    captions = [text.captions[i] for i in batch["index"].tolist()]
+def conditioned_unet(unet, text_embeddings, time_ids, accelerator):
+    """network(model_input, timestep) for a batch's caption embeddings and SDXL micro-conditioning."""
+    embeds, pooled = text_embeddings
     dtype = weight_dtype(accelerator)
-    embeds, pooled = text.for_indices(captions, accelerator.device, dtype)
-    time_ids = batch["time_ids"].to(accelerator.device, dtype)
+    time_ids = time_ids.to(accelerator.device, dtype)
 
     def network(model_input, timestep):
-        timestep = timestep.to(accelerator.device)
-        return unet(model_input.to(dtype), timestep, encoder_hidden_states=embeds,
+        return unet(model_input.to(dtype), timestep.to(accelerator.device), encoder_hidden_states=embeds,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
     return network
@@ -565,12 +785,17 @@ def add_lora(unet, config: TrainConfig):
     return unet
 
 
-def make_optimizer(config: TrainConfig, unet, accelerator, dataset):
-    """Optimizer over the LoRA parameters, its learning-rate schedule, and the number of optimizer steps."""
+def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
+    """Optimizer over the trained parameters (UNet LoRA; text LoRA and pivotal rows at --text_encoder_lr),
+    its learning-rate schedule, and the number of optimizer steps."""
     import torch
     from diffusers.optimization import get_scheduler
 
-    parameters = [p for p in unet.parameters() if p.requires_grad]
+    text_decay = config.adam_weight_decay if config.adam_weight_decay_text_encoder is None else config.adam_weight_decay_text_encoder
+    text_parameters = [p for e in (pipe.text_encoder, pipe.text_encoder_2) for p in e.parameters() if p.requires_grad]
+    parameters = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
+    if text_parameters:
+        parameters.append({"params": text_parameters, "lr": config.text_encoder_lr, "weight_decay": text_decay})
     batches_per_epoch = math.ceil(len(dataset) / config.train_batch_size / accelerator.num_processes)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -580,8 +805,9 @@ def make_optimizer(config: TrainConfig, unet, accelerator, dataset):
     if config.optimizer == "prodigy":
         import prodigyopt
 
-        if learning_rate < 0.1:
-            logger.warning("Prodigy adapts the step size itself; its learning rate is usually 1.0, got %s", learning_rate)
+        if learning_rate != 1.0 or (text_parameters and config.text_encoder_lr != 1.0):
+            logger.warning("Prodigy adapts the step size itself: set --learning_rate 1.0 (and --text_encoder_lr 1.0), got %s and %s",
+                           learning_rate, config.text_encoder_lr)
         optimizer = prodigyopt.Prodigy(
             parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), beta3=config.prodigy_beta3,
             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, decouple=config.prodigy_decouple,
@@ -618,30 +844,46 @@ def make_loader(config: TrainConfig, dataset):
     return loader, batch_order
 
 
-def lora_state(unet) -> dict:
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+CHECKPOINT_FILES = ("lora.safetensors", "text_encoder.safetensors", "text_encoder_2.safetensors")
 
 
-def register_checkpoint_hooks(accelerator, pipe) -> None:
-    """Checkpoints hold only the LoRA weights (not 2.6 B frozen UNet parameters), plus optimizer state."""
-    from peft.utils import set_peft_model_state_dict
+def trained_state(model) -> dict:
+    """The parameters a run trains in `model`: LoRA/DoRA factors and pivotal-tuning rows."""
+    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n or "new_rows" in n}
+
+
+def register_checkpoint_hooks(accelerator, config: TrainConfig, text) -> None:
+    """Checkpoints hold only what is trained (not 2.6 B frozen UNet parameters), plus optimizer and RNG
+    state, and with pivotal tuning the embedding file as it is at that step."""
     from safetensors.torch import load_file, save_file
 
+    from common.tokens import save_embedding
+
     def save_hook(models, weights, output_dir):
-        for model in models:
-            if accelerator.is_main_process:
-                save_file(lora_state(accelerator.unwrap_model(model)), os.path.join(output_dir, "lora.safetensors"))
+        if accelerator.is_main_process:
+            for model, name in zip(models, CHECKPOINT_FILES):
+                save_file(trained_state(accelerator.unwrap_model(model)), os.path.join(output_dir, name))
+            if text.rows:
+                save_embedding(Path(output_dir) / f"{output_name(config)}_emb.safetensors", *[r.new_rows for r in text.rows],
+                               [t for group in config.token_map.values() for t in group])
         weights.clear()
 
     def load_hook(models, input_dir):
-        while models:
-            model = models.pop()
-            set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(os.path.join(input_dir, "lora.safetensors")))
+        for model, name in zip(list(models), CHECKPOINT_FILES):
+            state = load_file(os.path.join(input_dir, name))
+            missing = set(state) - set(dict(accelerator.unwrap_model(model).named_parameters()))
+            if missing:
+                raise UserError(f"checkpoint {input_dir} does not fit this run ({len(missing)} unknown weights in {name}); same options as before?")
+            accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def output_name(config: TrainConfig) -> str:
+    """The run's name, from the output folder's own name (also for a nested path)."""
+    return Path(config.output_dir).resolve().name
 
 
 def checkpoints(output_dir: str) -> list[Path]:
@@ -721,36 +963,51 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
         module.to(accelerator.device)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = SamplingSettings(native, native, 25, 5.0, "default", "default", model=config.pretrained_model_name_or_path)
-    jobs = plan_jobs([config.validation_prompt], None, config.num_validation_images, [config.seed or 0])
+    from common.tokens import expand_abstractions
+
+    prompt = expand_abstractions(config.validation_prompt, config.token_map)
+    jobs = plan_jobs([prompt], None, config.num_validation_images, [config.seed or 0])
     with torch.no_grad(), accelerator.autocast():
         generate_images(pipe, jobs, settings, Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1)
     for module in parked:
         module.to("cpu")
 
 
-def save_outputs(unet, pipe, config: TrainConfig) -> None:
-    """diffusers LoRA file, kohya/WebUI copy, training_args.json and a model card, each written atomically."""
+def save_outputs(unet, pipe, text, config: TrainConfig) -> None:
+    """diffusers LoRA file, kohya/WebUI copy, pivotal-tuning embeddings, training_args.json and a model
+    card, each written atomically."""
     from diffusers import StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from common.files import atomic_path
-    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_unet_to_kohya
+    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_text_encoder_to_kohya, peft_unet_to_kohya
+    from common.tokens import save_embedding
 
-    output = Path(config.output_dir)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    output, name = Path(config.output_dir), output_name(config)
+    as_saved = lambda model: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}  # noqa: E731
     lora_config = unet.peft_config["default"]
+    layers = {"unet_lora_layers": as_saved(unet), "unet_lora_adapter_metadata": lora_config.to_dict()}
+    if config.train_text_encoder:
+        for key, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
+            layers[f"{key}_lora_layers"] = as_saved(encoder)
+            layers[f"{key}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     staging = output / ".lora.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionXLPipeline.save_lora_weights(staging, unet_lora_layers=state, unet_lora_adapter_metadata=lora_config.to_dict())
+    StableDiffusionXLPipeline.save_lora_weights(staging, **layers)
     os.replace(staging / DIFFUSERS_LORA_FILE, output / DIFFUSERS_LORA_FILE)
     shutil.rmtree(staging, ignore_errors=True)
 
-    name = output.resolve().name
+    if text.rows:
+        save_embedding(output / f"{name}_emb.safetensors", *[r.new_rows for r in text.rows],
+                       [t for group in config.token_map.values() for t in group])
     if config.use_dora:
         logger.warning("DoRA: no kohya copy written; convert_for_webui.py bakes DoRA for WebUI/ComfyUI")
     else:
-        kohya = peft_unet_to_kohya(state, lora_config.lora_alpha, pipe.unet.config.layers_per_block)
+        kohya = peft_unet_to_kohya(layers["unet_lora_layers"], lora_config.lora_alpha, pipe.unet.config.layers_per_block)
+        if config.train_text_encoder:
+            for key, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+                kohya |= peft_text_encoder_to_kohya(layers[f"{key}_lora_layers"], config.lora_alpha or config.rank, prefix)
         metadata = {"ss_network_dim": str(config.rank), "ss_network_alpha": str(lora_config.lora_alpha),
                     "ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
         with atomic_path(output / f"{name}.safetensors") as partial:
@@ -762,29 +1019,49 @@ def save_outputs(unet, pipe, config: TrainConfig) -> None:
 
 
 def model_card(config: TrainConfig, name: str) -> str:
-    trigger = config.instance_prompt or "(captions from the dataset)"
+    """How to use the result: trigger prompt, tokens, diffusers and infer.py code, WebUI and ComfyUI."""
+    from common.tokens import expand_abstractions
+
+    model = config.pretrained_model_name_or_path
+    prompt = expand_abstractions(config.instance_prompt or "(your caption)", config.token_map)
+    tokens = [t for group in config.token_map.values() for t in group]
+    embedding_code = embedding_cli = embedding_ui = tokens_line = ""
+    if tokens:
+        tokens_line = "Tokens: " + ", ".join(f"`{a}` -> `{''.join(t)}`" for a, t in config.token_map.items()) + "\n"
+        embedding_code = f"""from safetensors.torch import load_file
+state = load_file("{config.output_dir}/{name}_emb.safetensors")
+pipe.load_textual_inversion(state["clip_l"], token={tokens!r}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+pipe.load_textual_inversion(state["clip_g"], token={tokens!r}, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+"""
+        embedding_cli = f" --embedding {config.output_dir}/{name}_emb.safetensors"
+        ui_prompt = expand_abstractions(config.instance_prompt or "", {a: [name] for a in config.token_map})
+        embedding_ui = f"""
+Embedding: copy `{name}_emb.safetensors` as `{name}.safetensors` into WebUI's `embeddings/` or ComfyUI's
+`models/embeddings/` and write its name where the tokens were: WebUI `{ui_prompt} <lora:{name}:1>`,
+ComfyUI `{expand_abstractions(config.instance_prompt or "", {a: [f"embedding:{name}"] for a in config.token_map})}`.
+"""
     return f"""# {name}
 
-LoRA (rank {config.rank}{', DoRA' if config.use_dora else ''}) for `{config.pretrained_model_name_or_path}`,
-trained with train_lora.py{' (EDM formulation)' if config.edm else ''}.
+LoRA (rank {config.rank}{', DoRA' if config.use_dora else ''}{', with text-encoder LoRA' if config.train_text_encoder else ''}) for `{model}`,
+trained with train_lora.py{' (EDM formulation)' if config.edm else ''}{', pivotal tuning' if tokens else ''}.
 
-Trigger prompt: `{trigger}`
-
+Trigger prompt: `{prompt}`
+{tokens_line}
 ## diffusers
 
 ```python
 from diffusers import StableDiffusionXLPipeline
-pipe = StableDiffusionXLPipeline.from_pretrained("{config.pretrained_model_name_or_path}")
+pipe = StableDiffusionXLPipeline.from_pretrained("{model}")
 pipe.load_lora_weights("{config.output_dir}")
-image = pipe("{trigger}").images[0]
+{embedding_code}image = pipe("{prompt}").images[0]
 ```
 
-or: `python infer.py --model {config.pretrained_model_name_or_path} --lora {config.output_dir} --prompt "{trigger}"`
+or: `python infer.py --model {model} --lora {config.output_dir}{embedding_cli} --prompt "{prompt}"`
 
 ## WebUI / ComfyUI
 
 Copy `{name}.safetensors` into `models/Lora` (WebUI: prompt `<lora:{name}:1>`) or `models/loras` (ComfyUI: LoraLoader).
-"""
+{embedding_ui}"""
 
 
 if __name__ == "__main__":

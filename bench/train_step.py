@@ -90,18 +90,20 @@ def pipeline(
             accelerator = fresh_accelerator(mixed_precision)
             pipe = train_lora.load_models(config, accelerator)
             formulation = train_lora.choose_formulation(config, pipe, accelerator)
-            dataset, text = train_lora.build_data(config, pipe, accelerator)
+            data = train_lora.build_data(config, pipe, accelerator)
             unet = train_lora.add_lora(pipe.unet, config)
-            optimizer, lr_scheduler, _ = train_lora.make_optimizer(config, unet, accelerator, dataset)
-            loader, _ = train_lora.make_loader(config, dataset)
+            optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances)
+            text = train_lora.TextSide(pipe, config, total, data.all_captions(), accelerator)
+            loader, _ = train_lora.make_loader(config, data.instances)
             unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
             batches = itertools.cycle(list(loader))
 
             def step():
                 batch = next(batches)
-                latents = train_lora.batch_latents(batch, pipe, accelerator)
-                network = train_lora.conditioned_unet(unet, text, batch, accelerator)
-                train_lora.training_step(network, latents, unet, formulation, accelerator, optimizer, lr_scheduler, 1.0)
+                train_lora.training_step(
+                    lambda: train_lora.batch_loss(batch, None, unet, text, data, pipe, formulation, accelerator, config, 0),
+                    [unet], accelerator, optimizer, lr_scheduler, 1.0,
+                )
 
             seconds = timed_steps(step, accelerator.device, warmup=2, steps=steps)
             rows.append({"mode": "pipeline", "model": model, "device": device_label(accelerator.device), "precision": mixed_precision,
@@ -176,7 +178,7 @@ def sdxl_unet_steps(
         latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device)
         network = sdxl_network(unet, batch, device, dtype)
         seconds = timed_steps(
-            lambda: train_lora.training_step(network, latents, unet, formulation, accelerator, optimizer, lr_scheduler, 1.0),
+            lambda: train_lora.training_step(lambda: formulation.loss(network, latents).mean(), [unet], accelerator, optimizer, lr_scheduler, 1.0),
             device, warmup, steps,
         )
         flops = training_flops(batch, resolution, rank)

@@ -235,3 +235,19 @@ def peft_unet_to_kohya(unet_state: dict, alpha: float, layers_per_block: int = 2
         kohya[f"{name}.{kind}"] = value.detach().contiguous()
         kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
     return kohya
+
+
+def peft_text_encoder_to_kohya(state: dict, alpha: float, prefix: str) -> dict:
+    """A peft text-encoder LoRA state dict in kohya/WebUI naming: `lora_te1_text_model_encoder_layers_0_
+    self_attn_q_proj.lora_down.weight` (prefix lora_te1_ or lora_te2_). WebUI names CLIP's `text_model`
+    level, which transformers 5 keeps only in CLIPTextModelWithProjection."""
+    kohya = {}
+    for key, value in state.items():
+        module, factor = key.rsplit(".lora_", 1)
+        name = prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_")
+        kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(factor)
+        if kind is None:
+            raise ValueError(f"cannot write {key!r} in kohya format (only plain LoRA A/B factors)")
+        kohya[f"{name}.{kind}"] = value.detach().contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return kohya

@@ -202,3 +202,9 @@ class EDMFormulation:
             noise = offset_noise(noise, self.noise_offset, generator)
         noisy = x0 + _broadcast(sigma, x0) * noise
         return self.weight(sigma) * _per_sample_mse(self.denoise(network, noisy, sigma), x0)
+
+
+def prior_preservation_loss(instance_losses: torch.Tensor, class_losses: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """DreamBooth's objective (Ruiz et al. 2023, Eq. 2): the instance loss plus prior_loss_weight times the
+    loss on the model's own class images, each a mean of per-sample (already weighted) losses."""
+    return instance_losses.mean() + prior_loss_weight * class_losses.mean()
