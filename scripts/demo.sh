@@ -41,6 +41,16 @@ for model in tiny-sdxl tiny-edm; do
         --seed 5 --num_inference_steps 20 --output_dir "$out/with-lora-$model"
 done
 
+echo "== the advanced recipe: pivotal tuning (TOK -> <s0><s1>) with Prodigy and prior preservation"
+$python train_lora.py --pretrained_model_name_or_path tiny-sdxl --instance_data_dir "$out/instance" \
+    --instance_prompt "3d icon in the style of TOK" --train_text_encoder_ti --train_text_encoder_ti_frac 0.5 \
+    --token_abstraction TOK --optimizer prodigy --learning_rate 1.0 --text_encoder_lr 1.0 --snr_gamma 5 --rank 8 \
+    --with_prior_preservation --class_data_dir "$out/class" --class_prompt "3d icon" --num_class_images 4 \
+    --resolution 64 --train_batch_size 2 --max_train_steps 20 --checkpointing_steps 10 --seed 0 --output_dir "$out/icons"
+echo "== infer with the LoRA and its embedding"
+$python infer.py --model tiny-sdxl --lora "$out/icons" --embedding "$out/icons/icons_emb.safetensors" \
+    --prompt "a <s0><s1> icon of an astronaut riding a horse" --seed 9 --num_inference_steps 20 --output_dir "$out/icons-images"
+
 echo "== every image carries its parameters (as WebUI's PNG Info shows them):"
 $python - "$out" <<'PY'
 import sys
