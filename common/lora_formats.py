@@ -221,33 +221,29 @@ def unet_module_to_sgm(module: str, layers_per_block: int = 2) -> str:
     return module
 
 
-def peft_unet_to_kohya(unet_state: dict, alpha: float, layers_per_block: int = 2) -> dict:
-    """A peft UNet LoRA state dict (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya/WebUI format:
-    `lora_unet_<sgm path>.lora_down.weight`, `.lora_up.weight` and `.alpha`, with alpha the trained
+def peft_to_kohya(state: dict, alpha: float, kohya_name) -> dict:
+    """A peft LoRA state dict (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya/WebUI format:
+    `<kohya_name(module)>.lora_down.weight`, `.lora_up.weight` and `.alpha`, with alpha the trained
     lora_alpha so that alpha / rank reproduces the trained scale (diffusers' converter writes the rank)."""
-    kohya = {}
-    for key, value in unet_state.items():
-        module, factor = key.rsplit(".lora_", 1)
-        name = "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_")
-        kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(factor)
-        if kind is None:
-            raise ValueError(f"cannot write {key!r} in kohya format (only plain LoRA A/B factors)")
-        kohya[f"{name}.{kind}"] = value.detach().contiguous()
-        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return kohya
-
-
-def peft_text_encoder_to_kohya(state: dict, alpha: float, prefix: str) -> dict:
-    """A peft text-encoder LoRA state dict in kohya/WebUI naming: `lora_te1_text_model_encoder_layers_0_
-    self_attn_q_proj.lora_down.weight` (prefix lora_te1_ or lora_te2_). WebUI names CLIP's `text_model`
-    level, which transformers 5 keeps only in CLIPTextModelWithProjection."""
     kohya = {}
     for key, value in state.items():
         module, factor = key.rsplit(".lora_", 1)
-        name = prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_")
         kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(factor)
         if kind is None:
             raise ValueError(f"cannot write {key!r} in kohya format (only plain LoRA A/B factors)")
+        name = kohya_name(module)
         kohya[f"{name}.{kind}"] = value.detach().contiguous()
         kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
     return kohya
+
+
+def peft_unet_to_kohya(unet_state: dict, alpha: float, layers_per_block: int = 2) -> dict:
+    """UNet LoRA in kohya naming: `lora_unet_<SGM path with underscores>`."""
+    return peft_to_kohya(unet_state, alpha, lambda module: "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_"))
+
+
+def peft_text_encoder_to_kohya(state: dict, alpha: float, prefix: str) -> dict:
+    """Text-encoder LoRA in kohya naming: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (prefix
+    lora_te1_ or lora_te2_). WebUI names CLIP's `text_model` level, which transformers 5 keeps only in
+    CLIPTextModelWithProjection."""
+    return peft_to_kohya(state, alpha, lambda module: prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_"))
