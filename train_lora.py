@@ -717,20 +717,6 @@ def vae_posterior(vae, pixels, device):
     return distribution.mean.float().cpu(), distribution.std.float().cpu()
 
 
-def normalise_latents(raw, vae_config):
-    """Latents as the base model expects them (what its pipeline undoes before decoding):
-    (z - latents_mean) * scaling_factor / latents_std with per-channel statistics when the VAE config
-    has them (Playground v2.5: scaling 0.5, giving latents of std about sigma_data = 0.5), else
-    z * scaling_factor (SDXL: 0.13025, unit variance)."""
-    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1)
-        mean = raw.new_tensor(mean).view(shape)
-        std = raw.new_tensor(std).view(shape)
-        return (raw - mean) * vae_config["scaling_factor"] / std
-    return raw * vae_config["scaling_factor"]
-
-
 def batch_latents(batch, pipe, accelerator):
     """Normalised latents of a batch: sampled from the cached posterior, or encoded now."""
     import torch
@@ -741,6 +727,8 @@ def batch_latents(batch, pipe, accelerator):
     else:
         with torch.no_grad():
             raw = pipe.vae.encode(batch["pixels"].to(accelerator.device, pipe.vae.dtype)).latent_dist.sample().float()
+    from common.models import normalise_latents
+
     return normalise_latents(raw, pipe.vae.config)
 
 

@@ -151,3 +151,17 @@ def cpu_processes_requested() -> bool:
     """Several processes on a machine without a GPU (torchrun on a CPU box): accelerate uses gloo
     multi-CPU only when it is told that the CPU is the device."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def normalise_latents(raw, vae_config):
+    """Latents as the base model expects them (what its pipeline undoes before decoding):
+    (z - latents_mean) * scaling_factor / latents_std with per-channel statistics when the VAE config
+    has them (Playground v2.5: scaling 0.5, giving latents of std about sigma_data = 0.5), else
+    z * scaling_factor (SDXL: 0.13025, unit variance)."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        mean = raw.new_tensor(mean).view(shape)
+        std = raw.new_tensor(std).view(shape)
+        return (raw - mean) * vae_config["scaling_factor"] / std
+    return raw * vae_config["scaling_factor"]

@@ -287,7 +287,7 @@ def test_formulation_is_chosen_from_the_scheduler_config(tiny_sdxl_path, tiny_ed
 
 @pytest.mark.parametrize("fixture", ["tiny_sdxl_path", "tiny_edm_path"])
 def test_normalised_latents_are_what_the_pipeline_decodes(fixture, request):
-    from train_lora import normalise_latents
+    from common.models import normalise_latents
 
     pipe = load_pipe(request.getfixturevalue(fixture))
     raw = torch.randn(2, 4, 8, 8)

@@ -56,7 +56,7 @@ def denoising_losses(model_path: str, folder: Path, lora: Path | None, noise_lev
     """
     from common.lora_formats import LoraSpec, load_loras
     from common.losses import EDMFormulation
-    from train_lora import normalise_latents
+    from common.models import normalise_latents
 
     pipe = load_pipe(model_path)
     if lora is not None:

@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+"""Merge SDXL LoRAs: linear/cat/SVD, TIES, DARE, magnitude pruning, ZipLoRA and B-LoRA, on delta weights.
+
+    python merge_lora.py --model stabilityai/stable-diffusion-xl-base-1.0 \\
+        --lora subject/ --lora style.safetensors:0.8 --method ties --density 0.5 --out merged/
+
+Every method is defined on each layer's delta weight dW = scale * B @ A, which is what users mean by
+merging LoRAs (peft's `linear` instead mixes the A and B factors separately, which adds cross terms
+B_1 A_2; only its `cat` is exact). Results are stored exactly (a concatenation, or a full-rank SVD) or
+re-factorised to --rank by SVD, and load with diffusers' load_lora_weights (and, with --kohya, in WebUI
+and ComfyUI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from common.cli import UserError, flags, run_app
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+
+EXACT_METHODS = ("linear", "cat")
+SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+           "magnitude_prune", "magnitude_prune_svd", "ziplora", "blora")
+CONTENT_BLOCK, STYLE_BLOCK = "unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1"
+
+
+@dataclass
+class LayerLoRA:
+    """One layer of one LoRA: dW = scale * up @ down."""
+
+    down: torch.Tensor  # (rank, in)
+    up: torch.Tensor  # (out, rank)
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * self.up.double() @ self.down.double()
+
+
+@dataclass
+class InputLoRA:
+    path: Path
+    weight: float
+    layers: dict[str, LayerLoRA]  # "unet.<module>" / "text_encoder.<module>" -> factors
+    embedding: Path | None = None
+
+
+@dataclass
+class MergedLayer:
+    down: torch.Tensor
+    up: torch.Tensor
+    relative_error: float = 0.0  # of the stored factors against the method's dW (SVD truncation)
+
+
+# ---------------------------------------------------------------- the merge methods, on delta weights
+
+
+def linear_merge_factors(layers: list[LayerLoRA | None], weights: list[float]) -> MergedLayer:
+    """sum_i w_i dW_i stored exactly: up = [w_1 s_1 B_1 | w_2 s_2 B_2 ...], down = [A_1; A_2; ...] (scale 1)."""
+    present = [(layer, w) for layer, w in zip(layers, weights) if layer is not None]
+    up = torch.cat([w * layer.scale * layer.up.float() for layer, w in present], dim=1)
+    down = torch.cat([layer.down.float() for layer, _ in present], dim=0)
+    return MergedLayer(down, up)
+
+
+def factorise(delta: torch.Tensor, rank: int | None) -> MergedLayer:
+    """dW ~= up @ down by SVD: up = U_r S_r, down = V_r^T, the best rank-r approximation (Eckart-Young);
+    rank None keeps every singular value, which is exact up to rounding."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = len(s) if rank is None else min(rank, len(s))
+    up, down = (u[:, :r] * s[:r]).float(), vh[:r].float()
+    error = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30))
+    return MergedLayer(down, up, error)
+
+
+def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023, Alg. 1) on dW: trim each to its top-`density` magnitudes, elect the
+    sign of largest total mass per entry, average the weighted entries that agree with it."""
+    from peft.utils.merge_utils import ties
+
+    return ties(deltas, torch.tensor(weights, dtype=deltas[0].dtype), density, majority_sign_method)
+
+
+def dare_delta(deltas: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str | None) -> torch.Tensor:
+    """DARE (Yu et al. 2024, Eq. 3): drop each entry with probability 1 - density, rescale the rest by
+    1/density, then add (dare_linear) or TIES-merge (dare_ties) the weighted results."""
+    from peft.utils.merge_utils import dare_linear, dare_ties
+
+    weights_tensor = torch.tensor(weights, dtype=deltas[0].dtype)
+    if majority_sign_method is None:
+        return dare_linear(deltas, weights_tensor, density)
+    return dare_ties(deltas, weights_tensor, density, majority_sign_method)
+
+
+def magnitude_prune_delta(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """Keep each dW's top-`density` entries by magnitude, then add them with their weights."""
+    from peft.utils.merge_utils import magnitude_prune
+
+    return magnitude_prune(deltas, torch.tensor(weights, dtype=deltas[0].dtype), density)
+
+
+def merged_delta(method: str, deltas: list[torch.Tensor], weights: list[float], density: float, sign: str) -> torch.Tensor:
+    base = method.removesuffix("_svd")
+    if base in ("svd", "linear", "cat"):
+        return sum(w * d for w, d in zip(weights, deltas))
+    if base == "ties":
+        return ties_delta(deltas, weights, density, sign)
+    if base == "dare_linear":
+        return dare_delta(deltas, weights, density, None)
+    if base == "dare_ties":
+        return dare_delta(deltas, weights, density, sign)
+    if base == "magnitude_prune":
+        return magnitude_prune_delta(deltas, weights, density)
+    raise ValueError(method)
+
+
+def zip_lora_factors(content: LayerLoRA, style: LayerLoRA, m_content: torch.Tensor, m_style: torch.Tensor) -> MergedLayer:
+    """ZipLoRA's merged layer (Shah et al. 2023, Eq. 3) as an ordinary LoRA of rank r_c + r_s: scaling the
+    columns of dW = s B A by m equals s B (A diag(m)), so up = [s_c B_c | s_s B_s] and
+    down = [A_c diag(m_c); A_s diag(m_s)]."""
+    up = torch.cat([content.scale * content.up.float(), style.scale * style.up.float()], dim=1)
+    down = torch.cat([content.down.float() * m_content.float(), style.down.float() * m_style.float()], dim=0)
+    return MergedLayer(down, up)
+
+
+def cosine_penalty(m_content: torch.Tensor, m_style: torch.Tensor) -> torch.Tensor:
+    """|cos(m_c, m_s)|, ZipLoRA's orthogonality term (Shah et al. 2023, Eq. 5)."""
+    return torch.nn.functional.cosine_similarity(m_content, m_style, dim=0).abs()
+
+
+def product_penalty(m_content: torch.Tensor, m_style: torch.Tensor) -> torch.Tensor:
+    """mean |m_c * m_s|, the term of the public ZipLoRA implementation (instead of the paper's cosine)."""
+    return (m_content * m_style).abs().mean()
+
+
+# ---------------------------------------------------------------- the script
+
+
+@app.command()
+def main(
+    lora: Annotated[list[str], typer.Option(*flags("lora"), help="PATH[:WEIGHT], two or more; diffusers or kohya files or training folders")],
+    out: Annotated[Path, typer.Option(*flags("out", "--output_dir", "-o"), help="folder for the merged LoRA")],
+    model: Annotated[str, typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base the LoRAs were trained on")] = "tiny-sdxl",
+    method: Annotated[str, typer.Option(*flags("method"), help=", ".join(METHODS))] = "linear",
+    density: Annotated[float, typer.Option(*flags("density"), help="fraction kept by TIES, DARE and magnitude pruning")] = 0.5,
+    majority_sign_method: Annotated[str, typer.Option(*flags("majority_sign_method"), help="total or frequency")] = "total",
+    rank: Annotated[Optional[int], typer.Option(*flags("rank"), help="rank of SVD re-factorisation (default: the largest input rank for *svd, full for the rest)")] = None,
+    seed: Annotated[int, typer.Option(*flags("seed"), help="DARE's random drops; ZipLoRA's noise")] = 0,
+    kohya: Annotated[bool, typer.Option(*flags("kohya"), help="also write the WebUI/ComfyUI (kohya) file")] = False,
+    content_alpha: Annotated[float, typer.Option(*flags("content_alpha"), help="B-LoRA: scales the content block's dW")] = 1.0,
+    style_alpha: Annotated[float, typer.Option(*flags("style_alpha"), help="B-LoRA: scales the style block's dW")] = 1.0,
+    blocks: Annotated[Optional[str], typer.Option(*flags("blocks"), help="B-LoRA: block per input, comma-separated (default content,style)")] = None,
+    content_data: Annotated[Optional[Path], typer.Option(*flags("content_data"), help="ZipLoRA: content images (default: made by the content LoRA)")] = None,
+    content_prompt: Annotated[Optional[str], typer.Option(*flags("content_prompt"), help="ZipLoRA: the content LoRA's prompt")] = None,
+    style_data: Annotated[Optional[Path], typer.Option(*flags("style_data"), help="ZipLoRA: style images (default: made by the style LoRA)")] = None,
+    style_prompt: Annotated[Optional[str], typer.Option(*flags("style_prompt"), help="ZipLoRA: the style LoRA's prompt")] = None,
+    ziplora_steps: Annotated[int, typer.Option(*flags("ziplora_steps"))] = 100,
+    ziplora_lr: Annotated[float, typer.Option(*flags("ziplora_lr"))] = 0.01,
+    ziplora_lambda: Annotated[float, typer.Option(*flags("ziplora_lambda", "--similarity_lambda"))] = 0.01,
+    ziplora_penalty: Annotated[str, typer.Option(*flags("ziplora_penalty"), help="cosine (paper) or product (public code)")] = "cosine",
+    ziplora_resolution: Annotated[Optional[int], typer.Option(*flags("ziplora_resolution"), help="default: the model's native size")] = None,
+    fuse_into: Annotated[Optional[str], typer.Option(*flags("fuse_into"), help="a model to fuse the merge into (needs --save_pipeline)")] = None,
+    save_pipeline: Annotated[Optional[Path], typer.Option(*flags("save_pipeline"), help="where the fused pipeline goes")] = None,
+) -> None:
+    """Merge two or more SDXL LoRAs into one file that loads anywhere."""
+    from common.lora_formats import parse_weighted_path
+
+    specs = [parse_weighted_path(spec) for spec in lora]
+    validate(method, specs, density, majority_sign_method, rank, ziplora_penalty, fuse_into, save_pipeline, ziplora_steps)
+    pipe = load_base(model)
+    inputs = [read_input(pipe, path, weight) for path, weight in specs]
+    check_compatible(inputs)
+    if method == "ziplora":
+        merged, report = zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prompt, ziplora_steps,
+                                   ziplora_lr, ziplora_lambda, ziplora_penalty, ziplora_resolution, seed, out)
+    elif method == "blora":
+        merged, report = block_merge(inputs, blocks, content_alpha, style_alpha)
+    else:
+        merged, report = merge_layers(inputs, method, density, majority_sign_method, rank, seed)
+    token_lines = write_outputs(merged, inputs, out, kohya, pipe.unet.config.layers_per_block,
+                                {"method": method, "model": model, "density": density, "rank": rank, "seed": seed, **report})
+    for line in token_lines:
+        typer.echo(line)
+    if fuse_into:
+        fuse(fuse_into, out, save_pipeline)
+    typer.echo(f"merged {len(inputs)} LoRAs with {method} into {out}/")
+
+
+def validate(method, specs, density, sign, rank, penalty, fuse_into, save_pipeline, steps) -> None:
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if len(specs) < 2:
+        raise UserError(f"merging needs two or more --lora, got {len(specs)}")
+    if method in ("ziplora", "blora") and len(specs) != 2:
+        raise UserError(f"--method {method} merges exactly two LoRAs (content, then style), got {len(specs)}")
+    if not 0 < density <= 1:
+        raise UserError(f"--density must be in (0, 1], got {density}")
+    if sign not in ("total", "frequency"):
+        raise UserError(f"--majority_sign_method must be total or frequency, got {sign!r}")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be a positive integer, got {rank}")
+    if penalty not in ("cosine", "product"):
+        raise UserError(f"--ziplora_penalty must be cosine or product, got {penalty!r}")
+    if steps < 1:
+        raise UserError(f"--ziplora_steps must be >= 1, got {steps}")
+    if bool(fuse_into) != bool(save_pipeline):
+        raise UserError("--fuse_into MODEL and --save_pipeline DIR go together")
+
+
+def load_base(model: str):
+    from common.models import load_sdxl_pipeline
+
+    pipe = load_sdxl_pipeline(model, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_input(pipe, path: Path, weight: float) -> InputLoRA:
+    """One LoRA in any format, read through diffusers into the base model and taken back out layer by layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from common.lora_formats import LoraSpec, lora_file, load_loras
+
+    load_loras(pipe, [LoraSpec(path, 1.0)])
+    layers = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        for module_name, module in getattr(pipe, component).named_modules():
+            if isinstance(module, BaseTunerLayer) and "lora_0" in module.lora_A:
+                if module.use_dora.get("lora_0"):
+                    raise UserError(f"{str(path)!r} is a DoRA: merging DoRA magnitudes is not supported yet; "
+                                    "bake it into a plain LoRA first (convert_for_webui.py)")
+                layers[f"{component}.{module_name}"] = LayerLoRA(
+                    module.lora_A["lora_0"].weight.detach().clone(), module.lora_B["lora_0"].weight.detach().clone(),
+                    float(module.scaling["lora_0"]),
+                )
+    pipe.unload_lora_weights()  # plain modules again, for the next input and for ZipLoRA
+    file = lora_file(path)
+    embeddings = sorted(file.parent.glob("*_emb.safetensors"))
+    return InputLoRA(path, weight, layers, embeddings[0] if embeddings else None)
+
+
+def check_compatible(inputs: list[InputLoRA]) -> None:
+    names = [set(i.layers) for i in inputs]
+    if not set.intersection(*names):
+        raise UserError(f"the LoRAs share no layer: {inputs[0].path} has e.g. {sorted(names[0])[:2]}, "
+                        f"{inputs[1].path} has e.g. {sorted(names[1])[:2]}")
+
+
+def merge_layers(inputs: list[InputLoRA], method: str, density: float, sign: str, rank: int | None, seed: int):
+    """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0)."""
+    torch.manual_seed(seed)  # DARE's random drops
+    weights = [i.weight for i in inputs]
+    merged, stats = {}, {}
+    for name in sorted(set().union(*[i.layers for i in inputs])):
+        layers = [i.layers.get(name) for i in inputs]
+        if method in EXACT_METHODS:
+            merged[name] = linear_merge_factors(layers, weights)
+        else:
+            shape = next(layer for layer in layers if layer is not None)
+            deltas = [layer.delta() if layer is not None else torch.zeros(shape.up.shape[0], shape.down.shape[1], dtype=torch.float64)
+                      for layer in layers]
+            delta = merged_delta(method, deltas, weights, density, sign)
+            layer_rank = rank or (max(l.down.shape[0] for l in layers if l is not None) if method in SVD_METHODS else None)
+            if layer_rank is not None and layer_rank > min(delta.shape):
+                raise UserError(f"--rank {layer_rank} is larger than layer {name} allows ({min(delta.shape)})")
+            merged[name] = factorise(delta, layer_rank)
+        stats[name] = {"rank": merged[name].down.shape[0], "relative_error": merged[name].relative_error}
+    return merged, {"layers": stats}
+
+
+def block_merge(inputs: list[InputLoRA], blocks: str | None, content_alpha: float, style_alpha: float):
+    """B-LoRA (Frenkel et al. 2024): the content block of the first LoRA and the style block of the second,
+    each dW scaled by its alpha (linearly: alpha times the up factor, not times both factors)."""
+    chosen = [b.strip() for b in (blocks or f"{CONTENT_BLOCK},{STYLE_BLOCK}").split(",") if b.strip()]
+    if len(chosen) != 2:
+        raise UserError(f"--blocks names one block per input (content,style), got {chosen}")
+    chosen = [b if b.startswith(("unet.", "text_encoder")) else f"unet.{b}" for b in chosen]
+    merged = {}
+    for lora, block, alpha in zip(inputs, chosen, (content_alpha, style_alpha)):
+        layers = {n: l for n, l in lora.layers.items() if n.startswith(block + ".")}
+        if not layers:
+            raise UserError(f"{str(lora.path)!r} has no layers under {block!r}")
+        for name, layer in layers.items():
+            merged[name] = MergedLayer(layer.down.float(), alpha * layer.scale * layer.up.float())
+    return merged, {"blocks": chosen, "alphas": [content_alpha, style_alpha]}
+
+
+# ---------------------------------------------------------------- ZipLoRA
+
+
+class ZipLinear(torch.nn.Module):
+    """A frozen Linear with a content and a style LoRA whose dW columns are scaled by trainable vectors.
+
+    mode "merged": W x + s_c B_c A_c (m_c * x) + s_s B_s A_s (m_s * x); "content"/"style": that LoRA alone.
+    """
+
+    def __init__(self, base: torch.nn.Linear, content: LayerLoRA, style: LayerLoRA):
+        super().__init__()
+        self.base, self.content, self.style = base, content, style
+        self.m_content = torch.nn.Parameter(torch.ones(base.in_features))
+        self.m_style = torch.nn.Parameter(torch.ones(base.in_features))
+        self.mode = "merged"
+
+    @staticmethod
+    def _apply(layer: LayerLoRA, x: torch.Tensor) -> torch.Tensor:
+        return layer.scale * ((x @ layer.down.T.to(x.dtype)) @ layer.up.T.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.mode == "content":
+            return y + self._apply(self.content, x)
+        if self.mode == "style":
+            return y + self._apply(self.style, x)
+        return y + self._apply(self.content, x * self.m_content) + self._apply(self.style, x * self.m_style)
+
+
+def install_zip_layers(unet, content: InputLoRA, style: InputLoRA) -> dict[str, ZipLinear]:
+    layers = {}
+    for name in sorted(set(content.layers) & set(style.layers)):
+        if not name.startswith("unet."):
+            continue
+        module_path = name.removeprefix("unet.")
+        parent_path, _, child = module_path.rpartition(".")
+        parent = unet.get_submodule(parent_path)
+        base = getattr(parent, child)
+        if not isinstance(base, torch.nn.Linear):
+            raise UserError(f"ZipLoRA merges Linear layers; {name} is a {type(base).__name__}")
+        zipped = ZipLinear(base, content.layers[name], style.layers[name])
+        setattr(parent, child, zipped)
+        layers[name] = zipped
+    return layers
+
+
+def zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prompt, steps, lr, lam, penalty_name,
+              resolution, seed, out: Path):
+    """ZipLoRA (Shah et al. 2023, Sec. 3.3): learn per-column merger vectors so that the merged UNet
+    reproduces the content LoRA on content examples and the style LoRA on style examples, while the two
+    vectors of each layer stay near-orthogonal. Only the vectors train."""
+    from tqdm.auto import tqdm
+
+    content, style = inputs
+    torch.set_flush_denormal(True)  # tiny products of two near-zero LoRA paths otherwise crawl on CPUs
+    if not content_prompt or not style_prompt:
+        raise UserError("--method ziplora needs --content_prompt and --style_prompt (the prompts each LoRA was trained with)")
+    pipe.unet.requires_grad_(False)
+    zipped = install_zip_layers(pipe.unet, content, style)
+    if not zipped:
+        raise UserError("the two LoRAs share no UNet layer to merge")
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(seed)
+    examples = [zip_example(pipe, zipped, "content", content_data, content_prompt, size, generator),
+                zip_example(pipe, zipped, "style", style_data, style_prompt, size, generator)]
+    penalty = cosine_penalty if penalty_name == "cosine" else product_penalty
+    parameters = [p for layer in zipped.values() for p in (layer.m_content, layer.m_style)]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    history = []
+    with tqdm(range(steps), desc="ziplora", unit="step") as bar:
+        for _ in bar:
+            terms = []
+            for example in examples:
+                model_input, timestep = noisy_input(pipe.scheduler, example["latents"], generator)
+                set_mode(zipped, example["mode"])
+                with torch.no_grad():
+                    target = unet_output(pipe, model_input, timestep, example)
+                set_mode(zipped, "merged")
+                terms.append(torch.nn.functional.mse_loss(unet_output(pipe, model_input, timestep, example), target))
+            similarity = sum(penalty(layer.m_content, layer.m_style) for layer in zipped.values())
+            loss = terms[0] + terms[1] + lam * similarity
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append([float(terms[0].detach()), float(terms[1].detach()), float(similarity.detach())])
+            bar.set_postfix(content=f"{history[-1][0]:.4g}", style=f"{history[-1][1]:.4g}", similarity=f"{history[-1][2]:.4g}")
+    merged = {name: zip_lora_factors(layer.content, layer.style, layer.m_content.detach(), layer.m_style.detach())
+              for name, layer in zipped.items()}
+    for name in sorted((set(content.layers) | set(style.layers)) - set(merged)):  # text-encoder layers: summed
+        merged[name] = linear_merge_factors([content.layers.get(name), style.layers.get(name)], [1.0, 1.0])
+    save_merger_vectors(zipped, out)
+    return merged, {"ziplora": {"steps": steps, "lr": lr, "lambda": lam, "penalty": penalty_name, "history": history}}
+
+
+def set_mode(zipped: dict, mode: str) -> None:
+    for layer in zipped.values():
+        layer.mode = mode
+
+
+def zip_example(pipe, zipped, mode: str, folder: Path | None, prompt: str, size: int, generator) -> dict:
+    """A (latents, prompt embeddings) example: an image from `folder`, or one the LoRA makes itself."""
+    import numpy as np
+    from PIL import Image
+
+    from common.models import normalise_latents
+
+    if folder is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+        if not files:
+            raise UserError(f"--{mode}_data {str(folder)!r} has no images")
+        image = Image.open(files[0]).convert("RGB").resize((size, size))
+    else:
+        set_mode(zipped, mode)
+        with torch.no_grad():
+            image = pipe(prompt, num_inference_steps=20, width=size, height=size,
+                         generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))).images[0]
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        latents = normalise_latents(pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean.float(), pipe.vae.config)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    return {"mode": mode, "latents": latents, "embeds": embeds, "pooled": pooled, "time_ids": time_ids}
+
+
+def noisy_input(scheduler, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A noised UNet input and its timestep condition, in the model's own formulation."""
+    from common.losses import edm_preconditioning, sample_lognormal_sigmas
+    from common.models import is_edm_scheduler_config
+
+    noise = torch.randn(latents.shape, generator=generator)
+    if is_edm_scheduler_config(scheduler.config):
+        sigma = sample_lognormal_sigmas(1, -1.2, 1.2, generator)
+        _, _, c_in, c_noise = edm_preconditioning(sigma, float(scheduler.config.sigma_data))
+        return c_in * (latents + sigma * noise), c_noise
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler.from_config(scheduler.config).alphas_cumprod
+    t = torch.randint(0, len(abar), (1,), generator=generator)
+    return abar[t].sqrt() * latents + (1 - abar[t]).sqrt() * noise, t
+
+
+def unet_output(pipe, model_input, timestep, example) -> torch.Tensor:
+    return pipe.unet(model_input, timestep, encoder_hidden_states=example["embeds"],
+                     added_cond_kwargs={"text_embeds": example["pooled"], "time_ids": example["time_ids"]}).sample
+
+
+def save_merger_vectors(zipped: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from common.files import atomic_path
+
+    vectors = {}
+    for name, layer in zipped.items():
+        vectors[f"{name}.m_content"] = layer.m_content.detach().contiguous()
+        vectors[f"{name}.m_style"] = layer.m_style.detach().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "ziplora_merger_vectors.safetensors") as partial:
+        save_file(vectors, str(partial))
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def merged_embeddings(inputs: list[InputLoRA]):
+    """One embedding for all inputs: colliding tokens renamed (<s0><s1> and <s2><s3>), rows concatenated."""
+    from common.tokens import default_tokens, read_embedding
+
+    clip_l, clip_g, tokens, lines, start = [], [], [], [], 0
+    for lora in inputs:
+        if lora.embedding is None:
+            continue
+        rows_l, rows_g = read_embedding(lora.embedding)
+        new = default_tokens(rows_l.shape[0], start=start)
+        start += rows_l.shape[0]
+        clip_l.append(rows_l)
+        clip_g.append(rows_g)
+        tokens += new
+        lines.append(f"{lora.path}: its tokens are now {''.join(new)}")
+    if not tokens:
+        return None, []
+    return (torch.cat(clip_l), torch.cat(clip_g), tokens), lines
+
+
+def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, kohya: bool, layers_per_block: int, report: dict) -> list[str]:
+    """diffusers LoRA (scale 1 per layer: alpha = rank), optional kohya copy, merged embedding, JSON report."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from common.files import atomic_path
+    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_text_encoder_to_kohya, peft_unet_to_kohya
+    from common.tokens import save_embedding
+
+    out.mkdir(parents=True, exist_ok=True)
+    components: dict[str, dict] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    for name, layer in merged.items():
+        component, module = name.split(".", 1)
+        components[component][f"{module}.lora_A.weight"] = layer.down.contiguous()
+        components[component][f"{module}.lora_B.weight"] = layer.up.contiguous()
+    layers = {f"{c}_lora_layers": state for c, state in components.items() if state}
+    staging = out / ".merged.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionXLPipeline.save_lora_weights(staging, **layers)
+    os.replace(staging / DIFFUSERS_LORA_FILE, out / DIFFUSERS_LORA_FILE)
+    shutil.rmtree(staging, ignore_errors=True)
+    if kohya:
+        kohya_state = {}
+        for module_key, value in components["unet"].items():
+            rank = value.shape[0] if module_key.endswith("lora_A.weight") else value.shape[1]
+            kohya_state |= peft_unet_to_kohya({module_key: value}, rank, layers_per_block)
+        for component, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+            for module_key, value in components[component].items():
+                rank = value.shape[0] if module_key.endswith("lora_A.weight") else value.shape[1]
+                kohya_state |= peft_text_encoder_to_kohya({module_key: value}, rank, prefix)
+        with atomic_path(out / f"{out.resolve().name}.safetensors") as partial:
+            save_file(kohya_state, str(partial), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+    embedding, lines = merged_embeddings(inputs)
+    if embedding is not None:
+        save_embedding(out / f"{out.resolve().name}_emb.safetensors", *embedding)
+    report = {**report, "inputs": [{"path": str(i.path), "weight": i.weight, "layers": len(i.layers)} for i in inputs]}
+    with atomic_path(out / "merge_report.json") as partial:
+        partial.write_text(json.dumps(report, indent=2, default=str))
+    return lines
+
+
+def fuse(model: str, merged_dir: Path, save_to: Path) -> None:
+    """A full pipeline with the merged LoRA fused into its base weights."""
+    pipe = load_base(model)
+    pipe.load_lora_weights(str(merged_dir), weight_name="pytorch_lora_weights.safetensors", adapter_name="merged")
+    pipe.fuse_lora(adapter_names=["merged"])
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(save_to)
+
+
+if __name__ == "__main__":
+    run_app(app)

@@ -1,0 +1,258 @@
+"""merge_lora.py: every method against float64 references on the inputs' full delta weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import merge_lora
+from helpers import generate_array, load_pipe, make_peft_lora, run_cli
+
+
+def run_merge(capsys, *argv):
+    return run_cli(merge_lora.app, [str(a) for a in argv], capsys)
+
+
+@pytest.fixture(scope="module")
+def two_loras(tiny_sdxl_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    first = make_peft_lora(tiny_sdxl_path, folder / "first", rank=4, alpha=8, seed=1)
+    second = make_peft_lora(tiny_sdxl_path, folder / "second", rank=2, alpha=2, seed=2, text_encoders=False)
+    return first, second
+
+
+def full_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """Each layer's dW = (alpha / r) B A in float64, from the file and its metadata alone."""
+    import json
+
+    from safetensors import safe_open
+
+    state = load_file(path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    deltas = {}
+    for key in state:
+        if key.endswith("lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            component = module.split(".")[0]
+            alpha = metadata[f"{component}.lora_alpha"]
+            rank = state[key].shape[0]
+            deltas[module] = (alpha / rank) * state[f"{module}.lora_B.weight"].double() @ state[key].double()
+    return deltas
+
+
+def merged_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """dW of the merged file: every layer is stored at scale 1 (alpha = rank)."""
+    state = load_file(folder / "pytorch_lora_weights.safetensors")
+    return {k.removesuffix(".lora_A.weight"): state[k.replace("lora_A", "lora_B")].double() @ state[k].double()
+            for k in state if k.endswith("lora_A.weight")}
+
+
+def references(first: Path, second: Path):
+    a, b = full_deltas(first), full_deltas(second)
+    names = sorted(set(a) | set(b))
+    zero = lambda name: torch.zeros_like(a.get(name, b.get(name)))  # noqa: E731
+    return names, {n: a.get(n, zero(n)) for n in names}, {n: b.get(n, zero(n)) for n in names}
+
+
+def top_k_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    k = int(density * tensor.numel())
+    threshold = tensor.abs().flatten().sort(descending=True).values[k - 1]
+    return tensor.abs() >= threshold
+
+
+def ties_reference(a: torch.Tensor, b: torch.Tensor, wa: float, wb: float, density: float) -> torch.Tensor:
+    """TIES by hand: trim to top-k magnitudes, elect the sign of the summed trimmed values, mean of agreeing weighted entries."""
+    ta, tb = a * top_k_mask(a, density), b * top_k_mask(b, density)
+    elected = torch.where(ta + tb >= 0, 1.0, -1.0)
+    agree_a, agree_b = (torch.sign(ta) == elected).double(), (torch.sign(tb) == elected).double()
+    total = wa * ta * agree_a + wb * tb * agree_b
+    return total / (agree_a + agree_b).clamp(min=1)
+
+
+@pytest.mark.parametrize("method", ["linear", "cat", "svd", "ties", "magnitude_prune", "dare_linear", "dare_ties", "ties_svd"])
+def test_every_method_equals_its_float64_reference_on_delta_weights(method, two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    wa, wb = 0.7, 0.4
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{first}:{wa}", "--lora", f"{second}:{wb}",
+                             "--method", method, "--density", 0.5, "--seed", 3, "--out", tmp_path / "merged")
+    assert code == 0, err
+    names, a, b = references(first, second)
+    got = merged_deltas(tmp_path / "merged")
+    assert sorted(got) == names
+    torch.manual_seed(3)  # the same random drops as the merge, layer by layer in sorted order
+    worst = 0.0
+    for name in names:
+        if method in ("linear", "cat", "svd"):
+            expected = wa * a[name] + wb * b[name]
+        elif method in ("ties", "ties_svd"):
+            expected = ties_reference(a[name], b[name], wa, wb, 0.5)
+        elif method == "magnitude_prune":
+            expected = wa * a[name] * top_k_mask(a[name], 0.5) + wb * b[name] * top_k_mask(b[name], 0.5)
+        else:
+            keep_a = torch.bernoulli(torch.full_like(a[name], 0.5))
+            keep_b = torch.bernoulli(torch.full_like(b[name], 0.5))
+            da, db = a[name] * keep_a / 0.5, b[name] * keep_b / 0.5
+            expected = wa * da + wb * db if method == "dare_linear" else ties_reference(da, db, wa, wb, 1.0)
+        if method in ("svd", "ties_svd"):  # rank 4 (the largest input rank): the truncated SVD's optimum
+            u, s, vh = torch.linalg.svd(expected, full_matrices=False)
+            expected = (u[:, :4] * s[:4]) @ vh[:4]
+        worst = max(worst, float((got[name] - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
+    assert worst < 1e-5, f"{method}: largest relative difference {worst}"
+
+
+def test_linear_with_weights_one_and_zero_reproduces_the_first_lora(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{first}:1", "--lora", f"{second}:0", "--out", tmp_path)
+    assert code == 0, err
+    names, a, _ = references(first, second)
+    got = merged_deltas(tmp_path)
+    for name in names:
+        torch.testing.assert_close(got[name], a[name], rtol=1e-6, atol=1e-9)
+
+
+def test_peft_linear_adds_cross_terms_that_ours_does_not(two_loras):
+    """peft's add_weighted_adapter('linear') mixes A and B separately: (w1 B1 + w2 B2)(w1 A1 + w2 A2) != w1 dW1 + w2 dW2."""
+    first, _ = two_loras
+    a1, b1 = torch.randn(4, 16, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    a2, b2 = torch.randn(4, 16, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    w1, w2 = 0.5, 0.5
+    peft_style = (w1**0.5 * b1 + w2**0.5 * b2) @ (w1**0.5 * a1 + w2**0.5 * a2)  # peft scales both factors by sqrt(w)
+    exact = w1 * b1 @ a1 + w2 * b2 @ a2
+    layer = merge_lora.linear_merge_factors([merge_lora.LayerLoRA(a1, b1, 1.0), merge_lora.LayerLoRA(a2, b2, 1.0)], [w1, w2])
+    ours = layer.up.double() @ layer.down.double()
+    torch.testing.assert_close(ours, exact, rtol=1e-6, atol=1e-6)
+    assert (peft_style - exact).abs().max() > 0.1
+
+
+def test_merged_lora_loads_with_load_lora_weights_and_kohya_gives_the_same_image(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--kohya", "--out", tmp_path / "both")
+    assert code == 0, err
+    images = []
+    for name in ("pytorch_lora_weights.safetensors", "both.safetensors"):
+        pipe = load_pipe(tiny_sdxl_path)
+        pipe.load_lora_weights(str(tmp_path / "both"), weight_name=name)
+        images.append(generate_array(pipe))
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
+    assert (tmp_path / "both" / "merge_report.json").is_file()
+
+
+def test_blora_keeps_only_the_named_blocks_scaled_linearly(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "blora",
+                             "--content_alpha", 0.5, "--style_alpha", 2.0, "--out", tmp_path)
+    assert code == 0, err
+    _, a, b = references(first, second)
+    got = merged_deltas(tmp_path)
+    assert got and all(n.startswith(("unet.up_blocks.0.attentions.0.", "unet.up_blocks.0.attentions.1.")) for n in got)
+    for name, delta in got.items():
+        expected = 0.5 * a[name] if ".attentions.0." in name else 2.0 * b[name]
+        torch.testing.assert_close(delta, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_ziplora_export_is_exactly_the_column_scaled_sum():
+    content = merge_lora.LayerLoRA(torch.randn(4, 16), torch.randn(8, 4), 2.0)
+    style = merge_lora.LayerLoRA(torch.randn(2, 16), torch.randn(8, 2), 0.5)
+    m_c, m_s = torch.rand(16), torch.rand(16)
+    layer = merge_lora.zip_lora_factors(content, style, m_c, m_s)
+    assert layer.down.shape == (6, 16) and layer.up.shape == (8, 6)
+    expected = content.delta() * m_c.double() + style.delta() * m_s.double()
+    torch.testing.assert_close(layer.up.double() @ layer.down.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_colliding_embedding_tokens_are_renamed_and_load(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    rows = [{"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)} for _ in range(2)]
+    save_file(rows[0], first.parent / "first_emb.safetensors")
+    save_file(rows[1], second.parent / "second_emb.safetensors")
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--out", tmp_path / "merged")
+    (first.parent / "first_emb.safetensors").unlink()
+    (second.parent / "second_emb.safetensors").unlink()
+    assert code == 0, err
+    assert "its tokens are now <s0><s1>" in out and "its tokens are now <s2><s3>" in out
+    from common.tokens import EmbeddingSpec, load_embedding
+
+    merged_pipe, own_pipe = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
+    load_embedding(merged_pipe, EmbeddingSpec(tmp_path / "merged" / "merged_emb.safetensors"))
+    save_file(rows[1], tmp_path / "own.safetensors")
+    load_embedding(own_pipe, EmbeddingSpec(tmp_path / "own.safetensors"))
+    with torch.no_grad():
+        merged = merged_pipe.encode_prompt("a <s2><s3> style", device="cpu", do_classifier_free_guidance=False)
+        own = own_pipe.encode_prompt("a <s0><s1> style", device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(merged[0], own[0])
+
+
+BAD = {
+    "one LoRA": (["--method", "linear"], "merging needs two or more --lora, got 1", 1),
+    "weight that does not parse": (["--lora", "SECOND:heavy"], ":heavy' not found; expected PATH or PATH:WEIGHT", 1),
+    "density out of range": (["--density", "1.5"], "--density must be in (0, 1], got 1.5", 2),
+    "rank larger than the layer": (["--method", "svd", "--rank", "4096"], "is larger than layer", 2),
+    "unknown method": (["--method", "average"], "unknown --method 'average'", 2),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_merge_input_gives_one_clear_line(case, two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    extra, message, count = BAD[case]
+    loras = ["--lora", first] + (["--lora", second] if count == 2 else [])
+    extra = [f"{second}{a[len('SECOND'):]}" if a.startswith("SECOND") else a for a in extra]
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, *loras, *extra, "--out", tmp_path)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(tiny_sdxl_path, tmp_path, capsys):
+    from training_helpers import train_cli, write_images
+
+    loras = {}
+    for concept, seed in (("content", 1), ("style", 2)):
+        images = write_images(tmp_path / f"{concept}_images", count=2 + seed)
+        code, _, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", images, "--instance_prompt",
+                                 f"a photo of sks {concept}", "--resolution", 64, "--max_train_steps", 40, "--rank", 4,
+                                 "--learning_rate", 1e-2, "--seed", seed, "--output_dir", tmp_path / concept)
+        assert code == 0, err
+        loras[concept] = tmp_path / concept
+    # lambda 1e-4, not the paper's 0.01: the penalty sums |cos| over the tiny UNet's 136 layers (136 at the
+    # start) while its reconstruction errors are 1e-3..1e-1, so 0.01 would let the penalty alone drive the vectors
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", loras["content"], "--lora", loras["style"],
+                               "--method", "ziplora", "--content_prompt", "a photo of sks content",
+                               "--style_prompt", "a photo of sks style", "--ziplora_steps", 60, "--ziplora_lr", 0.05, "--ziplora_lambda", 1e-4,
+                               "--out", tmp_path / "zipped")
+    assert code == 0, err
+    report = __import__("json").loads((tmp_path / "zipped" / "merge_report.json").read_text())
+    history = np.array(report["ziplora"]["history"])
+    first, last = history[:5, :2].sum(1).mean(), history[-5:, :2].sum(1).mean()
+    assert last < first, f"reconstruction loss {first:.5f} -> {last:.5f}"
+    vectors = load_file(tmp_path / "zipped" / "ziplora_merger_vectors.safetensors")
+    assert vectors and any(not torch.allclose(v, torch.ones_like(v)) for v in vectors.values())
+
+    # the merged UNet against each LoRA alone, with the learned vectors and with all-ones (= linear merge)
+    pipe = merge_lora.load_base(tiny_sdxl_path)
+    inputs = [merge_lora.read_input(pipe, loras[c], 1.0) for c in ("content", "style")]
+    zipped = merge_lora.install_zip_layers(pipe.unet, *inputs)
+    generator = torch.Generator().manual_seed(7)
+    examples = [merge_lora.zip_example(pipe, zipped, mode, None, f"a photo of sks {mode}", 64, generator) for mode in ("content", "style")]
+    probes = [(example, *merge_lora.noisy_input(pipe.scheduler, example["latents"], generator)) for example in examples for _ in range(4)]
+
+    def distance(learned: bool) -> list[float]:
+        for name, layer in zipped.items():
+            layer.m_content.data = vectors[f"{name}.m_content"] if learned else torch.ones_like(layer.m_content)
+            layer.m_style.data = vectors[f"{name}.m_style"] if learned else torch.ones_like(layer.m_style)
+        totals = {"content": 0.0, "style": 0.0}
+        with torch.no_grad():
+            for example, model_input, timestep in probes:
+                merge_lora.set_mode(zipped, example["mode"])
+                target = merge_lora.unet_output(pipe, model_input, timestep, example)
+                merge_lora.set_mode(zipped, "merged")
+                totals[example["mode"]] += float((merge_lora.unet_output(pipe, model_input, timestep, example) - target).pow(2).mean())
+        return [totals["content"], totals["style"]]
+
+    zip_distance, linear_distance = distance(True), distance(False)
+    message = f"MSE to each LoRA (content, style): ZipLoRA {zip_distance}, linear {linear_distance}"
+    assert zip_distance[0] < linear_distance[0] and zip_distance[1] < linear_distance[1], message
