@@ -51,6 +51,12 @@ echo "== infer with the LoRA and its embedding"
 $python infer.py --model tiny-sdxl --lora "$out/icons" --embedding "$out/icons/icons_emb.safetensors" \
     --prompt "a <s0><s1> icon of an astronaut riding a horse" --seed 9 --num_inference_steps 20 --output_dir "$out/icons-images"
 
+echo "== merge: the dog LoRA and the icon LoRA by TIES on their delta weights (the icon embedding comes along)"
+$python merge_lora.py --model tiny-sdxl --lora "$out/lora-tiny-sdxl:1.0" --lora "$out/icons:0.8" --method ties \
+    --density 0.5 --kohya --out "$out/merged"
+$python infer.py --model tiny-sdxl --lora "$out/merged" --embedding "$out/merged/merged_emb.safetensors" \
+    --prompt "a photo of sks dog, <s0><s1> icon" --seed 9 --num_inference_steps 20 --output_dir "$out/merged-images"
+
 echo "== every image carries its parameters (as WebUI's PNG Info shows them):"
 $python - "$out" <<'PY'
 import sys

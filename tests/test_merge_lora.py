@@ -256,3 +256,36 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
     zip_distance, linear_distance = distance(True), distance(False)
     message = f"MSE to each LoRA (content, style): ZipLoRA {zip_distance}, linear {linear_distance}"
     assert zip_distance[0] < linear_distance[0] and zip_distance[1] < linear_distance[1], message
+
+
+def test_fused_pipeline_equals_the_merged_lora_loaded_on_the_base(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--out", tmp_path / "merged",
+                             "--fuse_into", tiny_sdxl_path, "--save_pipeline", tmp_path / "fused")
+    assert code == 0, err
+    with_lora = load_pipe(tiny_sdxl_path)
+    with_lora.load_lora_weights(str(tmp_path / "merged"))
+    fused = load_pipe(str(tmp_path / "fused"))
+    difference = np.abs(generate_array(with_lora) - generate_array(fused)).max()
+    assert difference < 1e-4, f"fused and loaded differ by {difference}"
+
+
+def test_dora_inputs_and_disjoint_loras_are_refused(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    first, second = two_loras
+    pipe = load_pipe(tiny_sdxl_path)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], use_dora=True, init_lora_weights=False)
+    pipe.unet.add_adapter(config)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                unet_lora_adapter_metadata=config.to_dict())
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", tmp_path / "dora", "--lora", second, "--out", tmp_path / "o")
+    assert code == 2 and "is a DoRA: merging DoRA magnitudes is not supported yet" in err, err
+
+    state = load_file(first)
+    save_file({k: v for k, v in state.items() if ".down_blocks." in k}, tmp_path / "down_only.safetensors")
+    save_file({k: v for k, v in state.items() if ".up_blocks." in k}, tmp_path / "up_only.safetensors")
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", tmp_path / "down_only.safetensors",
+                             "--lora", tmp_path / "up_only.safetensors", "--out", tmp_path / "o")
+    assert code == 2 and "the LoRAs share no layer" in err and "unet.down_blocks" in err and "unet.up_blocks" in err, err
