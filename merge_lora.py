@@ -401,6 +401,8 @@ def zip_example(pipe, zipped, mode: str, folder: Path | None, prompt: str, size:
     from common.models import normalise_latents
 
     if folder is not None:
+        if not folder.is_dir():
+            raise UserError(f"--{mode}_data {str(folder)!r} is not a folder of images")
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
         if not files:
             raise UserError(f"--{mode}_data {str(folder)!r} has no images")

@@ -289,3 +289,22 @@ def test_dora_inputs_and_disjoint_loras_are_refused(two_loras, tiny_sdxl_path, t
     code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", tmp_path / "down_only.safetensors",
                              "--lora", tmp_path / "up_only.safetensors", "--out", tmp_path / "o")
     assert code == 2 and "the LoRAs share no layer" in err and "unet.down_blocks" in err and "unet.up_blocks" in err, err
+
+
+def test_ziplora_takes_example_images_from_folders(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    from training_helpers import write_images
+
+    first, second = two_loras
+    content, style = write_images(tmp_path / "content", 1), write_images(tmp_path / "style", 1)
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ziplora",
+                               "--content_data", content, "--content_prompt", "a dog", "--style_data", style,
+                               "--style_prompt", "a painting", "--ziplora_steps", 3, "--ziplora_penalty", "product",
+                               "--out", tmp_path / "zipped")
+    assert code == 0, err
+    state = load_file(tmp_path / "zipped" / "pytorch_lora_weights.safetensors")
+    ranks = {v.shape[0] for k, v in state.items() if k.startswith("unet.") and k.endswith("lora_A.weight")}
+    assert ranks == {4 + 2}, "ZipLoRA layers have rank r_content + r_style"
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ziplora",
+                             "--content_data", tmp_path / "nothing_here", "--content_prompt", "a dog",
+                             "--style_prompt", "a painting", "--out", tmp_path / "z2")
+    assert code == 2 and "--content_data" in err and "is not a folder of images" in err, err

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from common.lora_formats import LoraSpec, load_loras
 from helpers import generate_array, load_pipe
 from training_helpers import PROMPT, denoising_losses, train_cli, write_images
 
