@@ -563,7 +563,8 @@ def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
             dtype = parse_dtype(config.prior_generation_precision)
             generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
         settings = sampling_settings(generator_pipe, config.resolution, config.resolution, 25, 5.0, None, config.pretrained_model_name_or_path)
-        made = make_class_images(generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process)
+        with accelerator.autocast():  # a bf16/fp16 UNet beside the fp32 VAE
+            made = make_class_images(generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process)
         accelerator.print(f"made {made} class image(s) in {folder}/")
     accelerator.wait_for_everyone()
 
@@ -990,7 +991,7 @@ def save_outputs(unet, pipe, text, config: TrainConfig) -> None:
         save_embedding(output / f"{name}_emb.safetensors", *[r.new_rows for r in text.rows],
                        [t for group in config.token_map.values() for t in group])
     if config.use_dora:
-        logger.warning("DoRA: no kohya copy written; convert_for_webui.py bakes DoRA for WebUI/ComfyUI")
+        logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
     else:
         kohya = peft_unet_to_kohya(layers["unet_lora_layers"], lora_config.lora_alpha, pipe.unet.config.layers_per_block)
         if config.train_text_encoder:
