@@ -225,3 +225,19 @@ def test_a_larger_count_adds_images_and_a_truncated_one_is_made_again(tiny_sdxl_
     original = np.asarray(Image.open(io.BytesIO(first["class_000001.png"])), dtype=int)
     # made alone now, in a batch of two before: the same seed, up to one level of rounding
     assert np.abs(remade - original).max() <= 1
+
+
+def test_everything_at_once_in_bf16_on_an_edm_base(tiny_edm_path, images, tmp_path, capsys):
+    """bf16 autocast with pivotal rows, text LoRA, DoRA, cached latents, class images made by the bf16 UNet
+    beside the fp32 VAE, soft Min-SNR under EDM, and validation images."""
+    code, out, err = train_cli(capsys, "-m", tiny_edm_path, "--instance_data_dir", images, "--instance_prompt", "3d icon of TOK",
+                               "--resolution", 64, "--output_dir", tmp_path / "all", "--max_train_steps", 2, "--mixed_precision", "bf16",
+                               "--train_text_encoder_ti", "--train_text_encoder", "--use_dora", "--cache_latents",
+                               "--with_prior_preservation", "--class_data_dir", tmp_path / "class", "--class_prompt", "3d icon",
+                               "--num_class_images", 2, "--snr_gamma", 5, "--snr_weighting", "soft",
+                               "--validation_prompt", "a TOK icon", "--validation_epochs", 1, "--num_validation_images", 1)
+    assert code == 0, err
+    assert (tmp_path / "all" / "all_emb.safetensors").is_file()
+    assert len(list((tmp_path / "all" / "validation").rglob("*.png"))) == 2
+    state = load_file(tmp_path / "all" / "pytorch_lora_weights.safetensors")
+    assert any("lora_magnitude_vector" in k for k in state), "DoRA magnitudes are saved"
