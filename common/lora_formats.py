@@ -221,10 +221,12 @@ def unet_module_to_sgm(module: str, layers_per_block: int = 2) -> str:
     return module
 
 
-def peft_to_kohya(state: dict, alpha: float, kohya_name) -> dict:
+def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:
     """A peft LoRA state dict (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya/WebUI format:
     `<kohya_name(module)>.lora_down.weight`, `.lora_up.weight` and `.alpha`, with alpha the trained
-    lora_alpha so that alpha / rank reproduces the trained scale (diffusers' converter writes the rank)."""
+    lora_alpha (a number, or a function of the module) so that alpha / rank reproduces the trained
+    scale (diffusers' converter writes the rank)."""
+    alpha_for = alpha if callable(alpha) else (lambda module: alpha)
     kohya = {}
     for key, value in state.items():
         module, factor = key.rsplit(".lora_", 1)
@@ -233,17 +235,59 @@ def peft_to_kohya(state: dict, alpha: float, kohya_name) -> dict:
             raise ValueError(f"cannot write {key!r} in kohya format (only plain LoRA A/B factors)")
         name = kohya_name(module)
         kohya[f"{name}.{kind}"] = value.detach().contiguous()
-        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+        kohya[f"{name}.alpha"] = torch.tensor(float(alpha_for(module)))
     return kohya
 
 
-def peft_unet_to_kohya(unet_state: dict, alpha: float, layers_per_block: int = 2) -> dict:
+def peft_unet_to_kohya(unet_state: dict, alpha, layers_per_block: int = 2) -> dict:
     """UNet LoRA in kohya naming: `lora_unet_<SGM path with underscores>`."""
     return peft_to_kohya(unet_state, alpha, lambda module: "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_"))
 
 
-def peft_text_encoder_to_kohya(state: dict, alpha: float, prefix: str) -> dict:
+def peft_text_encoder_to_kohya(state: dict, alpha, prefix: str) -> dict:
     """Text-encoder LoRA in kohya naming: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (prefix
     lora_te1_ or lora_te2_). WebUI names CLIP's `text_model` level, which transformers 5 keeps only in
     CLIPTextModelWithProjection."""
     return peft_to_kohya(state, alpha, lambda module: prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_"))
+
+
+KOHYA_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2) -> tuple[dict, dict]:
+    """A diffusers/peft SDXL LoRA file (UNet and text encoders) in kohya format, each layer's alpha taken
+    from the file's adapter metadata (lora_alpha, alpha_pattern; alpha = rank when there is none), and
+    a summary {component: (rank, alpha)} for the file's metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    if any("lora_magnitude_vector" in key for key in state):
+        raise UserError(f"{str(file)!r} is a DoRA; exporting DoRA for WebUI/ComfyUI (baked or native) is not supported yet")
+    by_component: dict[str, dict] = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        if component not in COMPONENT_PREFIXES or ".lora_" not in rest:
+            raise UserError(f"{str(file)!r} is not a diffusers SDXL LoRA: unexpected key {key!r}")
+        by_component.setdefault(component, {})[rest] = value
+    kohya, summary = {}, {}
+    for component, part in by_component.items():
+        ranks = {k.rsplit(".lora_", 1)[0]: v.shape[0] for k, v in part.items() if k.endswith("lora_A.weight")}
+
+        def alpha_for(module, component=component, ranks=ranks):
+            pattern = metadata.get(f"{component}.alpha_pattern") or {}
+            for key, value in pattern.items():
+                if module == key.lstrip("^") or module.endswith("." + key.lstrip("^")):
+                    return value
+            return metadata.get(f"{component}.lora_alpha", ranks[module])
+
+        if component == "unet":
+            kohya |= peft_unet_to_kohya(part, alpha_for, layers_per_block)
+        else:
+            kohya |= peft_text_encoder_to_kohya(part, alpha_for, KOHYA_PREFIXES[component])
+        some_module = next(iter(ranks))
+        summary[component] = (ranks[some_module], alpha_for(some_module))
+    return kohya, summary
