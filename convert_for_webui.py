@@ -14,6 +14,8 @@ printed.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,10 +37,23 @@ def main(
     comfyui_dir: Annotated[Optional[Path], typer.Option(*flags("comfyui_dir"), help="a ComfyUI installation")] = None,
     out: Annotated[Optional[Path], typer.Option(*flags("out", "-o"), help="a plain output folder")] = None,
     force: Annotated[bool, typer.Option(*flags("force"), help="replace files that already exist")] = False,
+    model: Annotated[Optional[str], typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base model: needed to bake a DoRA into a plain LoRA")] = None,
+    rank: Annotated[Optional[int], typer.Option(*flags("rank"), help="rank of a baked DoRA (default: full, exact)")] = None,
+    to: Annotated[str, typer.Option(*flags("to"), help="kohya (for the UIs) or diffusers (a kohya file back, for merge_lora/train)")] = "kohya",
+    check: Annotated[bool, typer.Option(*flags("check"), help="only report what a UI would not load from a kohya file")] = False,
 ) -> None:
     """Write the LoRA (kohya format) and the embedding where WebUI or ComfyUI look for them."""
     from common.lora_formats import lora_file
 
+    if check:
+        raise typer.Exit(check_file(lora))
+    if to not in ("kohya", "diffusers"):
+        raise UserError(f"--to {to!r}; use kohya or diffusers")
+    if to == "diffusers":
+        if out is None:
+            raise UserError("--to diffusers writes into --out DIR")
+        to_diffusers(lora, out, force)
+        return
     if sum(x is not None for x in (webui_dir, comfyui_dir, out)) != 1:
         raise UserError("give exactly one of --webui_dir DIR, --comfyui_dir DIR or --out DIR")
     if not lora.exists():
@@ -51,7 +66,7 @@ def main(
         if target.exists() and not force:
             raise UserError(f"{str(target)!r} exists; pass --force to replace it")
     training_args = read_training_args(source.parent)
-    export_lora(source, lora_target, name, training_args)
+    export_lora(source, lora_target, name, training_args, model, rank)
     typer.echo(f"LoRA: {lora_target}")
     if embedding:
         export_embedding(embedding, embedding_target)
@@ -79,14 +94,23 @@ def read_training_args(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export_lora(source: Path, target: Path, name: str, training_args: dict) -> None:
-    """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically."""
+def export_lora(source: Path, target: Path, name: str, training_args: dict, model: str | None, rank: int | None) -> None:
+    """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically.
+    A DoRA is baked into a plain LoRA first (every UI loads that; their DoRA conventions differ)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from common.files import atomic_path
     from common.lora_formats import diffusers_lora_to_kohya
 
-    kohya, summary = diffusers_lora_to_kohya(source)
+    with safe_open(str(source), "pt") as handle:
+        is_dora = any("lora_magnitude_vector" in key for key in handle.keys())
+    if is_dora:
+        if not model:
+            raise UserError(f"{str(source)!r} is a DoRA: baking it into a plain LoRA needs the base model, --model MODEL")
+        kohya, summary = bake_dora(source, model, rank)
+    else:
+        kohya, summary = diffusers_lora_to_kohya(source)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
     metadata = {
         "ss_network_module": "networks.lora",
@@ -106,6 +130,91 @@ def export_lora(source: Path, target: Path, name: str, training_args: dict) -> N
         metadata["ss_training_comment"] = json.dumps({k: training_args.get(k) for k in ("rank", "learning_rate", "max_train_steps", "edm")})
     with atomic_path(target) as partial:
         save_file(kohya, str(partial), metadata=metadata)
+
+
+def bake_dora(source: Path, model: str, rank: int | None):
+    """Each DoRA layer's adapted weight W' = m * (W + dW) / ||W + dW|| (Liu et al. 2024, Eq. 5, computed by
+    peft's own merge) minus W, factorised by SVD at `rank` (full by default) into a plain LoRA of scale 1."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from common.lora_formats import LoraSpec, load_loras, peft_text_encoder_to_kohya, peft_unet_to_kohya, svd_factors
+    from common.models import load_sdxl_pipeline
+
+    pipe = load_sdxl_pipeline(model, torch.float32)
+    load_loras(pipe, [LoraSpec(source)])
+    kohya, summary, worst = {}, {}, 0.0
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        state = {}
+        for module_name, module in getattr(pipe, component).named_modules():
+            if isinstance(module, BaseTunerLayer) and "lora_0" in module.lora_A:
+                before = module.get_base_layer().weight.detach().clone()
+                module.merge(adapter_names=["lora_0"])
+                delta = module.get_base_layer().weight.detach().double() - before.double()
+                module.unmerge()
+                up, down, error = svd_factors(delta, rank)
+                worst = max(worst, error)
+                state[f"{module_name}.lora_A.weight"], state[f"{module_name}.lora_B.weight"] = down, up
+        if not state:
+            continue
+        ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        alpha = ranks.__getitem__  # scale 1: alpha = rank, layer by layer
+        kohya |= (peft_unet_to_kohya(state, alpha, pipe.unet.config.layers_per_block) if component == "unet"
+                  else peft_text_encoder_to_kohya(state, alpha, {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]))
+        some = next(iter(ranks))
+        summary[component] = (ranks[some], ranks[some])
+    typer.echo(f"DoRA baked into a plain LoRA (rank {rank or 'full'}): largest relative truncation error {worst:.2e}")
+    return kohya, summary
+
+
+def check_file(path: Path) -> int:
+    """Report rank, alpha, DoRA, parts, and every key a UI would not map; 1 when there is any."""
+    from safetensors.torch import load_file
+
+    from common.lora_formats import check_kohya_keys
+
+    if not path.is_file():
+        raise UserError(f"--check takes a kohya .safetensors file; {str(path)!r} is not a file")
+    state = load_file(str(path))
+    problems = check_kohya_keys(state)
+    parts = sorted({key.split("_")[1] if key.startswith("lora_te") else "unet" for key in state if key.startswith("lora_")})
+    ranks = sorted({v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")})
+    alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha")})
+    typer.echo(f"parts: {', '.join(parts) or 'none'}; ranks: {ranks}; alphas: {alphas}; DoRA: {any(k.endswith('dora_scale') for k in state)}")
+    for problem in problems:
+        typer.echo(f"unmapped: {problem}")
+    typer.echo(f"{len(problems)} key(s) a UI would skip" if problems else "every key maps onto SDXL")
+    return 1 if problems else 0
+
+
+def to_diffusers(source: Path, out: Path, force: bool) -> None:
+    """A kohya-format LoRA as a diffusers/peft file: factors unchanged, each layer's alpha in the metadata."""
+    from collections import Counter
+
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    from common.lora_formats import DIFFUSERS_LORA_FILE, kohya_to_peft
+
+    if not source.is_file():
+        raise UserError(f"--to diffusers takes a kohya .safetensors file; {str(source)!r} is not a file")
+    target = out / DIFFUSERS_LORA_FILE
+    if target.exists() and not force:
+        raise UserError(f"{str(target)!r} exists; pass --force to replace it")
+    states, alphas = kohya_to_peft(source)
+    layers = {}
+    for component, state in states.items():
+        ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        config = LoraConfig(r=Counter(ranks.values()).most_common(1)[0][0], lora_alpha=Counter(alphas[component].values()).most_common(1)[0][0],
+                            target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas[component])
+        layers[f"{component}_lora_layers"] = state
+        layers[f"{component}_lora_adapter_metadata"] = config.to_dict()
+    staging = out / ".diffusers.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionXLPipeline.save_lora_weights(staging, **layers)
+    os.replace(staging / DIFFUSERS_LORA_FILE, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    typer.echo(f"diffusers LoRA: {target}")
 
 
 def export_embedding(source: Path, target: Path) -> None:

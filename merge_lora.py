@@ -73,12 +73,9 @@ def linear_merge_factors(layers: list[LayerLoRA | None], weights: list[float]) -
 
 
 def factorise(delta: torch.Tensor, rank: int | None) -> MergedLayer:
-    """dW ~= up @ down by SVD: up = U_r S_r, down = V_r^T, the best rank-r approximation (Eckart-Young);
-    rank None keeps every singular value, which is exact up to rounding."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    r = len(s) if rank is None else min(rank, len(s))
-    up, down = (u[:, :r] * s[:r]).float(), vh[:r].float()
-    error = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30))
+    from common.lora_formats import svd_factors
+
+    up, down, error = svd_factors(delta, rank)
     return MergedLayer(down, up, error)
 
 

@@ -4,23 +4,8 @@ from __future__ import annotations
 
 import torch
 
-SDXL_UNET_CONFIG = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
-}
+from common.models import SDXL_UNET_CONFIG
+
 TEXT_TOKENS, TEXT_WIDTH, POOLED_WIDTH = 77, 2048, 1280
 
 

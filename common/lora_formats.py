@@ -291,3 +291,91 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2) -> tuple[dict
         some_module = next(iter(ranks))
         summary[component] = (ranks[some_module], alpha_for(some_module))
     return kohya, summary
+
+
+def svd_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """dW ~= up @ down by SVD: up = U_r S_r, down = V_r^T, the best rank-r approximation (Eckart-Young),
+    and the relative Frobenius error; rank None keeps every singular value (exact up to rounding)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = len(s) if rank is None else min(rank, len(s))
+    error = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30))
+    return (u[:, :r] * s[:r]).float().contiguous(), vh[:r].float().contiguous(), error
+
+
+def kohya_to_peft(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A kohya/WebUI SDXL LoRA as peft state dicts per component and each module's alpha, through
+    diffusers' own kohya conversion (SGM or diffusers block names), one layer at a time so that every
+    alpha stays with its module."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.configuration_utils import FrozenDict
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    from common.models import SDXL_UNET_CONFIG, quiet_libraries
+
+    with quiet_libraries():
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
+                                                                  unet_config=FrozenDict(SDXL_UNET_CONFIG))
+    if alphas is None:
+        raise UserError(f"{str(file)!r} is not a kohya-format LoRA (no lora_unet_/lora_te keys)")
+    states: dict[str, dict] = {}
+    module_alphas: dict[str, dict] = {}
+    for key in sorted(k for k in state if k.endswith("down.weight")):
+        component, rest = key.split(".", 1)
+        up_key = rest[: -len("down.weight")] + "up.weight"
+        pair = {rest: state[key], up_key: state[f"{component}.{up_key}"]}
+        if component == "unet":
+            converted = convert_unet_state_dict_to_peft(pair)
+        else:  # one layer alone does not tell diffusers' format guess that these are its old names
+            converted = convert_state_dict_to_peft(convert_state_dict_to_diffusers(pair, original_type=StateDictType.DIFFUSERS_OLD))
+        if component == "text_encoder":  # transformers 5's CLIPTextModel has no text_model level
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        states.setdefault(component, {}).update(converted)
+        module = next(k for k in converted if k.endswith("lora_A.weight")).removesuffix(".lora_A.weight")
+        module_alphas.setdefault(component, {})[module] = float(alphas.get(f"{key}.alpha", state[key].shape[0]))
+    return states, module_alphas
+
+
+def kohya_names_for_sdxl() -> set[str]:
+    """Every kohya LoRA name a UI maps onto SDXL: UNet modules in SGM and in diffusers naming, and the
+    text encoders' modules under lora_te1_/lora_te2_ with CLIP's text_model level."""
+    from common.models import sdxl_module_names
+
+    names = set()
+    for full in sdxl_module_names():
+        component, _, path = full.partition(".")
+        if not path:
+            continue
+        if component == "unet":
+            names.add("lora_unet_" + path.replace(".", "_"))
+            names.add("lora_unet_" + unet_module_to_sgm(path).replace(".", "_"))
+        else:
+            names.add(KOHYA_PREFIXES[component] + "text_model_" + path.removeprefix("text_model.").replace(".", "_"))
+    return names
+
+
+def check_kohya_keys(state: dict) -> list[str]:
+    """Problems a UI would skip silently: keys that map to no SDXL module, factors without their pair, and
+    text-encoder attention layers with some of q, k, v, out_proj missing (WebUI patches none of such a layer)."""
+    known = kohya_names_for_sdxl()
+    problems = []
+    names = {}
+    for key in state:
+        name, _, suffix = key.partition(".")
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale"):
+            problems.append(f"{key}: unknown suffix {suffix!r}")
+        elif name not in known:
+            problems.append(f"{key}: no SDXL module is named {name!r}")
+        names.setdefault(name, set()).add(suffix)
+    for name, suffixes in names.items():
+        if {"lora_down.weight", "lora_up.weight"} - suffixes:
+            problems.append(f"{name}: lora_down/lora_up pair incomplete")
+    attention = {}
+    for name in names:
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            if name.startswith("lora_te") and name.endswith("self_attn_" + projection):
+                attention.setdefault(name.removesuffix(projection), set()).add(projection)
+    for layer, present in attention.items():
+        if len(present) < 4:
+            problems.append(f"{layer}*: only {', '.join(sorted(present))} of q/k/v/out_proj (WebUI skips the whole layer)")
+    return problems

@@ -165,3 +165,40 @@ def normalise_latents(raw, vae_config):
         std = raw.new_tensor(std).view(shape)
         return (raw - mean) * vae_config["scaling_factor"] / std
     return raw * vae_config["scaling_factor"]
+
+
+# SDXL base 1.0's published unet/config.json (the shape shared by Playground v2.5 and SDXL fine-tunes)
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+# and its two CLIP text encoders: ViT-L/14 and OpenCLIP ViT-bigG/14
+SDXL_TEXT_ENCODER_CONFIGS = (
+    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20, "projection_dim": 1280},
+)
+
+
+def sdxl_module_names() -> set[str]:
+    """Every module name of SDXL's UNet and text encoders, component-prefixed, built on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"), quiet_libraries():
+        names = {f"unet.{n}" for n, _ in UNet2DConditionModel(**SDXL_UNET_CONFIG).named_modules()}
+        names |= {f"text_encoder.{n}" for n, _ in CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIGS[0])).named_modules()}
+        names |= {f"text_encoder_2.{n}" for n, _ in CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIGS[1])).named_modules()}
+    return names

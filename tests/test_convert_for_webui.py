@@ -141,3 +141,58 @@ def test_installs_into_webui_and_comfyui_trees_and_never_overwrites_without_forc
     code, _, err = run_convert(capsys, trained, "--webui_dir", tmp_path / "nothing")
     assert code == 2 and "does not look like a stable-diffusion-webui installation" in err
     assert not list(webui.rglob(".*partial"))
+
+
+def test_round_trip_diffusers_kohya_diffusers_is_bit_identical(trained, tiny_sdxl_path, tmp_path, capsys):
+    assert run_convert(capsys, trained, "--out", tmp_path / "kohya")[0] == 0
+    code, _, err = run_convert(capsys, tmp_path / "kohya" / "my_dog.safetensors", "--to", "diffusers", "--out", tmp_path / "back")
+    assert code == 0, err
+    original = load_file(trained / "pytorch_lora_weights.safetensors")
+    back = load_file(tmp_path / "back" / "pytorch_lora_weights.safetensors")
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[k], back[k]) for k in original)
+    a, b = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
+    a.load_lora_weights(str(trained))
+    b.load_lora_weights(str(tmp_path / "back"))
+    wa, wb = fused_weights(a), fused_weights(b)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6, "alphas survive the round trip"
+
+
+def test_a_dora_is_baked_into_a_plain_lora_equal_to_the_dora_adapted_weights(tiny_sdxl_path, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = load_pipe(tiny_sdxl_path)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], use_dora=True, init_lora_weights=False)
+    pipe.unet.add_adapter(config)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                unet_lora_adapter_metadata=config.to_dict())
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--out", tmp_path / "x")
+    assert code == 2 and "needs the base model, --model MODEL" in err
+    code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "DoRA baked into a plain LoRA (rank full)" in out
+    dora, baked = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
+    dora.load_lora_weights(str(tmp_path / "dora"))
+    baked.load_lora_weights(str(tmp_path / "out"), weight_name="baked.safetensors")
+    wa, wb = fused_weights(dora), fused_weights(baked)
+    worst = max(float((wa[k] - wb[k]).abs().max() / wa[k].abs().max().clamp_min(1e-12)) for k in wa)
+    assert worst <= 1e-5, f"largest relative difference {worst}"
+
+
+def test_check_passes_exports_and_flags_a_misspelled_key(trained, tmp_path, capsys):
+    assert run_convert(capsys, trained, "--out", tmp_path)[0] == 0
+    code, out, _ = run_convert(capsys, tmp_path / "my_dog.safetensors", "--check")
+    assert code == 0 and "every key maps onto SDXL" in out and "parts: te1, te2, unet; ranks: [4]; alphas: [8.0]" in out
+    state = load_file(tmp_path / "my_dog.safetensors")
+    wrong = next(k for k in state if k.startswith("lora_unet_") and k.endswith("lora_up.weight"))
+    state[wrong.replace("transformer_blocks", "transformer_block")] = state.pop(wrong)
+    q_proj = next(k for k in state if k.startswith("lora_te2_") and "q_proj.lora_down" in k).split(".")[0]
+    for key in [k for k in state if k.startswith(q_proj + ".")]:
+        state.pop(key)  # a layer that lacks its q projection altogether
+    save_file(state, tmp_path / "broken.safetensors")
+    code, out, _ = run_convert(capsys, tmp_path / "broken.safetensors", "--check")
+    assert code == 1
+    assert "no SDXL module is named" in out and "transformer_block_" in out
+    assert "only k_proj, out_proj, v_proj of q/k/v/out_proj" in out
