@@ -67,3 +67,7 @@ for png in sorted(Path(sys.argv[1]).rglob("*.png")):
     if parameters:  # generated images; the training images have none
         print(f"{png}:\n  " + parameters.replace("\n", "\n  "))
 PY
+
+echo "== export for WebUI and ComfyUI (kohya LoRA + embedding), with the prompts to use"
+$python convert_for_webui.py "$out/icons" --name icons --out "$out/webui-export" --force
+$python convert_for_webui.py "$out/webui-export/icons.safetensors" --check

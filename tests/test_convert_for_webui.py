@@ -196,3 +196,16 @@ def test_check_passes_exports_and_flags_a_misspelled_key(trained, tmp_path, caps
     assert code == 1
     assert "no SDXL module is named" in out and "transformer_block_" in out
     assert "only k_proj, out_proj, v_proj of q/k/v/out_proj" in out
+
+
+def test_diffusers_converter_writes_alpha_equal_to_rank_where_ours_keeps_the_trained_alpha(trained, tmp_path, capsys):
+    """diffusers' convert_state_dict_to_kohya sets every alpha to the rank, so a LoRA trained with
+    alpha 8 at rank 4 would load at half strength in the UIs."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    theirs = convert_state_dict_to_kohya({k: v for k, v in load_file(trained / "pytorch_lora_weights.safetensors").items()
+                                          if k.startswith("unet.")})
+    assert {float(v) for k, v in theirs.items() if k.endswith(".alpha")} == {4.0}
+    assert run_convert(capsys, trained, "--out", tmp_path)[0] == 0
+    ours = load_file(tmp_path / "my_dog.safetensors")
+    assert {float(v) for k, v in ours.items() if k.endswith(".alpha")} == {8.0}
