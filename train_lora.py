@@ -64,6 +64,7 @@ class TrainConfig:
     use_dora: bool = False
     lora_unet_blocks: Optional[str] = None
     use_blora: bool = False
+    init_lora: Optional[str] = None
     optimizer: str = "adamw"
     learning_rate: float = 1e-4
     scale_lr: bool = False
@@ -154,6 +155,7 @@ def main(
     use_dora: Annotated[bool, typer.Option(*flags("use_dora"), rich_help_panel=LORA)] = False,
     lora_unet_blocks: Annotated[Optional[str], typer.Option(*flags("lora_unet_blocks"), help="comma-separated blocks, e.g. unet.up_blocks.0.attentions.0", rich_help_panel=LORA)] = None,
     use_blora: Annotated[bool, typer.Option(*flags("use_blora"), help="B-LoRA: only the content and style blocks", rich_help_panel=LORA)] = False,
+    init_lora: Annotated[Optional[str], typer.Option(*flags("init_lora"), help="start the UNet LoRA from this one (diffusers or kohya file or folder)", rich_help_panel=LORA)] = None,
     optimizer: Annotated[str, typer.Option(*flags("optimizer"), help="AdamW or Prodigy", rich_help_panel=OPTIM)] = "AdamW",
     learning_rate: Annotated[float, typer.Option(*flags("learning_rate"), rich_help_panel=OPTIM)] = 1e-4,
     scale_lr: Annotated[bool, typer.Option(*flags("scale_lr"), rich_help_panel=OPTIM)] = False,
@@ -299,6 +301,8 @@ def train(config: TrainConfig) -> None:
     formulation = choose_formulation(config, pipe, accelerator)
     data = build_data(config, pipe, accelerator)
     unet = add_lora(pipe.unet, config)
+    if config.init_lora:
+        start_from_lora(unet, config)
     optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances)
     text = TextSide(pipe, config, total_steps, data.all_captions(), accelerator)
     if config.torch_compile:
@@ -772,6 +776,31 @@ def add_lora(unet, config: TrainConfig):
     unet.add_adapter(lora_config)
     cast_training_params(unet)
     return unet
+
+
+def start_from_lora(unet, config: TrainConfig) -> None:
+    """Copy an existing LoRA's UNet factors into the new adapter (continuing a community or earlier LoRA);
+    its rank and alpha must be the run's, or the continued LoRA would not mean what it meant."""
+    from peft.utils import set_peft_model_state_dict
+
+    from common.lora_formats import lora_file, read_peft_lora
+
+    path = Path(config.init_lora)
+    if not path.exists():
+        raise UserError(f"--init_lora {config.init_lora!r} not found")
+    states, alphas = read_peft_lora(lora_file(path))
+    state, module_alphas = states.get("unet"), alphas.get("unet", {})
+    if not state:
+        raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    if ranks != {config.rank}:
+        raise UserError(f"--init_lora has rank {sorted(ranks)} but --rank is {config.rank}; pass --rank {max(ranks)}")
+    wanted_alpha = config.lora_alpha or config.rank
+    if set(module_alphas.values()) != {wanted_alpha}:
+        raise UserError(f"--init_lora has alpha {sorted(set(module_alphas.values()))} but this run uses {wanted_alpha}; pass --lora_alpha")
+    result = set_peft_model_state_dict(unet, state)
+    if result.unexpected_keys:
+        raise UserError(f"--init_lora has layers this run does not train, e.g. {result.unexpected_keys[0]}; check --lora_unet_blocks")
 
 
 def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):

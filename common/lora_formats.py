@@ -379,3 +379,29 @@ def check_kohya_keys(state: dict) -> list[str]:
         if len(present) < 4:
             problems.append(f"{layer}*: only {', '.join(sorted(present))} of q/k/v/out_proj (WebUI skips the whole layer)")
     return problems
+
+
+def read_peft_lora(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Any SDXL LoRA file (kohya or diffusers/peft) as peft state dicts per component and each module's alpha."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        keys = list(handle.keys())
+        if any(k.startswith("lora_") for k in keys):
+            return kohya_to_peft(file)
+        state = {k: handle.get_tensor(k) for k in keys}
+        metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    states: dict[str, dict] = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        states.setdefault(component, {})[rest] = value
+    alphas = {}
+    for component, part in states.items():
+        pattern = metadata.get(f"{component}.alpha_pattern") or {}
+        alphas[component] = {
+            module: pattern.get(module, metadata.get(f"{component}.lora_alpha", value.shape[0]))
+            for module, value in ((k.removesuffix(".lora_A.weight"), v) for k, v in part.items() if k.endswith("lora_A.weight"))
+        }
+    return states, alphas

@@ -342,3 +342,22 @@ def test_torch_compile_wraps_the_lora_unet(tiny_sdxl_path, images, tmp_path, cap
     code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 1, "--torch_compile"))
     assert code == 0, err
     assert len(compiled) == 1 and hasattr(compiled[0], "peft_config")
+
+
+def test_init_lora_continues_from_a_diffusers_or_kohya_lora(tiny_sdxl_path, images, tmp_path, capsys):
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path / "first", 5, "--rank", 4,
+                                                "--lora_alpha", 8, "--learning_rate", 1e-2))
+    assert code == 0, err
+    first = load_file(tmp_path / "first" / "pytorch_lora_weights.safetensors")
+    for start in (tmp_path / "first" / "pytorch_lora_weights.safetensors", tmp_path / "first" / "first.safetensors"):
+        out = tmp_path / f"again-{start.stem}"
+        code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, out, 1, "--rank", 4, "--lora_alpha", 8,
+                                                    "--learning_rate", 1e-12, "--init_lora", start))
+        assert code == 0, err
+        again = load_file(out / "pytorch_lora_weights.safetensors")
+        assert again.keys() == first.keys()
+        worst = max(float((again[k] - first[k]).abs().max()) for k in first)
+        assert worst < 1e-8, f"{start.name}: continued weights moved by {worst} after one step at lr 1e-12"
+    code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path / "wrong", 1, "--rank", 2,
+                                                "--init_lora", tmp_path / "first"))
+    assert code == 2 and "--init_lora has rank [4] but --rank is 2; pass --rank 4" in err
