@@ -41,6 +41,7 @@ def main(
     rank: Annotated[Optional[int], typer.Option(*flags("rank"), help="rank of a baked DoRA (default: full, exact)")] = None,
     to: Annotated[str, typer.Option(*flags("to"), help="kohya (for the UIs) or diffusers (a kohya file back, for merge_lora/train)")] = "kohya",
     check: Annotated[bool, typer.Option(*flags("check"), help="only report what a UI would not load from a kohya file")] = False,
+    dora_native: Annotated[Optional[str], typer.Option(*flags("dora_native"), help="comfyui: write a DoRA's dora_scale as ComfyUI reads it instead of baking it")] = None,
 ) -> None:
     """Write the LoRA (kohya format) and the embedding where WebUI or ComfyUI look for them."""
     from common.lora_formats import lora_file
@@ -49,6 +50,9 @@ def main(
         raise typer.Exit(check_file(lora))
     if to not in ("kohya", "diffusers"):
         raise UserError(f"--to {to!r}; use kohya or diffusers")
+    if dora_native not in (None, "comfyui"):
+        raise UserError(f"--dora_native {dora_native!r}: only comfyui; WebUI's dora_scale normalises input columns, "
+                        "which no peft DoRA (output rows) maps onto exactly, so for WebUI the DoRA is baked (give --model)")
     if to == "diffusers":
         if out is None:
             raise UserError("--to diffusers writes into --out DIR")
@@ -66,7 +70,7 @@ def main(
         if target.exists() and not force:
             raise UserError(f"{str(target)!r} exists; pass --force to replace it")
     training_args = read_training_args(source.parent)
-    export_lora(source, lora_target, name, training_args, model, rank)
+    export_lora(source, lora_target, name, training_args, model, rank, dora_native)
     typer.echo(f"LoRA: {lora_target}")
     if embedding:
         export_embedding(embedding, embedding_target)
@@ -94,7 +98,8 @@ def read_training_args(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export_lora(source: Path, target: Path, name: str, training_args: dict, model: str | None, rank: int | None) -> None:
+def export_lora(source: Path, target: Path, name: str, training_args: dict, model: str | None, rank: int | None,
+                dora_native: str | None = None) -> None:
     """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically.
     A DoRA is baked into a plain LoRA first (every UI loads that; their DoRA conventions differ)."""
     from safetensors import safe_open
@@ -105,12 +110,12 @@ def export_lora(source: Path, target: Path, name: str, training_args: dict, mode
 
     with safe_open(str(source), "pt") as handle:
         is_dora = any("lora_magnitude_vector" in key for key in handle.keys())
-    if is_dora:
+    if is_dora and not dora_native:
         if not model:
             raise UserError(f"{str(source)!r} is a DoRA: baking it into a plain LoRA needs the base model, --model MODEL")
         kohya, summary = bake_dora(source, model, rank)
     else:
-        kohya, summary = diffusers_lora_to_kohya(source)
+        kohya, summary = diffusers_lora_to_kohya(source, dora_native=dora_native)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
     metadata = {
         "ss_network_module": "networks.lora",
@@ -206,7 +211,8 @@ def to_diffusers(source: Path, out: Path, force: bool) -> None:
     for component, state in states.items():
         ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
         config = LoraConfig(r=Counter(ranks.values()).most_common(1)[0][0], lora_alpha=Counter(alphas[component].values()).most_common(1)[0][0],
-                            target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas[component])
+                            target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas[component],
+                            use_dora=any(k.endswith("lora_magnitude_vector") for k in state))
         layers[f"{component}_lora_layers"] = state
         layers[f"{component}_lora_adapter_metadata"] = config.to_dict()
     staging = out / ".diffusers.partial"

@@ -252,12 +252,24 @@ def peft_text_encoder_to_kohya(state: dict, alpha, prefix: str) -> dict:
 
 
 KOHYA_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+DORA_NATIVE_SHAPES = ("comfyui",)
 
 
-def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2) -> tuple[dict, dict]:
+def kohya_module_name(component: str, module: str, layers_per_block: int = 2) -> str:
+    """The kohya name this toolkit writes for a diffusers module path."""
+    if component == "unet":
+        return "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_")
+    return KOHYA_PREFIXES[component] + "text_model_" + module.removeprefix("text_model.").replace(".", "_")
+
+
+def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, dora_native: str | None = None) -> tuple[dict, dict]:
     """A diffusers/peft SDXL LoRA file (UNet and text encoders) in kohya format, each layer's alpha taken
     from the file's adapter metadata (lora_alpha, alpha_pattern; alpha = rank when there is none), and
-    a summary {component: (rank, alpha)} for the file's metadata."""
+    a summary {component: (rank, alpha)} for the file's metadata.
+
+    DoRA magnitudes are written natively only in ComfyUI's shape, `dora_scale` (out, 1): peft's
+    per-output-row magnitude reshaped. WebUI's (1, in) scale normalises the other axis, which no
+    reshape of a peft DoRA reproduces; for WebUI a DoRA is baked into a plain LoRA instead."""
     import json
 
     from safetensors import safe_open
@@ -265,8 +277,9 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2) -> tuple[dict
     with safe_open(str(file), "pt") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}
         metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    if any("lora_magnitude_vector" in key for key in state):
-        raise UserError(f"{str(file)!r} is a DoRA; exporting DoRA for WebUI/ComfyUI (baked or native) is not supported yet")
+    magnitudes = {key: state.pop(key) for key in [k for k in state if k.endswith(".lora_magnitude_vector")]}
+    if magnitudes and dora_native not in DORA_NATIVE_SHAPES:
+        raise UserError(f"{str(file)!r} is a DoRA: bake it (give --model) or write it natively for ComfyUI (--dora_native comfyui)")
     by_component: dict[str, dict] = {}
     for key, value in state.items():
         component, rest = key.split(".", 1)
@@ -290,6 +303,9 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2) -> tuple[dict
             kohya |= peft_text_encoder_to_kohya(part, alpha_for, KOHYA_PREFIXES[component])
         some_module = next(iter(ranks))
         summary[component] = (ranks[some_module], alpha_for(some_module))
+    for key, magnitude in magnitudes.items():
+        component, module = key.removesuffix(".lora_magnitude_vector").split(".", 1)
+        kohya[kohya_module_name(component, module, layers_per_block) + ".dora_scale"] = magnitude.reshape(-1, 1).contiguous()
     return kohya, summary
 
 
@@ -333,7 +349,30 @@ def kohya_to_peft(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
         states.setdefault(component, {}).update(converted)
         module = next(k for k in converted if k.endswith("lora_A.weight")).removesuffix(".lora_A.weight")
         module_alphas.setdefault(component, {})[module] = float(alphas.get(f"{key}.alpha", state[key].shape[0]))
+    attach_dora_scales(file, states)
     return states, module_alphas
+
+
+def attach_dora_scales(file: Path, states: dict[str, dict]) -> None:
+    """diffusers drops `dora_scale` from kohya files; put (out, 1) scales back as peft magnitudes, or
+    refuse when one cannot be placed (never drop a magnitude silently)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        scales = {k.removesuffix(".dora_scale"): handle.get_tensor(k) for k in handle.keys() if k.endswith(".dora_scale")}
+    if not scales:
+        return
+    for component, state in states.items():
+        for key in [k for k in state if k.endswith(".lora_A.weight")]:
+            module = key.removesuffix(".lora_A.weight")
+            name = kohya_module_name(component, module)
+            if name in scales:
+                scale = scales.pop(name)
+                if scale.shape != (state[f"{module}.lora_B.weight"].shape[0], 1):
+                    raise UserError(f"{name}.dora_scale has shape {tuple(scale.shape)}; only ComfyUI's (out, 1) form is read")
+                state[f"{module}.lora_magnitude_vector"] = scale.reshape(-1)
+    if scales:
+        raise UserError(f"{len(scales)} dora_scale tensor(s) match no layer, e.g. {next(iter(scales))}; refusing to drop them")
 
 
 def kohya_names_for_sdxl() -> set[str]:

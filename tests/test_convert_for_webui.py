@@ -209,3 +209,28 @@ def test_diffusers_converter_writes_alpha_equal_to_rank_where_ours_keeps_the_tra
     assert run_convert(capsys, trained, "--out", tmp_path)[0] == 0
     ours = load_file(tmp_path / "my_dog.safetensors")
     assert {float(v) for k, v in ours.items() if k.endswith(".alpha")} == {8.0}
+
+
+def test_dora_written_natively_for_comfyui_round_trips_bit_identically(tiny_sdxl_path, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = load_pipe(tiny_sdxl_path)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], use_dora=True, init_lora_weights=False)
+    pipe.unet.add_adapter(config)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                unet_lora_adapter_metadata=config.to_dict())
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "webui", "--out", tmp_path / "w")
+    assert code == 2 and "only comfyui" in err
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--name", "native", "--out", tmp_path / "k")
+    assert code == 0, err
+    kohya = load_file(tmp_path / "k" / "native.safetensors")
+    scales = {k: v for k, v in kohya.items() if k.endswith(".dora_scale")}
+    assert scales and all(v.ndim == 2 and v.shape[1] == 1 for v in scales.values())
+    code, _, err = run_convert(capsys, tmp_path / "k" / "native.safetensors", "--to", "diffusers", "--out", tmp_path / "back")
+    assert code == 0, err
+    original = load_file(tmp_path / "dora" / "pytorch_lora_weights.safetensors")
+    back = load_file(tmp_path / "back" / "pytorch_lora_weights.safetensors")
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[k], back[k]) for k in original)
