@@ -84,3 +84,17 @@ def generate_array(pipe, prompt: str = "a photo of a dog", seed: int = 0, steps:
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.inference_mode():
         return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images[0]
+
+
+def make_dora_lora(model_path: str, out_dir: Path, rank: int = 4, alpha: float = 4, seed: int = 0) -> Path:
+    """A diffusers-format UNet DoRA with random non-zero factors and magnitudes from the base weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = load_pipe(model_path)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=UNET_TARGETS, use_dora=True, init_lora_weights=False)
+    pipe.unet.add_adapter(config)
+    StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                unet_lora_adapter_metadata=config.to_dict())
+    return out_dir / "pytorch_lora_weights.safetensors"

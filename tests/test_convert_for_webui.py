@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert_for_webui
-from helpers import load_pipe, make_peft_lora, run_cli
+from helpers import load_pipe, make_dora_lora, make_peft_lora, run_cli
 
 
 def run_convert(capsys, *argv):
@@ -159,15 +159,7 @@ def test_round_trip_diffusers_kohya_diffusers_is_bit_identical(trained, tiny_sdx
 
 
 def test_a_dora_is_baked_into_a_plain_lora_equal_to_the_dora_adapted_weights(tiny_sdxl_path, tmp_path, capsys):
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    pipe = load_pipe(tiny_sdxl_path)
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], use_dora=True, init_lora_weights=False)
-    pipe.unet.add_adapter(config)
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                                unet_lora_adapter_metadata=config.to_dict())
+    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=8, seed=0)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--out", tmp_path / "x")
     assert code == 2 and "needs the base model, --model MODEL" in err
     code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", tmp_path / "out")
@@ -212,15 +204,7 @@ def test_diffusers_converter_writes_alpha_equal_to_rank_where_ours_keeps_the_tra
 
 
 def test_dora_written_natively_for_comfyui_round_trips_bit_identically(tiny_sdxl_path, tmp_path, capsys):
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    pipe = load_pipe(tiny_sdxl_path)
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], use_dora=True, init_lora_weights=False)
-    pipe.unet.add_adapter(config)
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                                unet_lora_adapter_metadata=config.to_dict())
+    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=4, seed=1)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "webui", "--out", tmp_path / "w")
     assert code == 2 and "only comfyui" in err
     code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--name", "native", "--out", tmp_path / "k")

@@ -271,15 +271,10 @@ def test_fused_pipeline_equals_the_merged_lora_loaded_on_the_base(two_loras, tin
 
 
 def test_dora_inputs_and_disjoint_loras_are_refused(two_loras, tiny_sdxl_path, tmp_path, capsys):
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
+    from helpers import make_dora_lora
 
     first, second = two_loras
-    pipe = load_pipe(tiny_sdxl_path)
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], use_dora=True, init_lora_weights=False)
-    pipe.unet.add_adapter(config)
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                                unet_lora_adapter_metadata=config.to_dict())
+    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=2, alpha=2)
     code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", tmp_path / "dora", "--lora", second, "--out", tmp_path / "o")
     assert code == 2 and "is a DoRA: merging DoRA magnitudes is not supported yet" in err, err
 
