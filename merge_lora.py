@@ -523,7 +523,12 @@ def fuse(model: str, merged_dir: Path, save_to: Path) -> None:
     pipe.load_lora_weights(str(merged_dir), weight_name="pytorch_lora_weights.safetensors", adapter_name="merged")
     pipe.fuse_lora(adapter_names=["merged"])
     pipe.unload_lora_weights()
-    pipe.save_pretrained(save_to)
+    staging = save_to.with_name(f".{save_to.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging)  # written aside, then renamed: never a half-written pipeline folder
+    if save_to.exists():
+        shutil.rmtree(save_to)
+    os.replace(staging, save_to)
 
 
 if __name__ == "__main__":

@@ -241,14 +241,15 @@ def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:
 
 def peft_unet_to_kohya(unet_state: dict, alpha, layers_per_block: int = 2) -> dict:
     """UNet LoRA in kohya naming: `lora_unet_<SGM path with underscores>`."""
-    return peft_to_kohya(unet_state, alpha, lambda module: "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_"))
+    return peft_to_kohya(unet_state, alpha, lambda module: kohya_module_name("unet", module, layers_per_block))
 
 
 def peft_text_encoder_to_kohya(state: dict, alpha, prefix: str) -> dict:
     """Text-encoder LoRA in kohya naming: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (prefix
     lora_te1_ or lora_te2_). WebUI names CLIP's `text_model` level, which transformers 5 keeps only in
     CLIPTextModelWithProjection."""
-    return peft_to_kohya(state, alpha, lambda module: prefix + "text_model_" + module.removeprefix("text_model.").replace(".", "_"))
+    component = {v: k for k, v in KOHYA_PREFIXES.items()}[prefix]
+    return peft_to_kohya(state, alpha, lambda module: kohya_module_name(component, module))
 
 
 KOHYA_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -270,41 +271,22 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, dora_native: 
     DoRA magnitudes are written natively only in ComfyUI's shape, `dora_scale` (out, 1): peft's
     per-output-row magnitude reshaped. WebUI's (1, in) scale normalises the other axis, which no
     reshape of a peft DoRA reproduces; for WebUI a DoRA is baked into a plain LoRA instead."""
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as handle:
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
-        metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    magnitudes = {key: state.pop(key) for key in [k for k in state if k.endswith(".lora_magnitude_vector")]}
+    states, alphas = read_peft_lora(file)
+    magnitudes = {(component, key): state.pop(key) for component, state in states.items()
+                  for key in [k for k in state if k.endswith(".lora_magnitude_vector")]}
     if magnitudes and dora_native not in DORA_NATIVE_SHAPES:
         raise UserError(f"{str(file)!r} is a DoRA: bake it (give --model) or write it natively for ComfyUI (--dora_native comfyui)")
-    by_component: dict[str, dict] = {}
-    for key, value in state.items():
-        component, rest = key.split(".", 1)
-        if component not in COMPONENT_PREFIXES or ".lora_" not in rest:
-            raise UserError(f"{str(file)!r} is not a diffusers SDXL LoRA: unexpected key {key!r}")
-        by_component.setdefault(component, {})[rest] = value
     kohya, summary = {}, {}
-    for component, part in by_component.items():
-        ranks = {k.rsplit(".lora_", 1)[0]: v.shape[0] for k, v in part.items() if k.endswith("lora_A.weight")}
-
-        def alpha_for(module, component=component, ranks=ranks):
-            pattern = metadata.get(f"{component}.alpha_pattern") or {}
-            for key, value in pattern.items():
-                if module == key.lstrip("^") or module.endswith("." + key.lstrip("^")):
-                    return value
-            return metadata.get(f"{component}.lora_alpha", ranks[module])
-
+    for component, part in states.items():
+        alpha_for = alphas[component].__getitem__
         if component == "unet":
             kohya |= peft_unet_to_kohya(part, alpha_for, layers_per_block)
         else:
             kohya |= peft_text_encoder_to_kohya(part, alpha_for, KOHYA_PREFIXES[component])
-        some_module = next(iter(ranks))
-        summary[component] = (ranks[some_module], alpha_for(some_module))
-    for key, magnitude in magnitudes.items():
-        component, module = key.removesuffix(".lora_magnitude_vector").split(".", 1)
+        some_module = next(iter(alphas[component]))
+        summary[component] = (part[f"{some_module}.lora_A.weight"].shape[0], alpha_for(some_module))
+    for (component, key), magnitude in magnitudes.items():
+        module = key.removesuffix(".lora_magnitude_vector")
         kohya[kohya_module_name(component, module, layers_per_block) + ".dora_scale"] = magnitude.reshape(-1, 1).contiguous()
     return kohya, summary
 
@@ -435,12 +417,21 @@ def read_peft_lora(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     states: dict[str, dict] = {}
     for key, value in state.items():
         component, rest = key.split(".", 1)
+        if component not in COMPONENT_PREFIXES or ".lora_" not in rest:
+            raise UserError(f"{str(file)!r} is not a diffusers SDXL LoRA: unexpected key {key!r}")
         states.setdefault(component, {})[rest] = value
     alphas = {}
     for component, part in states.items():
         pattern = metadata.get(f"{component}.alpha_pattern") or {}
+
+        def alpha_for(module: str, rank: int, component=component, pattern=pattern) -> float:
+            for key, value in pattern.items():
+                if module == key.lstrip("^") or module.endswith("." + key.lstrip("^")):
+                    return value
+            return metadata.get(f"{component}.lora_alpha", rank)
+
         alphas[component] = {
-            module: pattern.get(module, metadata.get(f"{component}.lora_alpha", value.shape[0]))
-            for module, value in ((k.removesuffix(".lora_A.weight"), v) for k, v in part.items() if k.endswith("lora_A.weight"))
+            k.removesuffix(".lora_A.weight"): alpha_for(k.removesuffix(".lora_A.weight"), v.shape[0])
+            for k, v in part.items() if k.endswith("lora_A.weight")
         }
     return states, alphas
