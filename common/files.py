@@ -1,4 +1,4 @@
-"""Files written so that an interrupted run never leaves a half-written output behind."""
+"""Files written so that an interrupted run never leaves a half-written output behind; where caches live."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ def atomic_path(path: str | os.PathLike):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+CACHE_ENV = "SDXL_PERSONALIZE_CACHE"
+
+
+def cache_root() -> Path:
+    """The toolkit's cache folder: $SDXL_PERSONALIZE_CACHE, else ~/.cache/sdxl_personalize."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sdxl_personalize")

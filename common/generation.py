@@ -223,6 +223,13 @@ def class_image_batches(folder: Path, wanted: int, prompt: str, negative_prompt:
     batches are dealt out whole, so every image is made once and identically whatever the number
     of processes. Every process must list the folder before any of them writes to it."""
     jobs = [ImageJob(i, prompt, negative_prompt, seed + i) for i in missing_class_indices(folder, wanted)]
+    return deal_batches(jobs, batch_size, process_index, num_processes)
+
+
+def deal_batches(jobs: list[ImageJob], batch_size: int, process_index: int = 0, num_processes: int = 1) -> list[list[ImageJob]]:
+    """This process's share of `jobs`: batches are cut from the one list every process holds and dealt
+    out whole, so each image is made once, in the same batch, whatever the number of processes (a
+    batch's numerics can depend on its size, so splitting a batch could change the pixels)."""
     batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
     return batches[process_index::num_processes]
 

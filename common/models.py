@@ -99,7 +99,9 @@ def quiet_libraries():
     transformers_logging.disable_progress_bar()
     levels = {name: logging.getLogger(name).level for name in ("diffusers", "transformers")}
     for name in levels:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        # CRITICAL, not ERROR: diffusers logs a failed LoRA load before raising, and the raise
+        # becomes our one-line error; the log would print the same failure a second time.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             # peft's notes on a second adapter and on block-filtered LoRAs whose config names more layers

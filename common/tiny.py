@@ -26,7 +26,6 @@ import torch
 TINY_MODELS = ("tiny-sdxl", "tiny-edm")
 # Bump when a config below changes, so that cached folders of an older layout are rebuilt.
 TINY_LAYOUT_VERSION = 1
-CACHE_ENV = "SDXL_PERSONALIZE_CACHE"
 
 _TEXT_ENCODER_1_WIDTH = 32  # stands in for CLIP ViT-L (768)
 _TEXT_ENCODER_2_WIDTH = 64  # stands in for OpenCLIP ViT-bigG (1280)
@@ -236,8 +235,9 @@ def write_tiny_model(name: str, folder: str | os.PathLike) -> Path:
 
 
 def tiny_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sdxl_personalize"
-    return Path(root) / "tiny"
+    from common.files import cache_root
+
+    return cache_root() / "tiny"
 
 
 def tiny_model_path(name: str) -> Path:

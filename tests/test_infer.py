@@ -195,19 +195,19 @@ def test_lora_scale_multiplies_each_weight_and_b_lora_options_name_their_blocks(
 def test_memory_and_speed_options_switch_on_vae_tiling_slicing_and_compilation(tiny_sdxl_path):
     from helpers import load_pipe
 
-    config = infer.InferConfig(
-        model=tiny_sdxl_path, prompts=["x"], negative_prompt=None, num_images=1, seeds=[], num_inference_steps=1,
-        guidance_scale=5, width=None, height=None, scheduler="default", eta=None, loras=[], embeddings=[],
-        dtype="fp32", device="cpu", batch_size=1, cpu_offload=False, vae_tiling=True, vae_slicing=True,
-        compile_unet=True, output_dir=Path("unused"),
+    from common import generation_options
+
+    config = generation_options.pipeline_config(
+        tiny_sdxl_path, None, 1, 5, None, None, "default", None, None, 1.0, None, None, None, None, "fp32", "cpu", 1,
+        False, True, True, True,
     )
     pipe = load_pipe(tiny_sdxl_path)
     assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
-    infer.place(pipe, torch.device("cpu"), config)
+    generation_options.place(pipe, torch.device("cpu"), config)
     assert pipe.vae.use_tiling and pipe.vae.use_slicing
     assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(infer.UserError, match="--cpu_offload .* needs a CUDA GPU"):
-        infer.resolve_device_and_dtype(config.__class__(**{**config.__dict__, "cpu_offload": True}))
+        generation_options.resolve_device_and_dtype(config.__class__(**{**config.__dict__, "cpu_offload": True}))
 
 
 def test_vae_slicing_with_a_batch_gives_the_same_images(tiny_sdxl_path, tmp_path, capsys):
