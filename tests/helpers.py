@@ -21,7 +21,7 @@ def run_cli(app, argv: list[str], capsys) -> tuple[int, str, str]:
     from common.cli import run_app
 
     saved_argv = sys.argv
-    sys.argv = ["script.py", *argv]
+    sys.argv = ["script.py", *map(str, argv)]
     code = 0
     try:
         run_app(app)
