@@ -466,7 +466,7 @@ def score(config: ScoreConfig, extractor: FeatureExtractor | None = None) -> dic
     results = []
     categories = sorted({e.category for e in meta.values()}) + [OVERALL]
     for category in categories:
-        results.append(category_result(category, sides["generated"], sides["reference"], clip))
+        results.append(category_result(category, sides["generated"], sides["reference"], clip, cache_dir / "distances"))
     scores = {
         "label": config.label or config.gen_dir.resolve().name,
         "mode": config.mode,
@@ -493,9 +493,10 @@ class SideStatistics:
         self.computed, self.cached = 0, len(image_set.files)
         self.statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.features: dict[str, np.ndarray] = {}
+        self.fingerprints = {category: fingerprint(files) for category, files in self.groups.items()}
         cache = None
         for category, files in self.groups.items():
-            stats_file = cache_dir / "statistics" / f"{fingerprint(files)}.npz"
+            stats_file = cache_dir / "statistics" / f"{self.fingerprints[category]}.npz"
             if stats_file.is_file() and not keep_features:
                 with np.load(stats_file) as data:
                     self.statistics[category] = (data["mu"], data["sigma"])
@@ -526,7 +527,8 @@ def write_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
             np.savez(file, mu=mu, sigma=sigma)
 
 
-def category_result(category: str, generated: SideStatistics, reference: SideStatistics, clip: dict[str, float]) -> dict:
+def category_result(category: str, generated: SideStatistics, reference: SideStatistics, clip: dict[str, float],
+                    distances: Path) -> dict:
     gen_files, ref_files = generated.groups.get(category, []), reference.groups.get(category, [])
     result = {"category": category, "n_generated": len(gen_files), "n_reference": len(ref_files),
               "fid": None, "kid": None, "clip_score": None, "note": ""}
@@ -534,7 +536,8 @@ def category_result(category: str, generated: SideStatistics, reference: SideSta
         result["note"] = "FID needs at least 2 images on each side"
     else:
         (mu1, sigma1), (mu2, sigma2) = generated.statistics[category], reference.statistics[category]
-        result["fid"] = frechet_distance(mu1, sigma1, mu2, sigma2)
+        result["fid"] = cached_frechet_distance(distances / f"{generated.fingerprints[category]}-{reference.fingerprints[category]}.json",
+                                                mu1, sigma1, mu2, sigma2)
         dimensions = len(mu1)
         if min(len(gen_files), len(ref_files)) <= dimensions:
             result["note"] = (f"fewer images than the {dimensions} features: the covariance is singular and FID is "
@@ -545,6 +548,16 @@ def category_result(category: str, generated: SideStatistics, reference: SideSta
         values = [clip[f.entry.image_id] for f in gen_files]
         result["clip_score"] = float(np.mean(values)) if values else None
     return result
+
+
+def cached_frechet_distance(path: Path, mu1, sigma1, mu2, sigma2) -> float:
+    """The distance between two image sets that are unchanged since it was last computed is read back:
+    on 2048 features each distance is two symmetric eigendecompositions, most of a warm run's time."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["fid"]
+    distance = frechet_distance(mu1, sigma1, mu2, sigma2)
+    write_json(path, {"fid": distance})
+    return distance
 
 
 def id_report(meta: dict[str, Entry], generated: ImageSet, reference: ImageSet) -> dict:
