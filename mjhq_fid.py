@@ -341,8 +341,10 @@ def extract_missing_features(image_set: ImageSet, files: list[ImageFile], extrac
                 if sum(map(len, pending)) >= CACHE_FLUSH_IMAGES:
                     _flush(cache, todo, done, pending)
     except (OSError, UnidentifiedImageError) as error:
-        raise UserError(f"an image of {image_set.what} {image_set.location} could not be read "
-                        f"({' '.join(str(error).split())[:300]}); replace or remove it and run again") from None
+        # a DataLoader worker's error carries the worker's traceback; its last line names the file
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise UserError(f"an image of {image_set.what} {image_set.location} could not be read ({reason[:300]}); "
+                        f"replace or remove it and run again (the features computed so far are cached)") from None
     finally:
         _flush(cache, todo, done, pending)
     return len(todo)

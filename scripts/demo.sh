@@ -57,6 +57,33 @@ $python merge_lora.py --model tiny-sdxl --lora "$out/lora-tiny-sdxl:1.0" --lora 
 $python infer.py --model tiny-sdxl --lora "$out/merged" --embedding "$out/merged/merged_emb.safetensors" \
     --prompt "a photo of sks dog, <s0><s1> icon" --seed 9 --num_inference_steps 20 --output_dir "$out/merged-images"
 
+echo "== MJHQ-30K-style evaluation on a 12-prompt stand-in: generate (resumable), score, report"
+echo "   (offline there is no Inception file, so a random-weight Inception-v3 stands in: the numbers mean nothing, the path is the real one)"
+$python - "$out/mjhq" <<'PY'
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
+sys.path.insert(0, "bench")
+from fid_throughput import RandomInception
+root = Path(sys.argv[1]); rng = np.random.default_rng(0); meta = {}
+for c, category in enumerate(["animals", "food", "people"]):
+    for k in range(4):
+        image_id = f"{category}{k}"
+        meta[image_id] = {"category": category, "prompt": f"a photo of {category}, number {k}"}
+        path = root / "mjhq30k_imgs" / category / f"{image_id}.jpg"; path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64)).save(path)
+(root / "meta_data.json").write_text(json.dumps(meta))
+with torch.no_grad():
+    torch.jit.trace(RandomInception().eval(), torch.rand(1, 3, 299, 299) * 255).save(str(root / "stand-in-inception.pt"))
+PY
+mjhq_options=(--meta_data "$out/mjhq/meta_data.json" --gen_dir "$out/mjhq/gen" --model tiny-sdxl --num_inference_steps 10)
+$python mjhq_fid.py generate "${mjhq_options[@]}" --per_category 2 --batch_size 2
+$python mjhq_fid.py all "${mjhq_options[@]}" --ref "$out/mjhq/mjhq30k_imgs" --inception_weights "$out/mjhq/stand-in-inception.pt" \
+    --kid --report_dir "$out/mjhq/report" --cache_dir "$out/mjhq/cache" --batch_size 2
+cat "$out/mjhq/report/fid_report.md"
+
 echo "== every image carries its parameters (as WebUI's PNG Info shows them):"
 $python - "$out" <<'PY'
 import sys
