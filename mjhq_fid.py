@@ -162,6 +162,13 @@ def missing_jobs(entries: list[Entry], config: GenerateConfig):
     return jobs, paths
 
 
+def remove_partial_files(gen_dir: Path) -> None:
+    """Temporary files a killed run left behind (images are written to one, then renamed); safe before
+    the first barrier, when no process of this run writes yet."""
+    for partial in gen_dir.glob("*/.*.partial"):
+        partial.unlink(missing_ok=True)
+
+
 def generate_missing(config: GenerateConfig) -> int:
     """Every process lists what is missing, then makes its share of it in whole batches; returns how
     many images this process made."""
@@ -173,6 +180,8 @@ def generate_missing(config: GenerateConfig) -> int:
 
     state = PartialState(cpu=cpu_processes_requested())
     entries = select_entries(read_meta_data(config.meta_data), config.per_category)
+    if state.is_main_process:
+        remove_partial_files(config.gen_dir)
     jobs, paths = missing_jobs(entries, config)
     batches = deal_batches(jobs, config.pipeline.batch_size, state.process_index, state.num_processes)
     state.wait_for_everyone()  # nobody writes before everybody has listed the folder
@@ -736,10 +745,16 @@ def write_report(runs: list[dict], report_dir: Path) -> list[Path]:
     return written
 
 
-def markdown_table(runs: list[dict]) -> str:
-    def number(value, digits):
-        return "–" if value is None else f"{value:.{digits}f}"
+def number(value, digits: int = 2) -> str:
+    """`digits` decimals, or 3 significant digits for values below 1 (KID; FIDs of near-identical sets)."""
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
 
+
+def markdown_table(runs: list[dict]) -> str:
     metrics = [("n", "n_generated", 0), ("FID", "fid", 2)]
     if any(r.get("kid") is not None for run in runs for r in run["results"]):
         metrics.append(("KID", "kid", 4))
@@ -791,10 +806,11 @@ def bar_chart(runs: list[dict]):
     categories = _categories(runs)
     values = [[(_row(run, c) or {}).get("fid") for run in runs] for c in categories]
     top = max([v for group in values for v in group if v is not None], default=1.0) or 1.0
-    bar, gap, left, bottom, plot_height = 16, 24, 60, 40, 300
-    group_width = bar * len(runs) + gap
+    bar, gap, left, bottom, plot_height = 16, 24, 64, 40, 300
+    group_width = max(bar * len(runs) + gap, 72)  # room for a category's name under its bars
     legend_height = 18 * len(runs) + 10
-    width, height = left + group_width * len(categories) + 20, plot_height + bottom + legend_height + 30
+    width = max(left + group_width * len(categories) + 20, 420)
+    height = plot_height + bottom + legend_height + 30
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -808,14 +824,15 @@ def bar_chart(runs: list[dict]):
         value = top * tick / 4
         y = origin_y - plot_height * tick / 4
         draw.line([left - 4, y, width - 10, y], fill=(220, 220, 220))
-        draw.text((4, y - 6), f"{value:.1f}", fill="black", font=font)
+        draw.text((4, y - 6), number(value, 1), fill="black", font=font)
     for g, (category, group) in enumerate(zip(categories, values)):
-        x0 = left + g * group_width + gap // 2
+        x0 = left + g * group_width + (group_width - bar * len(group)) // 2
         for k, value in enumerate(group):
             if value is not None:
                 x = x0 + k * bar
                 draw.rectangle([x, origin_y - plot_height * value / top, x + bar - 2, origin_y], fill=PALETTE[k % len(PALETTE)])
-        draw.text((x0, origin_y + 6), category[: max(4, group_width // 7)], fill="black", font=font)
+        label_width = draw.textlength(category, font=font)
+        draw.text((left + g * group_width + (group_width - label_width) / 2, origin_y + 6), category, fill="black", font=font)
     draw.line([left, origin_y, width - 10, origin_y], fill="black")
     return image
 
@@ -961,8 +978,8 @@ def print_scores(scores: dict) -> None:
     features = ", ".join(f"{side} {n['computed']} computed, {n['cached']} cached" for side, n in scores["features"].items())
     typer.echo(f"features: {features}")
     for row in scores["results"]:
-        fid = "–" if row["fid"] is None else f"{row['fid']:.3f}"
-        extra = "".join(f"  {key} {row[key]:.4f}" for key in ("kid", "clip_score") if row.get(key) is not None)
+        fid = number(row["fid"], 3)
+        extra = "".join(f"  {key} {number(row[key], 4)}" for key in ("kid", "clip_score") if row.get(key) is not None)
         typer.echo(f"{row['category']:>12}  n={row['n_generated']:<6} FID {fid}{extra}")
     ids = scores["ids"]
     if ids["generated_without_reference"] or ids["generated_not_in_meta_data"]:

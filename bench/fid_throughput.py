@@ -36,15 +36,28 @@ CATEGORIES = ("animals", "art", "fashion", "food", "indoor", "landscape", "logo"
 
 
 class InceptionLayers(torch.nn.Module):
-    """torchvision's Inception-v3 up to its 2048-d average pool: the network clean-fid uses, random weights."""
+    """torchvision's Inception-v3 up to its 2048-d average pool: the network clean-fid uses, random weights.
+
+    Its batch-norm statistics are measured on smooth random images first; with the defaults (mean 0, variance
+    1) the activations of a random network vanish or explode with depth and every image gets the same
+    features."""
 
     def __init__(self):
         super().__init__()
         import torchvision
 
+        torch.manual_seed(0)
         network = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
         network.fc = torch.nn.Identity()
         network.dropout = torch.nn.Identity()
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # a plain average over the calibration batches
+                module.reset_running_stats()
+        network.train()
+        with torch.no_grad():
+            for _ in range(2):  # smooth random images, like photographs more than white noise is
+                network(torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8) * 2 - 1, size=(299, 299), mode="bicubic"))
         self.network = network.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

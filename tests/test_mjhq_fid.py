@@ -236,6 +236,28 @@ def test_generation_makes_every_id_with_its_own_seed_and_a_rerun_makes_only_what
     assert {p.relative_to(gen).as_posix(): p.read_bytes() for p in sorted(gen.rglob("*.png"))} == files
 
 
+def test_a_killed_generation_resumes_and_makes_only_the_missing_images(tiny_sdxl_path, tmp_path):
+    import time
+
+    meta = write_meta(tmp_path / "meta_data.json", MJHQ_LIKE)
+    gen = tmp_path / "gen"
+    command = [sys.executable, "mjhq_fid.py", *generate_args(tiny_sdxl_path, meta, gen, "--batch_size", 1, "--num_inference_steps", 6)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(gen.rglob("*.png"))) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    before = {p: p.stat().st_mtime_ns for p in gen.rglob("*.png")}
+    assert 3 <= len(before) < 9, f"killed after {len(before)} images"
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(before)} already in" in result.stdout and f"made {9 - len(before)} image(s)" in result.stdout
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
+    assert len(list(gen.rglob("*.png"))) == 9 and not list(gen.rglob("*.partial"))
+
+
 def test_per_category_picks_the_same_ids_whatever_the_order_of_the_file(tmp_path):
     forward = mjhq_fid.read_meta_data(write_meta(tmp_path / "a.json", MJHQ_LIKE))
     backward = mjhq_fid.read_meta_data(write_meta(tmp_path / "b.json", dict(reversed(list(MJHQ_LIKE.items())))))
@@ -344,6 +366,31 @@ def test_a_changed_weights_file_or_mode_does_not_reuse_cached_features(fixture):
     assert first.identity != legacy.identity and first.identity.startswith("clean-")
     batch = torch.rand(2, 3, 299, 299) * 255
     assert first.model(batch).shape == (2, 2048)
+
+
+def test_legacy_tensorflow_mode_resizes_inside_the_network_and_gives_other_numbers(fixture):
+    weights = write_fake_inception(fixture / "fake.pt")
+    clean = mjhq_fid.score(score_config(fixture, inception_weights=weights))
+    legacy = mjhq_fid.score(score_config(fixture, inception_weights=weights, mode="legacy_tensorflow", report_dir=fixture / "legacy"))
+    assert legacy["feature_extractor"].startswith("legacy_tensorflow-") and clean["feature_extractor"].startswith("clean-")
+    assert legacy["features"]["generated"]["computed"] == 27, "features of another mode are not reused"
+    assert all(a != pytest.approx(b, rel=1e-6) for a, b in zip(fids(clean).values(), fids(legacy).values()))
+
+
+def test_legacy_pytorch_mode_loads_pytorch_fids_weights_from_a_local_file(fixture, monkeypatch):
+    """A random-weight file in pytorch-fid's layout stands in for pt_inception-2015-12-05-6726825d.pth."""
+    import cleanfid.inception_pytorch as inception_pytorch
+
+    with monkeypatch.context() as patch:  # build the FID Inception without its download, to save its weights
+        patch.setattr(inception_pytorch, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        patch.setattr(torch.nn.Module, "load_state_dict", lambda self, state, *args, **kwargs: None)
+        torch.save(inception_pytorch.fid_inception_v3().state_dict(), fixture / "pt_inception.pth")
+    extractor = mjhq_fid.inception_extractor("legacy_pytorch", fixture / "pt_inception.pth", "cpu")
+    images = torch.rand(2, 3, 299, 299) * 255
+    features = extractor.model(images)
+    assert features.shape == (2, 2048) and extractor.identity.startswith("legacy_pytorch-")
+    with pytest.raises(mjhq_fid.UserError, match="could not be loaded as pt_inception-2015-12-05-6726825d.pth"):
+        mjhq_fid.inception_extractor("legacy_pytorch", write_fake_inception(fixture / "fake.pt"), "cpu")
 
 
 BAD_INPUTS = {
