@@ -901,6 +901,12 @@ def score_command(
     num_workers: WorkersOption = DEFAULT_WORKERS,
 ) -> None:
     """FID of GEN_DIR against the reference images, per category and overall, into REPORT_DIR/scores.json."""
+    from accelerate import PartialState
+
+    from common.models import cpu_processes_requested
+
+    if not PartialState(cpu=cpu_processes_requested()).is_main_process:
+        return  # one pass on one device; the other processes of a launch would only race for the cache
     config = ScoreConfig(meta_data, gen_dir, ref, report_dir, mode, inception_weights, kid, clip_score, label,
                          cache_dir, score_device, score_batch_size, num_workers)
     print_scores(score(config))
