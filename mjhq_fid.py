@@ -62,8 +62,8 @@ LabelOption = Annotated[Optional[str], typer.Option(*flags("label"), help="the n
 CacheDirOption = Annotated[Optional[Path], typer.Option(*flags("cache_dir"), help="feature and statistics cache (default: $SDXL_PERSONALIZE_CACHE/fid)", rich_help_panel=SCORING)]
 ScoreDeviceOption = Annotated[str, typer.Option(*flags("score_device"), help="device for the Inception and CLIP models: auto, cpu, cuda, cuda:N", rich_help_panel=SCORING)]
 ScoreBatchOption = Annotated[int, typer.Option(*flags("score_batch_size"), help="images per Inception forward pass", rich_help_panel=SCORING)]
-WorkersOption = Annotated[int, typer.Option(*flags("num_workers"), help="processes decoding and resizing images (default: up to 8 CPU cores)", rich_help_panel=SCORING)]
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+WorkersOption = Annotated[int, typer.Option(*flags("num_workers"), help="processes decoding and resizing images (default: one per CPU core, up to 16)", rich_help_panel=SCORING)]
+DEFAULT_WORKERS = min(16, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------- meta data
@@ -640,20 +640,25 @@ def inception_extractor(mode: str, weights: Path | None, device_name: str = "aut
         (Path(folder) / "checkpoints" / name).symlink_to(weights.resolve())
         (Path(folder) / name).symlink_to(weights.resolve())
         try:
-            if mode == "legacy_pytorch":
-                from cleanfid.inception_pytorch import InceptionV3
+            with warnings.catch_warnings():
+                # clean-fid's own calls: TorchScript, which torch now calls deprecated, and torchvision's
+                # `pretrained=False`; a wrong file still fails below
+                warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated")
+                warnings.filterwarnings("ignore", message=".*'torch.load' received a zip file that looks like a TorchScript")
+                warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated")
+                warnings.filterwarnings("ignore", message="Arguments other than a weight enum")
+                if mode == "legacy_pytorch":
+                    from cleanfid.inception_pytorch import InceptionV3
 
-                hub_dir = torch.hub.get_dir()
-                torch.hub.set_dir(folder)
-                try:
-                    network = InceptionV3(output_blocks=[3], resize_input=False)
-                finally:
-                    torch.hub.set_dir(hub_dir)
-            else:
-                from cleanfid.inception_torchscript import InceptionV3W
+                    hub_dir = torch.hub.get_dir()
+                    torch.hub.set_dir(folder)
+                    try:
+                        network = InceptionV3(output_blocks=[3], resize_input=False)
+                    finally:
+                        torch.hub.set_dir(hub_dir)
+                else:
+                    from cleanfid.inception_torchscript import InceptionV3W
 
-                with warnings.catch_warnings():  # clean-fid's file is TorchScript, which torch now calls deprecated
-                    warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated")
                     network = InceptionV3W(folder, download=False, resize_inside=mode == "legacy_tensorflow")
         except Exception as error:  # torch.jit and load_state_dict raise many types for a wrong file
             raise UserError(f"--inception_weights {weights} could not be loaded as {name} "

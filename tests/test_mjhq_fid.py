@@ -377,6 +377,7 @@ def test_legacy_tensorflow_mode_resizes_inside_the_network_and_gives_other_numbe
     assert all(a != pytest.approx(b, rel=1e-6) for a, b in zip(fids(clean).values(), fids(legacy).values()))
 
 
+@pytest.mark.filterwarnings("ignore:The parameter 'pretrained'", "ignore:Arguments other than a weight enum")  # building the stand-in
 def test_legacy_pytorch_mode_loads_pytorch_fids_weights_from_a_local_file(fixture, monkeypatch):
     """A random-weight file in pytorch-fid's layout stands in for pt_inception-2015-12-05-6726825d.pth."""
     import cleanfid.inception_pytorch as inception_pytorch
