@@ -162,6 +162,28 @@ def missing_jobs(entries: list[Entry], config: GenerateConfig):
     return jobs, paths
 
 
+def check_same_settings(entries: list[Entry], missing: dict[int, Path], config: GenerateConfig, settings) -> None:
+    """A resumed run must make its images as the images already there were made (model, LoRAs, sampler,
+    steps, guidance, size, seed), or one FID would mix two runs. Every image of a run shares them, so one
+    existing image's PNG parameters are compared with what this run would write for it."""
+    from PIL import Image
+
+    from common.generation import ImageJob, webui_parameters
+
+    index = next((i for i in range(len(entries)) if i not in missing), None)
+    if index is None:
+        return
+    entry, path = entries[index], generated_path(config.gen_dir, entries[index])
+    job = ImageJob(index, entry.prompt, config.pipeline.negative_prompt, image_seed(entry.image_id, config.seed))
+    expected = webui_parameters(job, settings)
+    with Image.open(path) as image:
+        found = image.text.get("parameters", "")
+    if found != expected:
+        differences = [(old, new) for old, new in zip(found.split(", "), expected.split(", ")) if old != new] or [(found[:60], expected[:60])]
+        raise UserError(f"{path} was made with other settings ({differences[0][0]!r} there, {differences[0][1]!r} now); "
+                        f"resume with the same options, or use another --gen_dir")
+
+
 def remove_partial_files(gen_dir: Path) -> None:
     """Temporary files a killed run left behind (images are written to one, then renamed); safe before
     the first barrier, when no process of this run writes yet."""
@@ -191,6 +213,7 @@ def generate_missing(config: GenerateConfig) -> int:
     made = 0
     if batches:
         pipe, settings = prepare_pipeline(config.pipeline, str(state.device) if state.num_processes > 1 else None)
+        check_same_settings(entries, paths, config, settings)
         saved = generate_images(pipe, [], settings, config.gen_dir, config.pipeline.batch_size,
                                 path_for=lambda _, job: paths[job.index], batches=batches,
                                 show_progress=state.is_local_main_process)

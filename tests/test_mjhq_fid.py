@@ -236,6 +236,17 @@ def test_generation_makes_every_id_with_its_own_seed_and_a_rerun_makes_only_what
     assert {p.relative_to(gen).as_posix(): p.read_bytes() for p in sorted(gen.rglob("*.png"))} == files
 
 
+def test_resuming_with_other_settings_is_refused_before_mixing_two_runs(tiny_sdxl_path, tmp_path, capsys):
+    meta = write_meta(tmp_path / "meta_data.json", dict(list(MJHQ_LIKE.items())[:3]))
+    gen = tmp_path / "gen"
+    assert run_cli(mjhq_fid.app, generate_args(tiny_sdxl_path, meta, gen), capsys)[0] == 0
+    (gen / "animals" / "an2.png").unlink()
+    code, _, err = run_cli(mjhq_fid.app, [*generate_args(tiny_sdxl_path, meta, gen), "--guidance_scale", 3], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "animals/an0.png was made with other settings ('CFG scale: 5.0' there, 'CFG scale: 3.0' now)" in err
+    assert not (gen / "animals" / "an2.png").exists()
+
+
 def test_a_killed_generation_resumes_and_makes_only_the_missing_images(tiny_sdxl_path, tmp_path):
     import time
 
