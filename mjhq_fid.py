@@ -116,9 +116,8 @@ def select_entries(meta: dict[str, Entry], per_category: int | None) -> list[Ent
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    meta_data: Path
+    entries: list[Entry]  # the selected meta_data entries, sorted by category, then id
     gen_dir: Path
-    per_category: int | None
     seed: int
     pipeline: PipelineConfig
 
@@ -184,26 +183,20 @@ def check_same_settings(entries: list[Entry], missing: dict[int, Path], config: 
                         f"resume with the same options, or use another --gen_dir")
 
 
-def remove_partial_files(gen_dir: Path) -> None:
-    """Temporary files a killed run left behind (images are written to one, then renamed); safe before
-    the first barrier, when no process of this run writes yet."""
-    for partial in gen_dir.glob("*/.*.partial"):
-        partial.unlink(missing_ok=True)
-
-
 def generate_missing(config: GenerateConfig) -> int:
     """Every process lists what is missing, then makes its share of it in whole batches; returns how
     many images this process made."""
     from accelerate import PartialState
 
+    from common.files import remove_leftover_partials
     from common.generation import deal_batches, generate_images
     from common.generation_options import prepare_pipeline
     from common.models import cpu_processes_requested
 
     state = PartialState(cpu=cpu_processes_requested())
-    entries = select_entries(read_meta_data(config.meta_data), config.per_category)
-    if state.is_main_process:
-        remove_partial_files(config.gen_dir)
+    entries = config.entries
+    if state.is_main_process:  # before the first barrier, no process of this run writes yet
+        remove_leftover_partials(config.gen_dir, "*")  # GEN_DIR/<category>/
     jobs, paths = missing_jobs(entries, config)
     batches = deal_batches(jobs, config.pipeline.batch_size, state.process_index, state.num_processes)
     state.wait_for_everyone()  # nobody writes before everybody has listed the folder
@@ -286,12 +279,11 @@ class ImageSet:
 
     def by_category(self) -> dict[str, list[ImageFile]]:
         """Each category's files and, under "overall", all of them; sorted by name as clean-fid sorts a folder."""
+        every_file = sorted(self.files.values(), key=lambda f: f.name)
         groups: dict[str, list[ImageFile]] = {}
-        for file in sorted(self.files.values(), key=lambda f: f.name):
+        for file in every_file:
             groups.setdefault(file.entry.category, []).append(file)
-        groups = dict(sorted(groups.items()))
-        groups[OVERALL] = sorted(self.files.values(), key=lambda f: f.name)
-        return groups
+        return {**dict(sorted(groups.items())), OVERALL: every_file}
 
     def cleanfid_inputs(self, files: list[ImageFile]) -> tuple[list[str], str | None]:
         """(files, fdir) as clean-fid's ResizeDataset takes them: member names and the zip, or full paths."""
@@ -333,14 +325,9 @@ class FeatureCache:
         return key in self.rows
 
     def add(self, keys: list[str], features: np.ndarray) -> None:
-        from common.files import atomic_path
-
         if not keys:
             return
-        part = self.folder / f"part-{time.time_ns()}-{os.getpid()}.npz"
-        with atomic_path(part) as partial:
-            with open(partial, "wb") as file:
-                np.savez(file, keys=np.array(keys), features=features)
+        write_arrays(self.folder / f"part-{time.time_ns()}-{os.getpid()}.npz", keys=np.array(keys), features=features)
         self.rows.update(zip(keys, features))
 
     def stack(self, files: list[ImageFile]) -> np.ndarray:
@@ -545,7 +532,8 @@ class SideStatistics:
                 self.features[category] = features
             self.statistics[category] = gaussian_statistics(features)
             if not stats_file.is_file():
-                write_statistics(stats_file, *self.statistics[category])
+                mu, sigma = self.statistics[category]
+                write_arrays(stats_file, mu=mu, sigma=sigma)
 
 
 def fingerprint(files: list[ImageFile]) -> str:
@@ -553,12 +541,13 @@ def fingerprint(files: list[ImageFile]) -> str:
     return hashlib.sha256("\n".join(f.key for f in files).encode()).hexdigest()[:32]
 
 
-def write_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+def write_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """An .npz file, written atomically (np.savez given a name would append .npz to the temporary one)."""
     from common.files import atomic_path
 
     with atomic_path(path) as partial:
         with open(partial, "wb") as file:
-            np.savez(file, mu=mu, sigma=sigma)
+            np.savez(file, **arrays)
 
 
 def category_result(category: str, generated: SideStatistics, reference: SideStatistics, clip: dict[str, float],
@@ -611,6 +600,11 @@ def id_report(meta: dict[str, Entry], generated: ImageSet, reference: ImageSet) 
     }
 
 
+def inception_file(mode: str) -> tuple[str, str]:
+    """(file name, download URL) of the Inception network clean-fid uses in `mode`."""
+    return PYTORCH_INCEPTION if mode == "legacy_pytorch" else TORCHSCRIPT_INCEPTION
+
+
 def inception_weights_file(mode: str, given: Path | None) -> Path:
     """The local Inception file for `mode`: --inception_weights, $SDXL_PERSONALIZE_INCEPTION_WEIGHTS,
     our cache, or where clean-fid and torch keep their downloads; downloaded into our cache as a last
@@ -622,7 +616,7 @@ def inception_weights_file(mode: str, given: Path | None) -> Path:
 
     from common.files import atomic_path, cache_root
 
-    name, url = PYTORCH_INCEPTION if mode == "legacy_pytorch" else TORCHSCRIPT_INCEPTION
+    name, url = inception_file(mode)
     if given is not None:
         return given
     if os.environ.get(INCEPTION_WEIGHTS_ENV):
@@ -656,7 +650,7 @@ def inception_extractor(mode: str, weights: Path | None, device_name: str = "aut
 
     device = pick_device(device_name)
     weights = inception_weights_file(mode, weights)
-    name = PYTORCH_INCEPTION[0] if mode == "legacy_pytorch" else TORCHSCRIPT_INCEPTION[0]
+    name, _ = inception_file(mode)
     with tempfile.TemporaryDirectory() as folder:
         # clean-fid's loaders look for the file under its published name
         (Path(folder) / "checkpoints").mkdir()
@@ -872,8 +866,7 @@ def generate_config(meta_data, gen_dir, per_category, seed, pipeline: PipelineCo
         raise UserError(f"--per_category must be at least 1, got {per_category}")
     if not 0 <= seed < 2**64:
         raise UserError(f"--seed must be in [0, 2^64), got {seed}")
-    read_meta_data(meta_data)  # fail on a bad file before loading any model
-    return GenerateConfig(meta_data, gen_dir, per_category, seed, pipeline)
+    return GenerateConfig(select_entries(read_meta_data(meta_data), per_category), gen_dir, seed, pipeline)
 
 
 @app.command("generate")
@@ -1003,8 +996,9 @@ def all_command(
     made = generate_missing(generate_config(meta_data, gen_dir, per_category, seed, pipeline))
     typer.echo(f"made {made} image(s) in this process")
     if PartialState().is_main_process:
-        print_scores(score(scoring))
-        for path in write_report([json.loads((report_dir / "scores.json").read_text(encoding="utf-8"))], report_dir):
+        scores = score(scoring)
+        print_scores(scores)
+        for path in write_report([scores], report_dir):
             typer.echo(f"wrote {path}")
 
 

@@ -6,18 +6,27 @@ import contextlib
 import os
 from pathlib import Path
 
+PARTIAL_SUFFIX = ".partial"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; it replaces `path` only when the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_leftover_partials(folder: Path, pattern: str) -> None:
+    """Delete the temporary files of atomic_path that a killed process left in the folders matching
+    `pattern` under `folder`. Only safe while no live process writes there."""
+    for partial in Path(folder).glob(f"{pattern}/.*{PARTIAL_SUFFIX}"):
+        partial.unlink(missing_ok=True)
 
 
 CACHE_ENV = "SDXL_PERSONALIZE_CACHE"
