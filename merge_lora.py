@@ -8,7 +8,8 @@ Every method is defined on each layer's delta weight dW = scale * B @ A, which i
 merging LoRAs (peft's `linear` instead mixes the A and B factors separately, which adds cross terms
 B_1 A_2; only its `cat` is exact). Results are stored exactly (a concatenation, or a full-rank SVD) or
 re-factorised to --rank by SVD, and load with diffusers' load_lora_weights (and, with --kohya, in WebUI
-and ComfyUI).
+and ComfyUI). The inputs are read from their files in fp32; the base model's weights are read only for
+ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
 """
 
 from __future__ import annotations
@@ -165,25 +166,32 @@ def main(
     ziplora_lambda: Annotated[float, typer.Option(*flags("ziplora_lambda", "--similarity_lambda"))] = 0.01,
     ziplora_penalty: Annotated[str, typer.Option(*flags("ziplora_penalty"), help="cosine (paper) or product (public code)")] = "cosine",
     ziplora_resolution: Annotated[Optional[int], typer.Option(*flags("ziplora_resolution"), help="default: the model's native size")] = None,
+    device: Annotated[str, typer.Option(*flags("device"), help="ZipLoRA's device: auto (cuda if present), cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(*flags("dtype"), help="ZipLoRA's base-model dtype: auto (bf16 on a GPU, fp32 on the CPU), fp32, fp16, bf16")] = "auto",
     fuse_into: Annotated[Optional[str], typer.Option(*flags("fuse_into"), help="a model to fuse the merge into (needs --save_pipeline)")] = None,
     save_pipeline: Annotated[Optional[Path], typer.Option(*flags("save_pipeline"), help="where the fused pipeline goes")] = None,
 ) -> None:
     """Merge two or more SDXL LoRAs into one file that loads anywhere."""
     from common.lora_formats import parse_weighted_path
 
+    from common.models import device_and_dtype, model_modules_on_meta
+
     specs = [parse_weighted_path(spec) for spec in lora]
     validate(method, specs, density, majority_sign_method, rank, ziplora_penalty, fuse_into, save_pipeline, ziplora_steps)
-    pipe = load_base(model)
-    inputs = [read_input(pipe, path, weight) for path, weight in specs]
+    modules = model_modules_on_meta(model)
+    inputs = [read_input(path, weight) for path, weight in specs]
+    for lora_input in inputs:
+        check_fits(lora_input, modules, model)
     check_compatible(inputs)
     if method == "ziplora":
+        pipe = load_base(model, *device_and_dtype(device, dtype))
         merged, report = zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prompt, ziplora_steps,
                                    ziplora_lr, ziplora_lambda, ziplora_penalty, ziplora_resolution, seed, out)
     elif method == "blora":
         merged, report = block_merge(inputs, blocks, content_alpha, style_alpha)
     else:
         merged, report = merge_layers(inputs, method, density, majority_sign_method, rank, seed)
-    token_lines = write_outputs(merged, inputs, out, kohya, pipe.unet.config.layers_per_block,
+    token_lines = write_outputs(merged, inputs, out, kohya, modules["unet"].config.layers_per_block,
                                 {"method": method, "model": model, "density": density, "rank": rank, "seed": seed, **report})
     for line in token_lines:
         typer.echo(line)
@@ -213,36 +221,51 @@ def validate(method, specs, density, sign, rank, penalty, fuse_into, save_pipeli
         raise UserError("--fuse_into MODEL and --save_pipeline DIR go together")
 
 
-def load_base(model: str):
+def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+    """The base pipeline, for what needs its weights: ZipLoRA's training and --fuse_into."""
     from common.models import load_sdxl_pipeline
 
-    pipe = load_sdxl_pipeline(model, torch.float32)
+    pipe = load_sdxl_pipeline(model, dtype)
+    if device is not None:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def read_input(pipe, path: Path, weight: float) -> InputLoRA:
-    """One LoRA in any format, read through diffusers into the base model and taken back out layer by layer."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def read_input(path: Path, weight: float) -> InputLoRA:
+    """One LoRA in any format (diffusers/peft or kohya, through diffusers' converters) as fp32 factors per
+    layer, read from its file: loading it into a bf16 model would round the factors to bf16."""
+    from common.lora_formats import lora_file, read_peft_lora
 
-    from common.lora_formats import LoraSpec, lora_file, load_loras
-
-    load_loras(pipe, [LoraSpec(path, 1.0)])
-    layers = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        for module_name, module in getattr(pipe, component).named_modules():
-            if isinstance(module, BaseTunerLayer) and "lora_0" in module.lora_A:
-                if module.use_dora.get("lora_0"):
-                    raise UserError(f"{str(path)!r} is a DoRA: merging DoRA magnitudes is not supported yet; "
-                                    "bake it into a plain LoRA first (convert_for_webui.py)")
-                layers[f"{component}.{module_name}"] = LayerLoRA(
-                    module.lora_A["lora_0"].weight.detach().clone(), module.lora_B["lora_0"].weight.detach().clone(),
-                    float(module.scaling["lora_0"]),
-                )
-    pipe.unload_lora_weights()  # plain modules again, for the next input and for ZipLoRA
     file = lora_file(path)
+    try:
+        states, alphas = read_peft_lora(file)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"could not read LoRA {str(path)!r}: {error}") from None
+    layers = {}
+    for component, state in states.items():
+        if any(key.endswith("lora_magnitude_vector") for key in state):
+            raise UserError(f"{str(path)!r} is a DoRA: merging DoRA magnitudes is not supported yet; "
+                            "bake it into a plain LoRA first (convert_for_webui.py)")
+        for module, alpha in alphas[component].items():
+            down, up = state[f"{module}.lora_A.weight"].float(), state[f"{module}.lora_B.weight"].float()
+            layers[f"{component}.{module}"] = LayerLoRA(down, up, float(alpha) / down.shape[0])
     embeddings = sorted(file.parent.glob("*_emb.safetensors"))
     return InputLoRA(path, weight, layers, embeddings[0] if embeddings else None)
+
+
+def check_fits(lora: InputLoRA, modules: dict, model: str) -> None:
+    """Every layer of the LoRA is a Linear of the base model with the LoRA's shapes: a LoRA for another base is
+    refused with the first layer that does not fit, never merged partially."""
+    named = {component: dict(model.named_modules()) for component, model in modules.items()}
+    for name, layer in lora.layers.items():
+        component, module_name = name.split(".", 1)
+        module = named.get(component, {}).get(module_name)
+        wanted = (layer.up.shape[0], layer.down.shape[1])
+        if not isinstance(module, torch.nn.Linear) or (module.out_features, module.in_features) != wanted:
+            found = f"a {module.out_features}x{module.in_features} Linear" if isinstance(module, torch.nn.Linear) else "no such Linear"
+            raise UserError(f"LoRA {str(lora.path)!r} does not match model {model!r}: its layer {name} is {wanted[0]}x{wanted[1]}, "
+                            f"the model has {found}; was it trained for another base?")
 
 
 def check_compatible(inputs: list[InputLoRA]) -> None:
@@ -302,22 +325,24 @@ class ZipLinear(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Linear, content: LayerLoRA, style: LayerLoRA):
         super().__init__()
-        self.base, self.content, self.style = base, content, style
-        self.m_content = torch.nn.Parameter(torch.ones(base.in_features))
-        self.m_style = torch.nn.Parameter(torch.ones(base.in_features))
+        device = base.weight.device
+        self.base = base
+        self.content, self.style = (LayerLoRA(l.down.to(device), l.up.to(device), l.scale) for l in (content, style))
+        self.m_content = torch.nn.Parameter(torch.ones(base.in_features, device=device))
+        self.m_style = torch.nn.Parameter(torch.ones(base.in_features, device=device))
         self.mode = "merged"
 
     @staticmethod
     def _apply(layer: LayerLoRA, x: torch.Tensor) -> torch.Tensor:
-        return layer.scale * ((x @ layer.down.T.to(x.dtype)) @ layer.up.T.to(x.dtype))
+        return layer.scale * ((x.float() @ layer.down.T) @ layer.up.T)  # fp32 over a bf16 base: this is what trains
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.mode == "content":
-            return y + self._apply(self.content, x)
+            return y + self._apply(self.content, x).to(y.dtype)
         if self.mode == "style":
-            return y + self._apply(self.style, x)
-        return y + self._apply(self.content, x * self.m_content) + self._apply(self.style, x * self.m_style)
+            return y + self._apply(self.style, x).to(y.dtype)
+        return y + (self._apply(self.content, x * self.m_content) + self._apply(self.style, x * self.m_style)).to(y.dtype)
 
 
 def install_zip_layers(unet, content: InputLoRA, style: InputLoRA) -> dict[str, ZipLinear]:
@@ -377,7 +402,7 @@ def zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prom
             optimizer.step()
             history.append([float(terms[0].detach()), float(terms[1].detach()), float(similarity.detach())])
             bar.set_postfix(content=f"{history[-1][0]:.4g}", style=f"{history[-1][1]:.4g}", similarity=f"{history[-1][2]:.4g}")
-    merged = {name: zip_lora_factors(layer.content, layer.style, layer.m_content.detach(), layer.m_style.detach())
+    merged = {name: zip_lora_factors(content.layers[name], style.layers[name], layer.m_content.detach().cpu(), layer.m_style.detach().cpu())
               for name, layer in zipped.items()}
     for name in sorted((set(content.layers) | set(style.layers)) - set(merged)):  # text-encoder layers: summed
         merged[name] = linear_merge_factors([content.layers.get(name), style.layers.get(name)], [1.0, 1.0])
@@ -411,9 +436,10 @@ def zip_example(pipe, zipped, mode: str, folder: Path | None, prompt: str, size:
                          generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))).images[0]
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
-        latents = normalise_latents(pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean.float(), pipe.vae.config)
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float().cpu()
+        latents = normalise_latents(latents, pipe.vae.config)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.unet.device, do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pipe.unet.device, dtype=pipe.unet.dtype)
     return {"mode": mode, "latents": latents, "embeds": embeds, "pooled": pooled, "time_ids": time_ids}
 
 
@@ -435,8 +461,10 @@ def noisy_input(scheduler, latents: torch.Tensor, generator) -> tuple[torch.Tens
 
 
 def unet_output(pipe, model_input, timestep, example) -> torch.Tensor:
-    return pipe.unet(model_input, timestep, encoder_hidden_states=example["embeds"],
-                     added_cond_kwargs={"text_embeds": example["pooled"], "time_ids": example["time_ids"]}).sample
+    """The UNet's output in fp32 for a (CPU) noisy input, run on the UNet's device in its dtype."""
+    unet = pipe.unet
+    return unet(model_input.to(unet.device, unet.dtype), timestep.to(unet.device), encoder_hidden_states=example["embeds"],
+                added_cond_kwargs={"text_embeds": example["pooled"], "time_ids": example["time_ids"]}).sample.float().cpu()
 
 
 def save_merger_vectors(zipped: dict, out: Path) -> None:
@@ -446,8 +474,8 @@ def save_merger_vectors(zipped: dict, out: Path) -> None:
 
     vectors = {}
     for name, layer in zipped.items():
-        vectors[f"{name}.m_content"] = layer.m_content.detach().contiguous()
-        vectors[f"{name}.m_style"] = layer.m_style.detach().contiguous()
+        vectors[f"{name}.m_content"] = layer.m_content.detach().cpu().contiguous()
+        vectors[f"{name}.m_style"] = layer.m_style.detach().cpu().contiguous()
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "ziplora_merger_vectors.safetensors") as partial:
         save_file(vectors, str(partial))
@@ -518,7 +546,7 @@ def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, kohya: bool,
 
 
 def fuse(model: str, merged_dir: Path, save_to: Path) -> None:
-    """A full pipeline with the merged LoRA fused into its base weights."""
+    """A full pipeline with the merged LoRA fused into its base weights (in fp32, as the base is read)."""
     pipe = load_base(model)
     pipe.load_lora_weights(str(merged_dir), weight_name="pytorch_lora_weights.safetensors", adapter_name="merged")
     pipe.fuse_lora(adapter_names=["merged"])

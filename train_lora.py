@@ -453,17 +453,20 @@ def load_models(config: TrainConfig, accelerator):
     from common.models import load_sdxl_pipeline, quiet_libraries
 
     hub_options = {k: config.extra[k] for k in ("revision", "variant", "cache_dir") if k in config.extra}
-    pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, torch.float32, **hub_options)
+    dtype = weight_dtype(accelerator)
+    # read straight into the compute dtype: SDXL read in fp32 and then cast would need 14 GB of memory on the way
+    pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, {"default": dtype, "vae": torch.float32}, **hub_options)
     if config.pretrained_vae_model_name_or_path:
         try:
             pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
         except (OSError, ValueError) as error:
             raise UserError(f"could not load VAE {config.pretrained_vae_model_name_or_path!r}: {error}") from None
-    dtype = weight_dtype(accelerator)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     with quiet_libraries():
-        pipe.unet.to(accelerator.device, dtype=dtype)
+        # The UNet waits in CPU memory: accelerator.prepare() puts it on the device once the latents are
+        # cached, so the VAE's encoding never shares the device with it (bench/gpu_memory.py).
+        pipe.unet.to(dtype=dtype)
         pipe.vae.to(accelerator.device, dtype=dtype if config.pretrained_vae_model_name_or_path else torch.float32)
         pipe.text_encoder.to(accelerator.device, dtype=dtype)
         pipe.text_encoder_2.to(accelerator.device, dtype=dtype)
@@ -522,7 +525,7 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
     import torch
 
     from common.data import Augment, CachedLatents, Example, TrainingImages, check_images, find_examples, sdxl_buckets
-    from common.tokens import expand_abstractions
+    from common.tokens import expand_abstractions, warn_about_long_prompts
 
     examples = find_examples(
         Path(config.instance_data_dir) if config.instance_data_dir else None, config.instance_prompt,
@@ -547,6 +550,8 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
             if data.classes is not None:
                 data.classes = CachedLatents(data.classes, encode)
         pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
+    if accelerator.is_main_process:
+        warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning)
     classes = f", {len(data.class_captions)} class images" if data.classes is not None else ""
     accelerator.print(f"{len(examples)} images x {config.repeats} repeats, {len(set(data.captions))} distinct captions{classes}")
     return data
@@ -562,10 +567,11 @@ def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
                                   config.sample_batch_size, accelerator.process_index, accelerator.num_processes)
     accelerator.wait_for_everyone()
     if batches:
-        generator_pipe = pipe
         if config.prior_generation_precision not in (None, "no"):
             dtype = parse_dtype(config.prior_generation_precision)
             generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
+        else:
+            generator_pipe = pipe.to(accelerator.device)
         settings = sampling_settings(generator_pipe, config.resolution, config.resolution, 25, 5.0, None, config.pretrained_model_name_or_path)
         with accelerator.autocast():  # a bf16/fp16 UNet beside the fp32 VAE
             made = make_class_images(generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process)
@@ -596,8 +602,10 @@ def add_pivotal_tokens(pipe, config: TrainConfig) -> dict:
             raise UserError(f"the tokenizer ({len(tokenizer)} tokens) and its embedding table ({table.num_embeddings} rows) disagree")
         if config.initializer_token:
             start = tokenizer(config.initializer_token, add_special_tokens=False).input_ids
-            if not start:
-                raise UserError(f"--initializer_token {config.initializer_token!r} encodes to no token")
+            if len(start) != 1:
+                pieces = " + ".join(tokenizer.convert_ids_to_tokens(start)) or "nothing"
+                raise UserError(f"--initializer_token {config.initializer_token!r} is {len(start)} CLIP tokens ({pieces}); "
+                                "give a word that is one token, e.g. dog, person, style")
             rows = table.weight[start[0]].detach().float().expand(len(tokens), -1)
         else:
             rows = torch.randn(len(tokens), table.embedding_dim) * table.weight.detach().float().std()
@@ -1047,6 +1055,7 @@ def model_card(config: TrainConfig, name: str) -> str:
     if tokens:
         tokens_line = "Tokens: " + ", ".join(f"`{a}` -> `{''.join(t)}`" for a, t in config.token_map.items()) + "\n"
         embedding_code = f"""from safetensors.torch import load_file
+pipe.text_encoder_2.text_model.eos_token_id = 49407  # pool at the end of text, as in training (SDXL's config says 2)
 state = load_file("{config.output_dir}/{name}_emb.safetensors")
 pipe.load_textual_inversion(state["clip_l"], token={tokens!r}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 pipe.load_textual_inversion(state["clip_g"], token={tokens!r}, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)

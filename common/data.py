@@ -238,13 +238,20 @@ class BucketBatches(torch.utils.data.Sampler):
         return len(self.batches())
 
 
+# Pixels encoded per VAE call when caching latents: one 1024x1024 image. At batch 8 the fp32 SDXL VAE's
+# encoder needs about 20 GiB at 1024x1024 (bench/gpu_memory.py), more than the whole training step.
+ENCODE_PIXELS = 1024 * 1024
+
+
 class CachedLatents(torch.utils.data.Dataset):
     """TrainingImages encoded once: the VAE posterior (mean, std) of each example's fixed crop, for both
     flips when flipping is on; each step draws its flip and samples the posterior. Items keep their
     example index, so latent, caption and size stay paired whatever order the loader takes."""
 
-    def __init__(self, images: TrainingImages, encode, batch_size: int = 8):
+    def __init__(self, images: TrainingImages, encode, batch_size: int | None = None):
         self.images, self.cache = images, {}
+        if batch_size is None:  # the fp32 VAE encoder's activations grow with the pixels: about 1 Mpx at a time
+            batch_size = max(1, ENCODE_PIXELS // images.augment.resolution**2)
         flips = (False, True) if images.augment.random_flip else (False,)
         keys = [(index, flip) for index in range(len(images.examples)) for flip in flips]
         for start in range(0, len(keys), batch_size):

@@ -29,6 +29,23 @@ def remove_leftover_partials(folder: Path, pattern: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+def user_umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def make_readable(root: str | os.PathLike) -> None:
+    """Give a folder tree the permissions the user's umask gives an ordinary new file and folder: mkdtemp makes
+    0700 folders and files written through temporary files can be 0600, which another user (a UI running as a
+    service account, a shared model cache) cannot read."""
+    mask = user_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 CACHE_ENV = "SDXL_PERSONALIZE_CACHE"
 
 

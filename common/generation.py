@@ -143,9 +143,13 @@ def generate_images(
     its batch is done, at `path_for(output_dir, job)`."""
     from tqdm.auto import tqdm
 
+    from common.tokens import warn_about_long_prompts
+
     pipe.set_progress_bar_config(disable=True)
     if batches is None:
         batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
+    texts = [text for batch in batches for job in batch for text in (job.prompt, job.negative_prompt) if text]
+    warn_about_long_prompts(pipe.tokenizer, texts)
     saved = []
     with tqdm(total=sum(map(len, batches)), unit="img", desc="generating", disable=not show_progress) as progress:
         for batch in batches:
@@ -162,8 +166,10 @@ def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
     """Images for one batch; each image's noise comes from its own CPU generator seeded with its seed,
     so an image does not depend on its batch, its position or the device."""
     negative = [job.negative_prompt or "" for job in batch] if any(job.negative_prompt for job in batch) else None
+    from common.models import quiet_libraries
+
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_libraries():  # diffusers' own truncation note would repeat ours every batch
         return pipe(
             prompt=[job.prompt for job in batch],
             negative_prompt=negative,

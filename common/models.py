@@ -1,4 +1,4 @@
-"""Finding and loading SDXL-family models: built-in tiny names, local folders and hub ids alike."""
+"""Finding and loading SDXL-family models: built-in names, local folders and hub ids alike."""
 
 from __future__ import annotations
 
@@ -12,34 +12,34 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-from common.tiny import TINY_MODELS, tiny_model_path
+from common.builtin_models import BUILTIN_MODELS, SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, builtin_model_path
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A loadable location for `name_or_path`: a tiny model's cached folder, a local folder, or a hub id."""
-    if name_or_path in TINY_MODELS:
-        return str(tiny_model_path(name_or_path))
+    """A loadable location for `name_or_path`: a built-in model's cached folder, a local folder, or a hub id."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin_model_path(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(
                 f"model folder {name_or_path!r} has no model_index.json; pass a diffusers pipeline folder "
-                f"(with unet/, vae/, text_encoder/, ...), a hub id, or one of {', '.join(TINY_MODELS)}"
+                f"(with unet/, vae/, text_encoder/, ...), a hub id, or one of {', '.join(BUILTIN_MODELS)}"
             )
         return str(path)
     if path.is_file():
         raise UserError(
             f"model {name_or_path!r} is a single file; pass a diffusers pipeline folder, a hub id, "
-            f"or one of {', '.join(TINY_MODELS)}"
+            f"or one of {', '.join(BUILTIN_MODELS)}"
         )
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
         return name_or_path
     raise UserError(
         f"model {name_or_path!r} not found: it is not a local folder, not a hub id (owner/name), "
-        f"and not one of {', '.join(TINY_MODELS)}"
+        f"and not one of {', '.join(BUILTIN_MODELS)}"
     )
 
 
@@ -70,18 +70,42 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype, **from_pretrained_options):
-    """StableDiffusionXLPipeline for a tiny name, folder or hub id; load failures become one-line errors.
-    Options (revision, variant, cache_dir) go to diffusers' from_pretrained."""
+def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype | dict[str, torch.dtype], **from_pretrained_options):
+    """StableDiffusionXLPipeline for a built-in name, folder or hub id, pooling prompts at their end-of-text
+    token; load failures become one-line errors. `dtype` may differ per component ({"default": bf16, "vae":
+    fp32}); options (revision, variant, cache_dir) go to diffusers' from_pretrained."""
     from diffusers import StableDiffusionXLPipeline
 
     location = resolve_model(name_or_path)
     try:
         with quiet_libraries():
-            return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **from_pretrained_options)
+            pipe = StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **from_pretrained_options)
     except (OSError, ValueError, TypeError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model {name_or_path!r} as an SDXL pipeline: {reason}") from None
+    pool_at_end_of_text(pipe)
+    return pipe
+
+
+def pool_at_end_of_text(pipe) -> None:
+    """Make both text encoders pool each prompt at its <|endoftext|> token, whatever tokens are added.
+
+    SDXL's published text-encoder configs carry eos_token_id 2, a placeholder from before transformers knew
+    CLIP's, and with it transformers pools at the prompt's highest token id: the end of text for CLIP's own
+    vocabulary, but a pivotal-tuning token such as <s1> (id 49409) once one is added, so SDXL's pooled
+    conditioning would come from the new token. The base model was trained on the end-of-text state, and the
+    UIs pool there too (ComfyUI renumbers the end of text above its embeddings, comfy/sd1_clip.py; WebUI keeps
+    the ids of the embedding name's words), so training and sampling here do as well.
+    """
+    from transformers import CLIPTextModel
+
+    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        if encoder is None or tokenizer is None:
+            continue
+        encoder.config.eos_token_id = tokenizer.eos_token_id
+        for module in encoder.modules():
+            if isinstance(module, CLIPTextModel):
+                module.eos_token_id = tokenizer.eos_token_id
 
 
 @contextlib.contextmanager
@@ -169,29 +193,23 @@ def normalise_latents(raw, vae_config):
     return raw * vae_config["scaling_factor"]
 
 
-# SDXL base 1.0's published unet/config.json (the shape shared by Playground v2.5 and SDXL fine-tunes)
-SDXL_UNET_CONFIG = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
-}
-# and its two CLIP text encoders: ViT-L/14 and OpenCLIP ViT-bigG/14
-SDXL_TEXT_ENCODER_CONFIGS = (
-    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
-    {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20, "projection_dim": 1280},
-)
+def model_modules_on_meta(name_or_path: str) -> dict[str, torch.nn.Module]:
+    """A model's UNet and text encoders built from its configs on the meta device: every module's name and
+    shape, for checking a LoRA against it, without reading (or holding) its weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    location = resolve_model(name_or_path)
+    try:
+        with torch.device("meta"), quiet_libraries():
+            return {
+                "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(location, subfolder="unet")),
+                "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(location, subfolder="text_encoder")),
+                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(location, subfolder="text_encoder_2")),
+            }
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not read the configs of model {name_or_path!r}: {reason}") from None
 
 
 def sdxl_module_names() -> set[str]:

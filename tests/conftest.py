@@ -19,13 +19,13 @@ def private_model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(private_model_cache) -> str:
-    from common.tiny import tiny_model_path
+    from common.builtin_models import builtin_model_path
 
-    return str(tiny_model_path("tiny-sdxl"))
+    return str(builtin_model_path("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")
 def tiny_edm_path(private_model_cache) -> str:
-    from common.tiny import tiny_model_path
+    from common.builtin_models import builtin_model_path
 
-    return str(tiny_model_path("tiny-edm"))
+    return str(builtin_model_path("tiny-edm"))

@@ -234,7 +234,7 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
 
     # the merged UNet against each LoRA alone, with the learned vectors and with all-ones (= linear merge)
     pipe = merge_lora.load_base(tiny_sdxl_path)
-    inputs = [merge_lora.read_input(pipe, loras[c], 1.0) for c in ("content", "style")]
+    inputs = [merge_lora.read_input(loras[c], 1.0) for c in ("content", "style")]
     zipped = merge_lora.install_zip_layers(pipe.unet, *inputs)
     generator = torch.Generator().manual_seed(7)
     examples = [merge_lora.zip_example(pipe, zipped, mode, None, f"a photo of sks {mode}", 64, generator) for mode in ("content", "style")]
@@ -303,3 +303,25 @@ def test_ziplora_takes_example_images_from_folders(two_loras, tiny_sdxl_path, tm
                              "--content_data", tmp_path / "nothing_here", "--content_prompt", "a dog",
                              "--style_prompt", "a painting", "--out", tmp_path / "z2")
     assert code == 2 and "--content_data" in err and "is not a folder of images" in err, err
+
+
+def test_svd_factors_of_a_large_layer_reach_the_truncated_svds_error_without_a_full_svd():
+    """At SDXL's sizes a small rank is found by randomized subspace iteration: its error must be the optimal
+    (Eckart-Young) error of the exact truncated SVD, and it must not touch the global RNG."""
+    from common.lora_formats import svd_factors
+
+    generator = torch.Generator().manual_seed(0)
+    gaussian = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    left, right = torch.linalg.qr(gaussian(1280, 12))[0], torch.linalg.qr(gaussian(2048, 12))[0]
+    # a merged LoRA's dW: a few strong directions with decaying strength, plus a flat tail (TIES's trimming)
+    delta = left @ torch.diag(torch.logspace(0, -2, 12, dtype=torch.float64)) @ right.T + 1e-4 * gaussian(1280, 2048)
+    singular = torch.linalg.svdvals(delta)
+    state = torch.random.get_rng_state()
+    for rank in (4, 8, 16):
+        up, down, error = svd_factors(delta, rank)
+        optimal = float(singular[rank:].square().sum().sqrt() / singular.square().sum().sqrt())
+        measured = float(torch.linalg.norm(delta - up.double() @ down.double()) / torch.linalg.norm(delta))
+        assert up.shape == (1280, rank) and down.shape == (rank, 2048)
+        assert error == pytest.approx(measured, rel=1e-4), "the reported error is the factors' error"
+        assert optimal * (1 - 1e-9) <= error <= 1.001 * optimal, (rank, error, optimal)
+    assert torch.equal(torch.random.get_rng_state(), state)
