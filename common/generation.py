@@ -165,9 +165,9 @@ def generate_images(
 def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
     """Images for one batch; each image's noise comes from its own CPU generator seeded with its seed,
     so an image does not depend on its batch, its position or the device."""
-    negative = [job.negative_prompt or "" for job in batch] if any(job.negative_prompt for job in batch) else None
     from common.models import quiet_libraries
 
+    negative = [job.negative_prompt or "" for job in batch] if any(job.negative_prompt for job in batch) else None
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
     with torch.inference_mode(), quiet_libraries():  # diffusers' own truncation note would repeat ours every batch
         return pipe(
