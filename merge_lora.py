@@ -25,6 +25,7 @@ import torch
 import typer
 
 from common.cli import UserError, flags, run_app
+from common.files import IMAGE_SUFFIXES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -425,7 +426,7 @@ def zip_example(pipe, zipped, mode: str, folder: Path | None, prompt: str, size:
     if folder is not None:
         if not folder.is_dir():
             raise UserError(f"--{mode}_data {str(folder)!r} is not a folder of images")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"--{mode}_data {str(folder)!r} has no images")
         image = Image.open(files[0]).convert("RGB").resize((size, size))

@@ -38,8 +38,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 
 OVERALL = "overall"
 MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
-# clean-fid's EXTENSIONS, less its .npy arrays
-IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
+# clean-fid's EXTENSIONS, less its .npy arrays: FID is computed on what clean-fid itself would read
+CLEANFID_IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 INCEPTION_WEIGHTS_ENV = "SDXL_PERSONALIZE_INCEPTION_WEIGHTS"
 # (file name, where clean-fid downloads it from): its TorchScript Inception (clean, legacy_tensorflow)
 # and pytorch-fid's port (legacy_pytorch)
@@ -249,7 +249,7 @@ class ImageSet:
         self.in_wrong_folder: list[str] = []
         for name, stamp in self._listing():
             path = Path(name)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in CLEANFID_IMAGE_SUFFIXES:
                 continue
             entry = meta.get(path.stem)
             if entry is None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
+from common.files import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 logger = logging.getLogger(__name__)
 
 

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
+# The images every script reads (training data, class images, ZipLoRA examples): what PIL opens without plugins.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
 @contextlib.contextmanager

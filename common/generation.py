@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-from common.files import atomic_path
+from common.files import IMAGE_SUFFIXES, atomic_path
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,7 @@ def missing_class_indices(folder: Path, wanted: int) -> list[int]:
     Photos of the user's own count; our `class_NNNNNN.png` files are numbered, so a re-run with a
     larger count adds new numbers and a broken file of ours is made again under its own number.
     """
-    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-    files = [p for p in folder.iterdir() if p.suffix.lower() in suffixes] if folder.is_dir() else []
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
     ours = {int(m.group(1)): p for p in files if (m := CLASS_IMAGE.match(p.name))}
     readable_ours = {i for i, p in ours.items() if is_readable_image(p)}
     readable_others = sum(1 for p in files if not CLASS_IMAGE.match(p.name) and is_readable_image(p))

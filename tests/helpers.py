@@ -98,3 +98,12 @@ def make_dora_lora(model_path: str, out_dir: Path, rank: int = 4, alpha: float =
     StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                                 unet_lora_adapter_metadata=config.to_dict())
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous (a fixed port collides with parallel runs)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

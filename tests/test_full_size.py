@@ -6,7 +6,7 @@ weights, the real CLIP tokenizer), in bf16 on the CPU, each run as a user runs i
 
 Images are 64x64 (8x8 latents, the smallest size SDXL's three UNet levels take): on a CPU without AVX-512,
 bf16 convolutions have no fast kernel and one UNet forward costs about 13 s even there. With
-$FULL_SIZE_REPORT set, each run's wall time and peak resident memory are appended to that file (JSON lines)
+$FULL_SIZE_REPORT set, each run's wall time, CPU time and peak resident memory are appended to that file (JSON lines)
 for bench/RESULTS.md.
 """
 
@@ -46,6 +46,7 @@ class Run:
     stdout: str
     stderr: str
     seconds: float
+    cpu_seconds: float
     peak_rss_gib: float
 
 
@@ -58,11 +59,12 @@ def run_script(label: str, script: str, *args) -> Run:
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.time() - started
         out.seek(0), err.seek(0)
-        run = Run(os.waitstatus_to_exitcode(status), out.read(), err.read(), seconds, usage.ru_maxrss / 2**20)
+        run = Run(os.waitstatus_to_exitcode(status), out.read(), err.read(), seconds,
+                  usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
     if os.environ.get("FULL_SIZE_REPORT"):
         with open(os.environ["FULL_SIZE_REPORT"], "a") as report:
-            report.write(json.dumps({"run": label, "seconds": round(run.seconds, 1), "peak_rss_gib": round(run.peak_rss_gib, 2),
-                                     "returncode": run.returncode}) + "\n")
+            report.write(json.dumps({"run": label, "seconds": round(run.seconds, 1), "cpu_seconds": round(run.cpu_seconds, 1),
+                                     "peak_rss_gib": round(run.peak_rss_gib, 2), "returncode": run.returncode}) + "\n")
     assert run.returncode == 0, f"{label}: exit {run.returncode}\n{run.stderr[-3000:]}"
     return run
 

@@ -444,7 +444,7 @@ def test_an_unreadable_reference_image_is_named_and_finished_features_are_kept(f
 def test_image_suffixes_are_clean_fids_less_numpy_arrays():
     from cleanfid.utils import EXTENSIONS
 
-    assert mjhq_fid.IMAGE_SUFFIXES == {f".{e.lower()}" for e in EXTENSIONS} - {".npy"}
+    assert mjhq_fid.CLEANFID_IMAGE_SUFFIXES == {f".{e.lower()}" for e in EXTENSIONS} - {".npy"}
 
 
 def test_help_lists_the_sub_commands(capsys):
