@@ -14,8 +14,6 @@ printed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -70,7 +68,7 @@ def main(
         if target.exists() and not force:
             raise UserError(f"{str(target)!r} exists; pass --force to replace it")
     training_args = read_training_args(source.parent)
-    export_lora(source, lora_target, name, training_args, model, rank, dora_native)
+    export_lora(source, lora_target, name=name, training_args=training_args, model=model, rank=rank, dora_native=dora_native)
     typer.echo(f"LoRA: {lora_target}")
     if embedding:
         export_embedding(embedding, embedding_target)
@@ -83,13 +81,13 @@ def destinations(name: str, webui_dir: Path | None, comfyui_dir: Path | None, ou
     """(LoRA path, embedding path) in the chosen installation's folders, or both in --out."""
     if out is not None:
         return out / f"{name}.safetensors", out / "embeddings" / f"{name}.safetensors"
-    root, folders, what, marker = (
+    root, folders, program, marker = (
         (webui_dir, WEBUI_FOLDERS, "stable-diffusion-webui", "models/Stable-diffusion")
         if webui_dir is not None
         else (comfyui_dir, COMFYUI_FOLDERS, "ComfyUI", "models/checkpoints")
     )
     if not (root / marker).is_dir():
-        raise UserError(f"{str(root)!r} does not look like a {what} installation (no {marker}/ folder)")
+        raise UserError(f"{str(root)!r} does not look like a {program} installation (no {marker}/ folder)")
     return root / folders[0] / f"{name}.safetensors", root / folders[1] / f"{name}.safetensors"
 
 
@@ -98,7 +96,7 @@ def read_training_args(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export_lora(source: Path, target: Path, name: str, training_args: dict, model: str | None, rank: int | None,
+def export_lora(source: Path, target: Path, *, name: str, training_args: dict, model: str | None, rank: int | None,
                 dora_native: str | None = None) -> None:
     """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically.
     A DoRA is baked into a plain LoRA first (every UI loads that; their DoRA conventions differ)."""
@@ -106,33 +104,28 @@ def export_lora(source: Path, target: Path, name: str, training_args: dict, mode
     from safetensors.torch import save_file
 
     from common.files import atomic_path
-    from common.lora_formats import diffusers_lora_to_kohya
+    from common.lora_formats import diffusers_lora_to_kohya, is_dora, kohya_metadata
 
     with safe_open(str(source), "pt") as handle:
-        is_dora = any("lora_magnitude_vector" in key for key in handle.keys())
-    if is_dora and not dora_native:
+        dora = is_dora(handle.keys())
+    if dora and not dora_native:
         if not model:
             raise UserError(f"{str(source)!r} is a DoRA: baking it into a plain LoRA needs the base model, --model MODEL")
         kohya, summary = bake_dora(source, model, rank)
     else:
         kohya, summary = diffusers_lora_to_kohya(source, dora_native=dora_native)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_network_args": json.dumps({"parts": sorted(summary)}),
-        "ss_sd_model_name": str(training_args.get("pretrained_model_name_or_path", "")),
-        "ss_output_name": name,
+    fields = {"network_args": json.dumps({"parts": sorted(summary)}), "output_name": name,
+              "sd_model_name": str(training_args.get("pretrained_model_name_or_path", ""))}
+    if training_args:
+        fields["training_comment"] = json.dumps({k: training_args.get(k) for k in ("rank", "learning_rate", "max_train_steps", "edm")})
+    metadata = kohya_metadata(rank=rank, alpha=alpha, **fields) | {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
         "modelspec.trigger_phrase": trigger_prompt(training_args, name, "webui") or "",
     }
-    if training_args:
-        metadata["ss_training_comment"] = json.dumps({k: training_args.get(k) for k in ("rank", "learning_rate", "max_train_steps", "edm")})
     with atomic_path(target) as partial:
         save_file(kohya, str(partial), metadata=metadata)
 
@@ -141,33 +134,28 @@ def bake_dora(source: Path, model: str, rank: int | None):
     """Each DoRA layer's adapted weight W' = m * (W + dW) / ||W + dW|| (Liu et al. 2024, Eq. 5, computed by
     peft's own merge) minus W, factorised by SVD at `rank` (full by default) into a plain LoRA of scale 1."""
     import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from common.lora_formats import LoraSpec, load_loras, peft_text_encoder_to_kohya, peft_unet_to_kohya, svd_factors
+    from common.lora_formats import COMPONENT_PREFIXES, LoraSpec, adapter_layers, load_loras, lora_ranks, peft_lora_to_kohya, svd_factors
     from common.models import load_sdxl_pipeline
 
     pipe = load_sdxl_pipeline(model, torch.float32)
-    load_loras(pipe, [LoraSpec(source)])
-    kohya, summary, worst = {}, {}, 0.0
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    [adapter] = load_loras(pipe, [LoraSpec(source)])
+    states, summary, worst = {}, {}, 0.0
+    for component in COMPONENT_PREFIXES:
         state = {}
-        for module_name, module in getattr(pipe, component).named_modules():
-            if isinstance(module, BaseTunerLayer) and "lora_0" in module.lora_A:
-                before = module.get_base_layer().weight.detach().clone()
-                module.merge(adapter_names=["lora_0"])
-                delta = module.get_base_layer().weight.detach().double() - before.double()
-                module.unmerge()
-                up, down, error = svd_factors(delta, rank)
-                worst = max(worst, error)
-                state[f"{module_name}.lora_A.weight"], state[f"{module_name}.lora_B.weight"] = down, up
-        if not state:
-            continue
-        ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-        alpha = ranks.__getitem__  # scale 1: alpha = rank, layer by layer
-        kohya |= (peft_unet_to_kohya(state, alpha, pipe.unet.config.layers_per_block) if component == "unet"
-                  else peft_text_encoder_to_kohya(state, alpha, {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]))
-        some = next(iter(ranks))
-        summary[component] = (ranks[some], ranks[some])
+        for module_name, module in adapter_layers(getattr(pipe, component), adapter).items():
+            before = module.get_base_layer().weight.detach().clone()
+            module.merge(adapter_names=[adapter])
+            delta = module.get_base_layer().weight.detach().double() - before.double()
+            module.unmerge()
+            up, down, error = svd_factors(delta, rank)
+            worst = max(worst, error)
+            state[f"{module_name}.lora_A.weight"], state[f"{module_name}.lora_B.weight"] = down, up
+        if state:
+            states[component] = state
+            some_rank = next(iter(lora_ranks(state).values()))
+            summary[component] = (some_rank, some_rank)  # scale 1: alpha = rank, layer by layer
+    kohya = peft_lora_to_kohya(states, layers_per_block=pipe.unet.config.layers_per_block)
     typer.echo(f"DoRA baked into a plain LoRA (rank {rank or 'full'}): largest relative truncation error {worst:.2e}")
     return kohya, summary
 
@@ -176,13 +164,13 @@ def check_file(path: Path) -> int:
     """Report rank, alpha, DoRA, parts, and every key a UI would not map; 1 when there is any."""
     from safetensors.torch import load_file
 
-    from common.lora_formats import check_kohya_keys
+    from common.lora_formats import check_kohya_keys, kohya_part
 
     if not path.is_file():
         raise UserError(f"--check takes a kohya .safetensors file; {str(path)!r} is not a file")
     state = load_file(str(path))
     problems = check_kohya_keys(state)
-    parts = sorted({key.split("_")[1] if key.startswith("lora_te") else "unet" for key in state if key.startswith("lora_")})
+    parts = sorted({kohya_part(key) for key in state} - {None})
     ranks = sorted({v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")})
     alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha")})
     typer.echo(f"parts: {', '.join(parts) or 'none'}; ranks: {ranks}; alphas: {alphas}; DoRA: {any(k.endswith('dora_scale') for k in state)}")
@@ -196,10 +184,9 @@ def to_diffusers(source: Path, out: Path, force: bool) -> None:
     """A kohya-format LoRA as a diffusers/peft file: factors unchanged, each layer's alpha in the metadata."""
     from collections import Counter
 
-    from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from common.lora_formats import DIFFUSERS_LORA_FILE, kohya_to_peft
+    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, save_diffusers_lora
 
     if not source.is_file():
         raise UserError(f"--to diffusers takes a kohya .safetensors file; {str(source)!r} is not a file")
@@ -207,19 +194,14 @@ def to_diffusers(source: Path, out: Path, force: bool) -> None:
     if target.exists() and not force:
         raise UserError(f"{str(target)!r} exists; pass --force to replace it")
     states, alphas = kohya_to_peft(source)
-    layers = {}
+    configs = {}
     for component, state in states.items():
-        ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-        config = LoraConfig(r=Counter(ranks.values()).most_common(1)[0][0], lora_alpha=Counter(alphas[component].values()).most_common(1)[0][0],
-                            target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas[component],
-                            use_dora=any(k.endswith("lora_magnitude_vector") for k in state))
-        layers[f"{component}_lora_layers"] = state
-        layers[f"{component}_lora_adapter_metadata"] = config.to_dict()
-    staging = out / ".diffusers.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionXLPipeline.save_lora_weights(staging, **layers)
-    os.replace(staging / DIFFUSERS_LORA_FILE, target)
-    shutil.rmtree(staging, ignore_errors=True)
+        ranks = lora_ranks(state)
+        configs[component] = LoraConfig(
+            r=Counter(ranks.values()).most_common(1)[0][0], lora_alpha=Counter(alphas[component].values()).most_common(1)[0][0],
+            target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas[component], use_dora=is_dora(state),
+        ).to_dict()
+    save_diffusers_lora(out, states, configs)
     typer.echo(f"diffusers LoRA: {target}")
 
 

@@ -15,8 +15,6 @@ ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,7 +31,6 @@ EXACT_METHODS = ("linear", "cat")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
            "magnitude_prune", "magnitude_prune_svd", "ziplora", "blora")
-CONTENT_BLOCK, STYLE_BLOCK = "unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1"
 
 
 @dataclass
@@ -178,7 +175,8 @@ def main(
     from common.models import device_and_dtype, model_modules_on_meta
 
     specs = [parse_weighted_path(spec) for spec in lora]
-    validate(method, specs, density, majority_sign_method, rank, ziplora_penalty, fuse_into, save_pipeline, ziplora_steps)
+    validate(method, specs, density=density, sign=majority_sign_method, rank=rank, penalty=ziplora_penalty,
+             fuse_into=fuse_into, save_pipeline=save_pipeline, steps=ziplora_steps)
     modules = model_modules_on_meta(model)
     inputs = [read_input(path, weight) for path, weight in specs]
     for lora_input in inputs:
@@ -186,14 +184,15 @@ def main(
     check_compatible(inputs)
     if method == "ziplora":
         pipe = load_base(model, *device_and_dtype(device, dtype))
-        merged, report = zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prompt, ziplora_steps,
-                                   ziplora_lr, ziplora_lambda, ziplora_penalty, ziplora_resolution, seed, out)
+        merged, report = zip_merge(pipe, inputs, content_data=content_data, content_prompt=content_prompt, style_data=style_data,
+                                   style_prompt=style_prompt, steps=ziplora_steps, lr=ziplora_lr, similarity_weight=ziplora_lambda,
+                                   penalty_name=ziplora_penalty, resolution=ziplora_resolution, seed=seed, out=out)
     elif method == "blora":
-        merged, report = block_merge(inputs, blocks, content_alpha, style_alpha)
+        merged, report = block_merge(inputs, blocks=blocks, content_alpha=content_alpha, style_alpha=style_alpha)
     else:
-        merged, report = merge_layers(inputs, method, density, majority_sign_method, rank, seed)
-    token_lines = write_outputs(merged, inputs, out, kohya, modules["unet"].config.layers_per_block,
-                                {"method": method, "model": model, "density": density, "rank": rank, "seed": seed, **report})
+        merged, report = merge_layers(inputs, method, density=density, sign=majority_sign_method, rank=rank, seed=seed)
+    token_lines = write_outputs(merged, inputs, out, kohya=kohya, layers_per_block=modules["unet"].config.layers_per_block,
+                                report={"method": method, "model": model, "density": density, "rank": rank, "seed": seed, **report})
     for line in token_lines:
         typer.echo(line)
     if fuse_into:
@@ -201,7 +200,7 @@ def main(
     typer.echo(f"merged {len(inputs)} LoRAs with {method} into {out}/")
 
 
-def validate(method, specs, density, sign, rank, penalty, fuse_into, save_pipeline, steps) -> None:
+def validate(method, specs, *, density, sign, rank, penalty, fuse_into, save_pipeline, steps) -> None:
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if len(specs) < 2:
@@ -236,7 +235,7 @@ def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype
 def read_input(path: Path, weight: float) -> InputLoRA:
     """One LoRA in any format (diffusers/peft or kohya, through diffusers' converters) as fp32 factors per
     layer, read from its file: loading it into a bf16 model would round the factors to bf16."""
-    from common.lora_formats import lora_file, read_peft_lora
+    from common.lora_formats import is_dora, lora_file, read_peft_lora
 
     file = lora_file(path)
     try:
@@ -245,7 +244,7 @@ def read_input(path: Path, weight: float) -> InputLoRA:
         raise UserError(f"could not read LoRA {str(path)!r}: {error}") from None
     layers = {}
     for component, state in states.items():
-        if any(key.endswith("lora_magnitude_vector") for key in state):
+        if is_dora(state):
             raise UserError(f"{str(path)!r} is a DoRA: merging DoRA magnitudes is not supported yet; "
                             "bake it into a plain LoRA first (convert_for_webui.py)")
         for module, alpha in alphas[component].items():
@@ -276,7 +275,7 @@ def check_compatible(inputs: list[InputLoRA]) -> None:
                         f"{inputs[1].path} has e.g. {sorted(names[1])[:2]}")
 
 
-def merge_layers(inputs: list[InputLoRA], method: str, density: float, sign: str, rank: int | None, seed: int):
+def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: str, rank: int | None, seed: int):
     """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0)."""
     torch.manual_seed(seed)  # DARE's random drops
     weights = [i.weight for i in inputs]
@@ -298,13 +297,14 @@ def merge_layers(inputs: list[InputLoRA], method: str, density: float, sign: str
     return merged, {"layers": stats}
 
 
-def block_merge(inputs: list[InputLoRA], blocks: str | None, content_alpha: float, style_alpha: float):
+def block_merge(inputs: list[InputLoRA], *, blocks: str | None, content_alpha: float, style_alpha: float):
     """B-LoRA (Frenkel et al. 2024): the content block of the first LoRA and the style block of the second,
     each dW scaled by its alpha (linearly: alpha times the up factor, not times both factors)."""
-    chosen = [b.strip() for b in (blocks or f"{CONTENT_BLOCK},{STYLE_BLOCK}").split(",") if b.strip()]
+    from common.lora_formats import BLORA_BLOCKS, parse_blocks
+
+    chosen = list(parse_blocks(blocks) or BLORA_BLOCKS)
     if len(chosen) != 2:
         raise UserError(f"--blocks names one block per input (content,style), got {chosen}")
-    chosen = [b if b.startswith(("unet.", "text_encoder")) else f"unet.{b}" for b in chosen]
     merged = {}
     for lora, block, alpha in zip(inputs, chosen, (content_alpha, style_alpha)):
         layers = {n: l for n, l in lora.layers.items() if n.startswith(block + ".")}
@@ -363,12 +363,15 @@ def install_zip_layers(unet, content: InputLoRA, style: InputLoRA) -> dict[str, 
     return layers
 
 
-def zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prompt, steps, lr, lam, penalty_name,
-              resolution, seed, out: Path):
+def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, content_prompt: str | None, style_data: Path | None,
+              style_prompt: str | None, steps: int, lr: float, similarity_weight: float, penalty_name: str, resolution: int | None, seed: int,
+              out: Path):
     """ZipLoRA (Shah et al. 2023, Sec. 3.3): learn per-column merger vectors so that the merged UNet
     reproduces the content LoRA on content examples and the style LoRA on style examples, while the two
     vectors of each layer stay near-orthogonal. Only the vectors train."""
     from tqdm.auto import tqdm
+
+    from common.losses import formulation_for_scheduler
 
     content, style = inputs
     torch.set_flush_denormal(True)  # tiny products of two near-zero LoRA paths otherwise crawl on CPUs
@@ -380,8 +383,9 @@ def zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prom
         raise UserError("the two LoRAs share no UNet layer to merge")
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     generator = torch.Generator().manual_seed(seed)
-    examples = [zip_example(pipe, zipped, "content", content_data, content_prompt, size, generator),
-                zip_example(pipe, zipped, "style", style_data, style_prompt, size, generator)]
+    examples = [zip_example(pipe, zipped, mode="content", folder=content_data, prompt=content_prompt, size=size, generator=generator),
+                zip_example(pipe, zipped, mode="style", folder=style_data, prompt=style_prompt, size=size, generator=generator)]
+    formulation = formulation_for_scheduler(pipe.scheduler.config)  # the base's own: EDM or DDPM, with paper defaults
     penalty = cosine_penalty if penalty_name == "cosine" else product_penalty
     parameters = [p for layer in zipped.values() for p in (layer.m_content, layer.m_style)]
     optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -390,14 +394,14 @@ def zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prom
         for _ in bar:
             terms = []
             for example in examples:
-                model_input, timestep = noisy_input(pipe.scheduler, example["latents"], generator)
+                model_input, timestep = noisy_input(formulation, example["latents"], generator)
                 set_mode(zipped, example["mode"])
                 with torch.no_grad():
                     target = unet_output(pipe, model_input, timestep, example)
                 set_mode(zipped, "merged")
                 terms.append(torch.nn.functional.mse_loss(unet_output(pipe, model_input, timestep, example), target))
             similarity = sum(penalty(layer.m_content, layer.m_style) for layer in zipped.values())
-            loss = terms[0] + terms[1] + lam * similarity
+            loss = terms[0] + terms[1] + similarity_weight * similarity
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -408,7 +412,7 @@ def zip_merge(pipe, inputs, content_data, content_prompt, style_data, style_prom
     for name in sorted((set(content.layers) | set(style.layers)) - set(merged)):  # text-encoder layers: summed
         merged[name] = linear_merge_factors([content.layers.get(name), style.layers.get(name)], [1.0, 1.0])
     save_merger_vectors(zipped, out)
-    return merged, {"ziplora": {"steps": steps, "lr": lr, "lambda": lam, "penalty": penalty_name, "history": history}}
+    return merged, {"ziplora": {"steps": steps, "lr": lr, "lambda": similarity_weight, "penalty": penalty_name, "history": history}}
 
 
 def set_mode(zipped: dict, mode: str) -> None:
@@ -416,7 +420,7 @@ def set_mode(zipped: dict, mode: str) -> None:
         layer.mode = mode
 
 
-def zip_example(pipe, zipped, mode: str, folder: Path | None, prompt: str, size: int, generator) -> dict:
+def zip_example(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, size: int, generator) -> dict:
     """A (latents, prompt embeddings) example: an image from `folder`, or one the LoRA makes itself."""
     import numpy as np
     from PIL import Image
@@ -444,21 +448,19 @@ def zip_example(pipe, zipped, mode: str, folder: Path | None, prompt: str, size:
     return {"mode": mode, "latents": latents, "embeds": embeds, "pooled": pooled, "time_ids": time_ids}
 
 
-def noisy_input(scheduler, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A noised UNet input and its timestep condition, in the model's own formulation."""
-    from common.losses import edm_preconditioning, sample_lognormal_sigmas
-    from common.models import is_edm_scheduler_config
+def noisy_input(formulation, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A noised UNet input and its timestep condition, drawn as `formulation` draws them for training.
 
-    noise = torch.randn(latents.shape, generator=generator)
-    if is_edm_scheduler_config(scheduler.config):
-        sigma = sample_lognormal_sigmas(1, -1.2, 1.2, generator)
-        _, _, c_in, c_noise = edm_preconditioning(sigma, float(scheduler.config.sigma_data))
-        return c_in * (latents + sigma * noise), c_noise
-    from diffusers import DDPMScheduler
+    ZipLoRA compares two UNets' outputs at the same input rather than one output against the formulation's
+    target, so the input is taken from the formulation's own loss and the loss itself is dropped."""
+    drawn = []
 
-    abar = DDPMScheduler.from_config(scheduler.config).alphas_cumprod
-    t = torch.randint(0, len(abar), (1,), generator=generator)
-    return abar[t].sqrt() * latents + (1 - abar[t]).sqrt() * noise, t
+    def record(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        drawn.append((model_input, timestep))
+        return torch.zeros_like(model_input)
+
+    formulation.loss(record, latents, generator)
+    return drawn[0]
 
 
 def unet_output(pipe, model_input, timestep, example) -> torch.Tensor:
@@ -505,38 +507,24 @@ def merged_embeddings(inputs: list[InputLoRA]):
     return (torch.cat(clip_l), torch.cat(clip_g), tokens), lines
 
 
-def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, kohya: bool, layers_per_block: int, report: dict) -> list[str]:
+def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bool, layers_per_block: int, report: dict) -> list[str]:
     """diffusers LoRA (scale 1 per layer: alpha = rank), optional kohya copy, merged embedding, JSON report."""
-    from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
     from common.files import atomic_path
-    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_text_encoder_to_kohya, peft_unet_to_kohya
+    from common.lora_formats import kohya_metadata, peft_lora_to_kohya, save_diffusers_lora
     from common.tokens import save_embedding
 
     out.mkdir(parents=True, exist_ok=True)
-    components: dict[str, dict] = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    states: dict[str, dict] = {}
     for name, layer in merged.items():
         component, module = name.split(".", 1)
-        components[component][f"{module}.lora_A.weight"] = layer.down.contiguous()
-        components[component][f"{module}.lora_B.weight"] = layer.up.contiguous()
-    layers = {f"{c}_lora_layers": state for c, state in components.items() if state}
-    staging = out / ".merged.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionXLPipeline.save_lora_weights(staging, **layers)
-    os.replace(staging / DIFFUSERS_LORA_FILE, out / DIFFUSERS_LORA_FILE)
-    shutil.rmtree(staging, ignore_errors=True)
+        states.setdefault(component, {})[f"{module}.lora_A.weight"] = layer.down.contiguous()
+        states[component][f"{module}.lora_B.weight"] = layer.up.contiguous()
+    save_diffusers_lora(out, states)
     if kohya:
-        kohya_state = {}
-        for module_key, value in components["unet"].items():
-            rank = value.shape[0] if module_key.endswith("lora_A.weight") else value.shape[1]
-            kohya_state |= peft_unet_to_kohya({module_key: value}, rank, layers_per_block)
-        for component, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
-            for module_key, value in components[component].items():
-                rank = value.shape[0] if module_key.endswith("lora_A.weight") else value.shape[1]
-                kohya_state |= peft_text_encoder_to_kohya({module_key: value}, rank, prefix)
         with atomic_path(out / f"{out.resolve().name}.safetensors") as partial:
-            save_file(kohya_state, str(partial), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+            save_file(peft_lora_to_kohya(states, layers_per_block=layers_per_block), str(partial), metadata=kohya_metadata())
     embedding, lines = merged_embeddings(inputs)
     if embedding is not None:
         save_embedding(out / f"{out.resolve().name}_emb.safetensors", *embedding)
@@ -548,16 +536,15 @@ def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, kohya: bool,
 
 def fuse(model: str, merged_dir: Path, save_to: Path) -> None:
     """A full pipeline with the merged LoRA fused into its base weights (in fp32, as the base is read)."""
+    from common.files import atomic_folder
+    from common.lora_formats import DIFFUSERS_LORA_FILE
+
     pipe = load_base(model)
-    pipe.load_lora_weights(str(merged_dir), weight_name="pytorch_lora_weights.safetensors", adapter_name="merged")
+    pipe.load_lora_weights(str(merged_dir), weight_name=DIFFUSERS_LORA_FILE, adapter_name="merged")
     pipe.fuse_lora(adapter_names=["merged"])
     pipe.unload_lora_weights()
-    staging = save_to.with_name(f".{save_to.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging)  # written aside, then renamed: never a half-written pipeline folder
-    if save_to.exists():
-        shutil.rmtree(save_to)
-    os.replace(staging, save_to)
+    with atomic_folder(save_to) as staging:
+        pipe.save_pretrained(staging)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Accepts the flags of diffusers' train_dreambooth_lora_sdxl_advanced.py under the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,19 +18,23 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
+from tqdm.auto import tqdm
 
-from common.cli import UserError, flags, run_app
+from common.cli import REQUIRED, UserError, config_from_options, option, options_command, parse_bool, run_app
+from common.files import atomic_folder, atomic_path
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 logger = logging.getLogger("train_lora")
 
-MODEL, DATA, LORA, OPTIM, LOSS, MEMORY, OUTPUT, TEXT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Memory and speed", "Output", "Pivotal tuning, text encoders, prior preservation"
+# help panels
+MODEL, DATA, LORA, OPTIM, LOSS, OUTPUT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Output"
+MEMORY, TEXT = "Memory and speed", "Pivotal tuning, text encoders, prior preservation"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-BLORA_BLOCKS = ("unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1")
 OPTIMIZERS = ("adamw", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -37,234 +42,220 @@ TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass
 class TrainConfig:
-    """Every option, after validation; saved as training_args.json."""
+    """Every option of the command, declared once (default, help, panel); validated by make_config and saved
+    as training_args.json."""
 
-    pretrained_model_name_or_path: str
-    output_dir: str
-    instance_data_dir: Optional[str] = None
-    instance_prompt: Optional[str] = None
-    dataset_name: Optional[str] = None
-    image_column: str = "image"
-    caption_column: Optional[str] = None
-    repeats: int = 1
-    resolution: int = 1024
-    center_crop: bool = False
-    random_flip: bool = False
-    image_interpolation_mode: str = "lanczos"
-    aspect_buckets: bool = False
-    skip_bad_images: bool = False
-    train_batch_size: int = 4
-    num_train_epochs: int = 1
-    max_train_steps: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    dataloader_num_workers: int = 0
-    rank: int = 4
-    lora_alpha: Optional[float] = None
-    lora_dropout: float = 0.0
-    use_dora: bool = False
-    lora_unet_blocks: Optional[str] = None
-    use_blora: bool = False
-    init_lora: Optional[str] = None
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    use_8bit_adam: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    prodigy_beta3: Optional[float] = None
-    prodigy_decouple: bool = True
-    prodigy_use_bias_correction: bool = True
-    prodigy_safeguard_warmup: bool = True
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    edm: bool = False
-    edm_p_mean: float = -1.2
-    edm_p_std: float = 1.2
-    snr_gamma: Optional[float] = None
-    snr_weighting: str = "hard"
-    prediction_type: Optional[str] = None
-    noise_offset: float = 0.0
-    cache_latents: bool = False
-    gradient_checkpointing: bool = False
-    mixed_precision: Optional[str] = None
-    allow_tf32: bool = False
-    torch_compile: bool = False
-    pretrained_vae_model_name_or_path: Optional[str] = None
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: Optional[int] = None
-    resume_from_checkpoint: Optional[str] = None
-    validation_prompt: Optional[str] = None
-    num_validation_images: int = 4
-    validation_epochs: int = 50
-    seed: Optional[int] = None
-    report_to: str = "none"
-    logging_dir: str = "logs"
-    train_text_encoder_ti: bool = False
-    train_text_encoder_ti_frac: float = 0.5
-    token_abstraction: str = "TOK"
-    num_new_tokens_per_abstraction: int = 2
-    initializer_token: Optional[str] = None
-    train_text_encoder: bool = False
-    train_text_encoder_frac: float = 1.0
-    text_encoder_lr: float = 5e-6
-    adam_weight_decay_text_encoder: Optional[float] = None
-    clip_skip: Optional[int] = None
-    with_prior_preservation: bool = False
-    class_data_dir: Optional[str] = None
-    class_prompt: Optional[str] = None
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    sample_batch_size: int = 4
-    prior_generation_precision: Optional[str] = None
-    token_map: dict = field(default_factory=dict)  # abstraction -> new tokens, filled in by pivotal tuning
-    extra: dict = field(default_factory=dict)  # accepted for compatibility, recorded, not used
+    pretrained_model_name_or_path: str = option(
+        REQUIRED, "--model", "-m", help="tiny-sdxl, tiny-edm, a diffusers folder or a hub id", panel=MODEL
+    )
+    pretrained_vae_model_name_or_path: Optional[str] = option(
+        None, help="an fp16-safe VAE folder; the model's VAE otherwise runs in fp32", panel=MODEL
+    )
+    revision: Optional[str] = option(None, help="hub revision (network)", panel=MODEL)
+    variant: Optional[str] = option(None, help="weight variant, e.g. fp16", panel=MODEL)
+    cache_dir: Optional[str] = option(None, help="hub download cache", panel=MODEL)
+    instance_data_dir: Optional[str] = option(None, help="folder of training images", panel=DATA)
+    instance_prompt: Optional[str] = option(None, help="caption of every image (or fallback caption)", panel=DATA)
+    dataset_name: Optional[str] = option(None, help="a local ImageFolder/dataset (or hub id, network)", panel=DATA)
+    dataset_config_name: Optional[str] = option(None, help="the configuration of a hub --dataset_name", panel=DATA)
+    image_column: str = option("image", panel=DATA)
+    caption_column: Optional[str] = option(None, help="per-image captions", panel=DATA)
+    repeats: int = option(1, panel=DATA)
+    resolution: int = option(1024, help="side of the square (or the bucket area's side)", panel=DATA)
+    center_crop: bool = option(False, panel=DATA)
+    random_flip: bool = option(False, panel=DATA)
+    image_interpolation_mode: str = option(
+        "lanczos", help="lanczos, bicubic, bilinear, nearest, box, hamming", panel=DATA
+    )
+    aspect_buckets: bool = option(False, help="train each image at the SDXL bucket of its aspect ratio", panel=DATA)
+    skip_bad_images: bool = option(False, help="skip unreadable images with a warning", panel=DATA)
+    train_batch_size: int = option(4, panel=DATA)
+    num_train_epochs: int = option(1, panel=DATA)
+    max_train_steps: Optional[int] = option(None, help="optimizer steps (overrides epochs)", panel=DATA)
+    gradient_accumulation_steps: int = option(1, panel=DATA)
+    dataloader_num_workers: int = option(0, panel=DATA)
+    rank: int = option(4, help="LoRA rank r", panel=LORA)
+    lora_alpha: Optional[float] = option(None, help="LoRA alpha (default: the rank, scale 1)", panel=LORA)
+    lora_dropout: float = option(0.0, panel=LORA)
+    use_dora: bool = option(False, panel=LORA)
+    lora_unet_blocks: Optional[str] = option(
+        None, help="comma-separated blocks, e.g. unet.up_blocks.0.attentions.0", panel=LORA
+    )
+    use_blora: bool = option(False, help="B-LoRA: only the content and style blocks", panel=LORA)
+    init_lora: Optional[str] = option(
+        None, help="start the UNet LoRA from this one (diffusers or kohya file or folder)", panel=LORA
+    )
+    optimizer: str = option("adamw", help="adamw or prodigy (any case)", panel=OPTIM)
+    learning_rate: float = option(1e-4, panel=OPTIM)
+    scale_lr: bool = option(False, panel=OPTIM)
+    use_8bit_adam: bool = option(False, help="bitsandbytes AdamW8bit (CUDA)", panel=OPTIM)
+    adam_beta1: float = option(0.9, panel=OPTIM)
+    adam_beta2: float = option(0.999, panel=OPTIM)
+    adam_weight_decay: float = option(1e-4, panel=OPTIM)
+    adam_epsilon: float = option(1e-8, panel=OPTIM)
+    prodigy_beta3: Optional[float] = option(None, panel=OPTIM)
+    prodigy_decouple: bool = option(True, help="True/False", panel=OPTIM, cli_type=str, parse=parse_bool)
+    prodigy_use_bias_correction: bool = option(True, help="True/False", panel=OPTIM, cli_type=str, parse=parse_bool)
+    prodigy_safeguard_warmup: bool = option(True, help="True/False", panel=OPTIM, cli_type=str, parse=parse_bool)
+    max_grad_norm: float = option(1.0, panel=OPTIM)
+    lr_scheduler: str = option("constant", help=", ".join(LR_SCHEDULERS), panel=OPTIM)
+    lr_warmup_steps: int = option(500, panel=OPTIM)
+    lr_num_cycles: int = option(1, panel=OPTIM)
+    lr_power: float = option(1.0, panel=OPTIM)
+    edm: bool = option(
+        False,
+        "--do_edm_style_training",
+        "--do-edm-style-training",
+        help="EDM training (automatic on EDM bases)",
+        panel=LOSS,
+    )
+    edm_p_mean: float = option(-1.2, help="mean of ln(sigma)", panel=LOSS)
+    edm_p_std: float = option(1.2, help="std of ln(sigma)", panel=LOSS)
+    snr_gamma: Optional[float] = option(None, help="Min-SNR-gamma (5 is usual)", panel=LOSS)
+    snr_weighting: str = option("hard", help="hard (min) or soft (smooth min) with --snr_gamma under EDM", panel=LOSS)
+    prediction_type: Optional[str] = option(None, help="epsilon or v_prediction (default: the model's)", panel=LOSS)
+    noise_offset: float = option(0.0, panel=LOSS)
+    cache_latents: bool = option(False, help="encode every image once", panel=MEMORY)
+    gradient_checkpointing: bool = option(False, panel=MEMORY)
+    mixed_precision: Optional[str] = option(None, help="no, fp16, bf16", panel=MEMORY)
+    allow_tf32: bool = option(False, panel=MEMORY)
+    torch_compile: bool = option(False, panel=MEMORY)
+    output_dir: str = option("lora-dreambooth-model", "-o", panel=OUTPUT)
+    checkpointing_steps: int = option(500, panel=OUTPUT)
+    checkpoints_total_limit: Optional[int] = option(None, panel=OUTPUT)
+    resume_from_checkpoint: Optional[str] = option(None, help="latest or a checkpoint folder", panel=OUTPUT)
+    validation_prompt: Optional[str] = option(None, panel=OUTPUT)
+    num_validation_images: int = option(4, panel=OUTPUT)
+    validation_epochs: int = option(50, panel=OUTPUT)
+    seed: int = option(
+        0, help="seeds the LoRA's initialisation, the noise, the data order and augmentation", panel=OUTPUT
+    )
+    report_to: str = option("none", help="none, tensorboard, wandb, ... (must be installed)", panel=OUTPUT)
+    logging_dir: str = option("logs", panel=OUTPUT)
+    train_text_encoder_ti: bool = option(False, panel=TEXT)
+    train_text_encoder_ti_frac: float = option(0.5, panel=TEXT)
+    token_abstraction: str = option("TOK", panel=TEXT)
+    num_new_tokens_per_abstraction: int = option(2, panel=TEXT)
+    initializer_token: Optional[str] = option(
+        None, help="start the new rows from this word's embedding (default: random with the table's std)", panel=TEXT
+    )
+    train_text_encoder: bool = option(False, panel=TEXT)
+    train_text_encoder_frac: float = option(1.0, panel=TEXT)
+    text_encoder_lr: float = option(5e-6, panel=TEXT)
+    adam_weight_decay_text_encoder: Optional[float] = option(None, panel=TEXT)
+    clip_skip: Optional[int] = option(None, panel=TEXT)
+    with_prior_preservation: bool = option(False, panel=TEXT)
+    class_data_dir: Optional[str] = option(None, panel=TEXT)
+    class_prompt: Optional[str] = option(None, panel=TEXT)
+    num_class_images: int = option(100, panel=TEXT)
+    prior_loss_weight: float = option(1.0, panel=TEXT)
+    sample_batch_size: int = option(4, panel=TEXT)
+    prior_generation_precision: Optional[str] = option(None, panel=TEXT)
+    # abstraction -> its new tokens; filled in by pivotal tuning, recorded in training_args.json
+    token_map: dict = field(default_factory=dict)
 
 
-def main(
-    pretrained_model_name_or_path: Annotated[str, typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="tiny-sdxl, tiny-edm, a diffusers folder or a hub id", rich_help_panel=MODEL)],
-    pretrained_vae_model_name_or_path: Annotated[Optional[str], typer.Option(*flags("pretrained_vae_model_name_or_path"), help="an fp16-safe VAE folder; the model's VAE otherwise runs in fp32", rich_help_panel=MODEL)] = None,
-    revision: Annotated[Optional[str], typer.Option(*flags("revision"), help="hub revision (network)", rich_help_panel=MODEL)] = None,
-    variant: Annotated[Optional[str], typer.Option(*flags("variant"), help="weight variant, e.g. fp16", rich_help_panel=MODEL)] = None,
-    cache_dir: Annotated[Optional[str], typer.Option(*flags("cache_dir"), help="hub download cache", rich_help_panel=MODEL)] = None,
-    instance_data_dir: Annotated[Optional[str], typer.Option(*flags("instance_data_dir"), help="folder of training images", rich_help_panel=DATA)] = None,
-    instance_prompt: Annotated[Optional[str], typer.Option(*flags("instance_prompt"), help="caption of every image (or fallback caption)", rich_help_panel=DATA)] = None,
-    dataset_name: Annotated[Optional[str], typer.Option(*flags("dataset_name"), help="a local ImageFolder/dataset (or hub id, network)", rich_help_panel=DATA)] = None,
-    dataset_config_name: Annotated[Optional[str], typer.Option(*flags("dataset_config_name"), help="dataset config (hub)", rich_help_panel=DATA)] = None,
-    image_column: Annotated[str, typer.Option(*flags("image_column"), rich_help_panel=DATA)] = "image",
-    caption_column: Annotated[Optional[str], typer.Option(*flags("caption_column"), help="per-image captions", rich_help_panel=DATA)] = None,
-    repeats: Annotated[int, typer.Option(*flags("repeats"), rich_help_panel=DATA)] = 1,
-    resolution: Annotated[int, typer.Option(*flags("resolution"), help="side of the square (or the bucket area's side)", rich_help_panel=DATA)] = 1024,
-    center_crop: Annotated[bool, typer.Option(*flags("center_crop"), rich_help_panel=DATA)] = False,
-    random_flip: Annotated[bool, typer.Option(*flags("random_flip"), rich_help_panel=DATA)] = False,
-    image_interpolation_mode: Annotated[str, typer.Option(*flags("image_interpolation_mode"), help="lanczos, bicubic, bilinear, nearest, box, hamming", rich_help_panel=DATA)] = "lanczos",
-    aspect_buckets: Annotated[bool, typer.Option(*flags("aspect_buckets"), help="train each image at the SDXL bucket of its aspect ratio", rich_help_panel=DATA)] = False,
-    skip_bad_images: Annotated[bool, typer.Option(*flags("skip_bad_images"), help="skip unreadable images with a warning", rich_help_panel=DATA)] = False,
-    train_batch_size: Annotated[int, typer.Option(*flags("train_batch_size"), rich_help_panel=DATA)] = 4,
-    num_train_epochs: Annotated[int, typer.Option(*flags("num_train_epochs"), rich_help_panel=DATA)] = 1,
-    max_train_steps: Annotated[Optional[int], typer.Option(*flags("max_train_steps"), help="optimizer steps (overrides epochs)", rich_help_panel=DATA)] = None,
-    gradient_accumulation_steps: Annotated[int, typer.Option(*flags("gradient_accumulation_steps"), rich_help_panel=DATA)] = 1,
-    dataloader_num_workers: Annotated[int, typer.Option(*flags("dataloader_num_workers"), rich_help_panel=DATA)] = 0,
-    rank: Annotated[int, typer.Option(*flags("rank"), help="LoRA rank r", rich_help_panel=LORA)] = 4,
-    lora_alpha: Annotated[Optional[float], typer.Option(*flags("lora_alpha"), help="LoRA alpha (default: the rank, scale 1)", rich_help_panel=LORA)] = None,
-    lora_dropout: Annotated[float, typer.Option(*flags("lora_dropout"), rich_help_panel=LORA)] = 0.0,
-    use_dora: Annotated[bool, typer.Option(*flags("use_dora"), rich_help_panel=LORA)] = False,
-    lora_unet_blocks: Annotated[Optional[str], typer.Option(*flags("lora_unet_blocks"), help="comma-separated blocks, e.g. unet.up_blocks.0.attentions.0", rich_help_panel=LORA)] = None,
-    use_blora: Annotated[bool, typer.Option(*flags("use_blora"), help="B-LoRA: only the content and style blocks", rich_help_panel=LORA)] = False,
-    init_lora: Annotated[Optional[str], typer.Option(*flags("init_lora"), help="start the UNet LoRA from this one (diffusers or kohya file or folder)", rich_help_panel=LORA)] = None,
-    optimizer: Annotated[str, typer.Option(*flags("optimizer"), help="AdamW or Prodigy", rich_help_panel=OPTIM)] = "AdamW",
-    learning_rate: Annotated[float, typer.Option(*flags("learning_rate"), rich_help_panel=OPTIM)] = 1e-4,
-    scale_lr: Annotated[bool, typer.Option(*flags("scale_lr"), rich_help_panel=OPTIM)] = False,
-    use_8bit_adam: Annotated[bool, typer.Option(*flags("use_8bit_adam"), help="bitsandbytes AdamW8bit (CUDA)", rich_help_panel=OPTIM)] = False,
-    adam_beta1: Annotated[float, typer.Option(*flags("adam_beta1"), rich_help_panel=OPTIM)] = 0.9,
-    adam_beta2: Annotated[float, typer.Option(*flags("adam_beta2"), rich_help_panel=OPTIM)] = 0.999,
-    adam_weight_decay: Annotated[float, typer.Option(*flags("adam_weight_decay"), rich_help_panel=OPTIM)] = 1e-4,
-    adam_epsilon: Annotated[float, typer.Option(*flags("adam_epsilon"), rich_help_panel=OPTIM)] = 1e-8,
-    prodigy_beta3: Annotated[Optional[float], typer.Option(*flags("prodigy_beta3"), rich_help_panel=OPTIM)] = None,
-    prodigy_decouple: Annotated[str, typer.Option(*flags("prodigy_decouple"), help="True/False", rich_help_panel=OPTIM)] = "True",
-    prodigy_use_bias_correction: Annotated[str, typer.Option(*flags("prodigy_use_bias_correction"), help="True/False", rich_help_panel=OPTIM)] = "True",
-    prodigy_safeguard_warmup: Annotated[str, typer.Option(*flags("prodigy_safeguard_warmup"), help="True/False", rich_help_panel=OPTIM)] = "True",
-    max_grad_norm: Annotated[float, typer.Option(*flags("max_grad_norm"), rich_help_panel=OPTIM)] = 1.0,
-    lr_scheduler: Annotated[str, typer.Option(*flags("lr_scheduler"), help=", ".join(LR_SCHEDULERS), rich_help_panel=OPTIM)] = "constant",
-    lr_warmup_steps: Annotated[int, typer.Option(*flags("lr_warmup_steps"), rich_help_panel=OPTIM)] = 500,
-    lr_num_cycles: Annotated[int, typer.Option(*flags("lr_num_cycles"), rich_help_panel=OPTIM)] = 1,
-    lr_power: Annotated[float, typer.Option(*flags("lr_power"), rich_help_panel=OPTIM)] = 1.0,
-    edm: Annotated[bool, typer.Option(*flags("edm", "--do_edm_style_training", "--do-edm-style-training"), help="EDM training (automatic on EDM bases)", rich_help_panel=LOSS)] = False,
-    edm_p_mean: Annotated[float, typer.Option(*flags("edm_p_mean"), help="mean of ln(sigma)", rich_help_panel=LOSS)] = -1.2,
-    edm_p_std: Annotated[float, typer.Option(*flags("edm_p_std"), help="std of ln(sigma)", rich_help_panel=LOSS)] = 1.2,
-    snr_gamma: Annotated[Optional[float], typer.Option(*flags("snr_gamma"), help="Min-SNR-gamma (5 is usual)", rich_help_panel=LOSS)] = None,
-    snr_weighting: Annotated[str, typer.Option(*flags("snr_weighting"), help="hard (min) or soft (smooth min) with --snr_gamma under EDM", rich_help_panel=LOSS)] = "hard",
-    prediction_type: Annotated[Optional[str], typer.Option(*flags("prediction_type"), help="epsilon or v_prediction (default: the model's)", rich_help_panel=LOSS)] = None,
-    noise_offset: Annotated[float, typer.Option(*flags("noise_offset"), rich_help_panel=LOSS)] = 0.0,
-    cache_latents: Annotated[bool, typer.Option(*flags("cache_latents"), help="encode every image once", rich_help_panel=MEMORY)] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option(*flags("gradient_checkpointing"), rich_help_panel=MEMORY)] = False,
-    mixed_precision: Annotated[Optional[str], typer.Option(*flags("mixed_precision"), help="no, fp16, bf16", rich_help_panel=MEMORY)] = None,
-    allow_tf32: Annotated[bool, typer.Option(*flags("allow_tf32"), rich_help_panel=MEMORY)] = False,
-    torch_compile: Annotated[bool, typer.Option(*flags("torch_compile"), rich_help_panel=MEMORY)] = False,
-    enable_xformers_memory_efficient_attention: Annotated[bool, typer.Option(*flags("enable_xformers_memory_efficient_attention"), help="accepted; PyTorch SDPA is used", rich_help_panel=MEMORY)] = False,
-    output_dir: Annotated[str, typer.Option(*flags("output_dir", "-o"), rich_help_panel=OUTPUT)] = "lora-dreambooth-model",
-    checkpointing_steps: Annotated[int, typer.Option(*flags("checkpointing_steps"), rich_help_panel=OUTPUT)] = 500,
-    checkpoints_total_limit: Annotated[Optional[int], typer.Option(*flags("checkpoints_total_limit"), rich_help_panel=OUTPUT)] = None,
-    resume_from_checkpoint: Annotated[Optional[str], typer.Option(*flags("resume_from_checkpoint"), help="latest or a checkpoint folder", rich_help_panel=OUTPUT)] = None,
-    validation_prompt: Annotated[Optional[str], typer.Option(*flags("validation_prompt"), rich_help_panel=OUTPUT)] = None,
-    num_validation_images: Annotated[int, typer.Option(*flags("num_validation_images"), rich_help_panel=OUTPUT)] = 4,
-    validation_epochs: Annotated[int, typer.Option(*flags("validation_epochs"), rich_help_panel=OUTPUT)] = 50,
-    seed: Annotated[Optional[int], typer.Option(*flags("seed"), rich_help_panel=OUTPUT)] = None,
-    report_to: Annotated[str, typer.Option(*flags("report_to"), help="none, tensorboard, wandb, ... (must be installed)", rich_help_panel=OUTPUT)] = "none",
-    logging_dir: Annotated[str, typer.Option(*flags("logging_dir"), rich_help_panel=OUTPUT)] = "logs",
-    push_to_hub: Annotated[bool, typer.Option(*flags("push_to_hub"), help="needs network access", rich_help_panel=OUTPUT)] = False,
-    hub_token: Annotated[Optional[str], typer.Option(*flags("hub_token"), rich_help_panel=OUTPUT)] = None,
-    hub_model_id: Annotated[Optional[str], typer.Option(*flags("hub_model_id"), rich_help_panel=OUTPUT)] = None,
-    local_rank: Annotated[int, typer.Option(*flags("local_rank"), help="set by launchers; accelerate reads the environment", rich_help_panel=OUTPUT)] = -1,
-    train_text_encoder_ti: Annotated[bool, typer.Option(*flags("train_text_encoder_ti"), rich_help_panel=TEXT)] = False,
-    train_text_encoder_ti_frac: Annotated[float, typer.Option(*flags("train_text_encoder_ti_frac"), rich_help_panel=TEXT)] = 0.5,
-    token_abstraction: Annotated[str, typer.Option(*flags("token_abstraction"), rich_help_panel=TEXT)] = "TOK",
-    num_new_tokens_per_abstraction: Annotated[int, typer.Option(*flags("num_new_tokens_per_abstraction"), rich_help_panel=TEXT)] = 2,
-    initializer_token: Annotated[Optional[str], typer.Option(*flags("initializer_token"), help="start the new rows from this word's embedding (default: random with the table's std)", rich_help_panel=TEXT)] = None,
-    train_text_encoder: Annotated[bool, typer.Option(*flags("train_text_encoder"), rich_help_panel=TEXT)] = False,
-    train_text_encoder_frac: Annotated[float, typer.Option(*flags("train_text_encoder_frac"), rich_help_panel=TEXT)] = 1.0,
-    text_encoder_lr: Annotated[float, typer.Option(*flags("text_encoder_lr"), rich_help_panel=TEXT)] = 5e-6,
-    adam_weight_decay_text_encoder: Annotated[Optional[float], typer.Option(*flags("adam_weight_decay_text_encoder"), rich_help_panel=TEXT)] = None,
-    clip_skip: Annotated[Optional[int], typer.Option(*flags("clip_skip"), rich_help_panel=TEXT)] = None,
-    with_prior_preservation: Annotated[bool, typer.Option(*flags("with_prior_preservation"), rich_help_panel=TEXT)] = False,
-    class_data_dir: Annotated[Optional[str], typer.Option(*flags("class_data_dir"), rich_help_panel=TEXT)] = None,
-    class_prompt: Annotated[Optional[str], typer.Option(*flags("class_prompt"), rich_help_panel=TEXT)] = None,
-    num_class_images: Annotated[int, typer.Option(*flags("num_class_images"), rich_help_panel=TEXT)] = 100,
-    prior_loss_weight: Annotated[float, typer.Option(*flags("prior_loss_weight"), rich_help_panel=TEXT)] = 1.0,
-    sample_batch_size: Annotated[int, typer.Option(*flags("sample_batch_size"), rich_help_panel=TEXT)] = 4,
-    prior_generation_precision: Annotated[Optional[str], typer.Option(*flags("prior_generation_precision"), rich_help_panel=TEXT)] = None,
-) -> None:
+@dataclass
+class IgnoredOptions:
+    """Flags of diffusers' script accepted so that its command lines run unchanged; never recorded (a token is
+    a secret)."""
+
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, panel=MEMORY, no_effect="PyTorch's scaled-dot-product attention is always used"
+    )
+    push_to_hub: bool = option(
+        False, panel=OUTPUT, help="refused: it needs network access; upload --output_dir yourself"
+    )
+    hub_token: Optional[str] = option(None, panel=OUTPUT, no_effect="only --push_to_hub would use it")
+    hub_model_id: Optional[str] = option(None, panel=OUTPUT, no_effect="only --push_to_hub would use it")
+    local_rank: int = option(
+        -1, panel=OUTPUT, help="set by launchers; accelerate reads the process's rank from the environment"
+    )
+
+
+@options_command(app, TrainConfig, IgnoredOptions)
+def main(**options) -> None:
     """Train a DreamBooth LoRA (or DoRA) on an SDXL-family model; EDM bases train with EDM automatically."""
-    options = dict(locals())
-    config = make_config(options)
-    train(config)
-
-
-app.command()(main)
+    train(make_config(options))
 
 
 def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
     if options["push_to_hub"]:
-        raise UserError("--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards")
-    for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
-        options[name] = parse_bool(name, options[name])
-    options["optimizer"] = options["optimizer"].lower()
-    fields = set(TrainConfig.__dataclass_fields__)
-    extra = {k: v for k, v in options.items() if k not in fields and v not in (None, False, -1)}
-    config = TrainConfig(**{k: v for k, v in options.items() if k in fields}, extra=extra)
+        raise UserError(
+            "--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards"
+        )
+    config_from_options(IgnoredOptions, options, warn=logger.warning)
+    config = config_from_options(TrainConfig, options)
+    config.optimizer = config.optimizer.lower()
     checks = [
         (config.rank >= 1, f"--rank must be a positive integer, got {config.rank}"),
         (config.lora_alpha is None or config.lora_alpha > 0, f"--lora_alpha must be > 0, got {config.lora_alpha}"),
         (0 <= config.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {config.lora_dropout}"),
-        (config.snr_gamma is None or config.snr_gamma > 0, f"--snr_gamma must be > 0 (5 is usual), got {config.snr_gamma}"),
-        (config.snr_weighting in ("hard", "soft"), f"--snr_weighting must be hard or soft, got {config.snr_weighting!r}"),
+        (
+            config.snr_gamma is None or config.snr_gamma > 0,
+            f"--snr_gamma must be > 0 (5 is usual), got {config.snr_gamma}",
+        ),
+        (
+            config.snr_weighting in ("hard", "soft"),
+            f"--snr_weighting must be hard or soft, got {config.snr_weighting!r}",
+        ),
         (config.optimizer in OPTIMIZERS, f"--optimizer {config.optimizer!r} is not supported; use AdamW or Prodigy"),
-        (config.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler {config.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}"),
-        (config.mixed_precision in (None, "no", "fp16", "bf16"), f"--mixed_precision {config.mixed_precision!r}; use no, fp16 or bf16"),
-        (config.prediction_type in (None, "epsilon", "v_prediction"), f"--prediction_type {config.prediction_type!r}; use epsilon or v_prediction"),
-        (config.resolution % 8 == 0 and config.resolution > 0, f"--resolution {config.resolution} must be a positive multiple of 8"),
+        (
+            config.lr_scheduler in LR_SCHEDULERS,
+            f"--lr_scheduler {config.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}",
+        ),
+        (
+            config.mixed_precision in (None, "no", "fp16", "bf16"),
+            f"--mixed_precision {config.mixed_precision!r}; use no, fp16 or bf16",
+        ),
+        (
+            config.prediction_type in (None, "epsilon", "v_prediction"),
+            f"--prediction_type {config.prediction_type!r}; use epsilon or v_prediction",
+        ),
+        (
+            config.resolution % 8 == 0 and config.resolution > 0,
+            f"--resolution {config.resolution} must be a positive multiple of 8",
+        ),
         (config.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {config.train_batch_size}"),
         (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
-        (config.gradient_accumulation_steps >= 1, f"--gradient_accumulation_steps must be >= 1, got {config.gradient_accumulation_steps}"),
-        (config.max_train_steps is None or config.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {config.max_train_steps}"),
+        (
+            config.gradient_accumulation_steps >= 1,
+            f"--gradient_accumulation_steps must be >= 1, got {config.gradient_accumulation_steps}",
+        ),
+        (
+            config.max_train_steps is None or config.max_train_steps >= 1,
+            f"--max_train_steps must be >= 1, got {config.max_train_steps}",
+        ),
         (config.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {config.checkpointing_steps}"),
         (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
         (config.edm_p_std > 0, f"--edm_p_std must be > 0, got {config.edm_p_std}"),
-        (0 < config.train_text_encoder_ti_frac <= 1, f"--train_text_encoder_ti_frac must be in (0, 1], got {config.train_text_encoder_ti_frac}"),
-        (0 < config.train_text_encoder_frac <= 1, f"--train_text_encoder_frac must be in (0, 1], got {config.train_text_encoder_frac}"),
-        (config.num_new_tokens_per_abstraction >= 1, f"--num_new_tokens_per_abstraction must be >= 1, got {config.num_new_tokens_per_abstraction}"),
+        (
+            0 < config.train_text_encoder_ti_frac <= 1,
+            f"--train_text_encoder_ti_frac must be in (0, 1], got {config.train_text_encoder_ti_frac}",
+        ),
+        (
+            0 < config.train_text_encoder_frac <= 1,
+            f"--train_text_encoder_frac must be in (0, 1], got {config.train_text_encoder_frac}",
+        ),
+        (
+            config.num_new_tokens_per_abstraction >= 1,
+            f"--num_new_tokens_per_abstraction must be >= 1, got {config.num_new_tokens_per_abstraction}",
+        ),
         (config.clip_skip is None or config.clip_skip >= 0, f"--clip_skip must be >= 0, got {config.clip_skip}"),
         (config.text_encoder_lr > 0, f"--text_encoder_lr must be > 0, got {config.text_encoder_lr}"),
-        (not config.with_prior_preservation or (config.class_data_dir and config.class_prompt),
-         "--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt TEXT (e.g. 'a photo of a dog')"),
-        (config.num_class_images >= 1 and config.sample_batch_size >= 1, "--num_class_images and --sample_batch_size must be >= 1"),
-        (config.prior_generation_precision in (None, "no", "fp32", "fp16", "bf16"),
-         f"--prior_generation_precision {config.prior_generation_precision!r}; use fp32, fp16 or bf16"),
+        (
+            not config.with_prior_preservation or (config.class_data_dir and config.class_prompt),
+            "--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt TEXT (e.g. 'a photo of a dog')",
+        ),
+        (
+            config.num_class_images >= 1 and config.sample_batch_size >= 1,
+            "--num_class_images and --sample_batch_size must be >= 1",
+        ),
+        (
+            config.prior_generation_precision in (None, "no", "fp32", "fp16", "bf16"),
+            f"--prior_generation_precision {config.prior_generation_precision!r}; use fp32, fp16 or bf16",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -272,25 +263,24 @@ def make_config(options: dict) -> TrainConfig:
     from common.data import INTERPOLATIONS
 
     if config.image_interpolation_mode not in INTERPOLATIONS:
-        raise UserError(f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}")
+        raise UserError(
+            f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}"
+        )
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
         if not (Path(config.resume_from_checkpoint) / "lora.safetensors").is_file():
-            raise UserError(f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder")
+            raise UserError(
+                f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder"
+            )
     return config
 
 
-def parse_bool(name: str, value: str) -> bool:
-    """True/False as text, as the reference script's `type=bool` flags take them (but parsed right)."""
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes", "y", "on"):
-        return True
-    if lowered in ("false", "0", "no", "n", "off", ""):
-        return False
-    raise UserError(f"--{name} {value!r} is not a boolean; use True or False")
-
-
 def train(config: TrainConfig) -> None:
-    """Load models -> (class images) -> (pivotal tokens, text LoRA) -> data -> UNet LoRA -> optimizer -> loop -> save."""
+    """Load models -> (class images) -> (pivotal tokens, text LoRA) -> data -> UNet LoRA -> optimizer -> loop
+    -> save."""
+    import torch
+
+    from common.models import peak_memory_gib
+
     accelerator = make_accelerator(config)
     pipe = load_models(config, accelerator)
     if config.with_prior_preservation:
@@ -304,23 +294,26 @@ def train(config: TrainConfig) -> None:
     if config.init_lora:
         start_from_lora(unet, config)
     optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances)
-    text = TextSide(pipe, config, total_steps, data.all_captions(), accelerator)
+    caption_encoder = CaptionEncoder(pipe, config, total_steps, data.all_captions(), accelerator)
     if config.torch_compile:
-        import torch
-
         unet = torch.compile(unet)
     loader, batch_order = make_loader(config, data.instances)
-    unet, *encoders, optimizer, lr_scheduler = accelerator.prepare(unet, *text.trainable_encoders(), optimizer, lr_scheduler)
-    text.use_prepared(encoders)
+    unet, *encoders, optimizer, lr_scheduler = accelerator.prepare(
+        unet, *caption_encoder.trainable_encoders(), optimizer, lr_scheduler
+    )
+    caption_encoder.use_prepared(encoders)
     models = [unet, *encoders]
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     class_batches = ClassBatches(data, config, accelerator) if data.classes is not None else None
-    register_checkpoint_hooks(accelerator, config, text)
+    register_checkpoint_hooks(accelerator, config, caption_encoder)
     step = resume(config, accelerator)
-    text.update_phase(step)
-    accelerator.print(f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps")
+    caption_encoder.update_phase(step)
+    accelerator.print(
+        f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps"
+    )
 
-    progress = Progress(total_steps, step, accelerator, config)
+    batch_loss = BatchLoss(pipe, unet, caption_encoder, data, formulation, accelerator, config.prior_loss_weight)
+    progress = Progress(total_steps, step, accelerator)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     started, first_step = time.time(), step
     try:
@@ -332,13 +325,17 @@ def train(config: TrainConfig) -> None:
             for micro_step, batch in enumerate(batches, start=step * config.gradient_accumulation_steps):
                 class_batch = class_batches.batch(micro_step) if class_batches else None
                 loss = training_step(
-                    lambda: batch_loss(batch, class_batch, unet, text, data, pipe, formulation, accelerator, config, step),
-                    models, accelerator, optimizer, lr_scheduler, config.max_grad_norm,
+                    partial(batch_loss, batch, class_batch, step),
+                    models=models,
+                    accelerator=accelerator,
+                    optimizer=optimizer,
+                    lr_scheduler=lr_scheduler,
+                    max_grad_norm=config.max_grad_norm,
                 )
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                text.update_phase(step)
+                caption_encoder.update_phase(step)
                 progress.update(loss, optimizer, lr_scheduler)
                 if step % config.checkpointing_steps == 0 or step == total_steps:
                     save_checkpoint(accelerator, config, step)
@@ -352,11 +349,9 @@ def train(config: TrainConfig) -> None:
     progress.close()
 
     accelerator.wait_for_everyone()
-    text.check_original_rows()
+    caption_encoder.check_original_rows()
     if accelerator.is_main_process:
-        save_outputs(accelerator.unwrap_model(unet), pipe, text, config)
-    from common.models import peak_memory_gib
-
+        save_outputs(accelerator.unwrap_model(unet), pipe, caption_encoder, config)
     seconds = time.time() - started
     steps_done = max(1, step - first_step)
     accelerator.print(
@@ -366,33 +361,48 @@ def train(config: TrainConfig) -> None:
     accelerator.end_training()
 
 
-def batch_loss(batch, class_batch, unet, text, data, pipe, formulation, accelerator, config: TrainConfig, step: int):
-    """The batch's loss; with prior preservation, instance loss + prior_loss_weight x class loss, in one
+@dataclass
+class BatchLoss:
+    """A batch's loss; with prior preservation, instance loss + prior_loss_weight x class loss, in one
     forward pass when instance and class images share a shape."""
-    import torch
 
-    from common.losses import prior_preservation_loss
+    pipe: object
+    unet: object
+    caption_encoder: CaptionEncoder
+    data: TrainingData
+    formulation: object
+    accelerator: object
+    prior_loss_weight: float
 
-    parts = [(batch, data.captions)] + ([(class_batch, data.class_captions)] if class_batch is not None else [])
-    latents = [batch_latents(b, pipe, accelerator) for b, _ in parts]
-    captions = [[names[i] for i in b["index"].tolist()] for b, names in parts]
-    time_ids = [b["time_ids"] for b, _ in parts]
-    if len(parts) == 1 or latents[0].shape[1:] != latents[1].shape[1:]:
-        losses = [
-            formulation.loss(conditioned_unet(unet, text.embed(c, step), t, accelerator), x)
-            for x, c, t in zip(latents, captions, time_ids)
-        ]
-    else:
-        joint = formulation.loss(
-            conditioned_unet(unet, text.embed(captions[0] + captions[1], step), torch.cat(time_ids), accelerator), torch.cat(latents)
+    def __call__(self, batch: dict, class_batch: dict | None, step: int):
+        import torch
+
+        from common.losses import prior_preservation_loss
+
+        parts = [(batch, self.data.captions)] + (
+            [(class_batch, self.data.class_captions)] if class_batch is not None else []
         )
-        losses = [joint[: len(captions[0])], joint[len(captions[0]) :]]
-    if len(losses) == 1:
-        return losses[0].mean()
-    return prior_preservation_loss(losses[0], losses[1], config.prior_loss_weight)
+        latents = [batch_latents(b, self.pipe, self.accelerator) for b, _ in parts]
+        captions = [[names[i] for i in b["index"].tolist()] for b, names in parts]
+        time_ids = [b["time_ids"] for b, _ in parts]
+        if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
+            joint = self.formulation.loss(
+                self.network(captions[0] + captions[1], torch.cat(time_ids), step), torch.cat(latents)
+            )
+            losses = [joint[: len(captions[0])], joint[len(captions[0]) :]]
+        else:
+            losses = [
+                self.formulation.loss(self.network(c, t, step), x) for x, c, t in zip(latents, captions, time_ids)
+            ]
+        if len(losses) == 1:
+            return losses[0].mean()
+        return prior_preservation_loss(losses[0], losses[1], self.prior_loss_weight)
+
+    def network(self, captions: list[str], time_ids, step: int):
+        return conditioned_unet(self.unet, self.caption_encoder.embed(captions, step), time_ids, self.accelerator)
 
 
-def training_step(compute_loss, models: list, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
+def training_step(compute_loss, *, models: list, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
     """One micro-batch: loss, backward, and (when gradients are due) clip and step."""
     with accelerator.accumulate(*models):
         with accelerator.autocast():
@@ -414,7 +424,9 @@ def make_accelerator(config: TrainConfig):
 
     from common.models import cpu_processes_requested
 
-    project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir))
+    project = ProjectConfiguration(
+        project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir)
+    )
     try:
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -425,17 +437,21 @@ def make_accelerator(config: TrainConfig):
             cpu=cpu_processes_requested(),
         )
     except (ValueError, ImportError) as error:
-        raise UserError(f"could not set up accelerate (--report_to {config.report_to!r}, --mixed_precision {config.mixed_precision!r}): {error}") from None
+        raise UserError(
+            f"could not set up accelerate (--report_to {config.report_to!r}, --mixed_precision {config.mixed_precision!r}): {error}"
+        ) from None
     logging.basicConfig(format="%(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
-    set_seed(config.seed if config.seed is not None else 0)
+    set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         if config.report_to != "none":
-            accelerator.init_trackers("train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(
+                "train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+            )
     return accelerator
 
 
@@ -452,10 +468,13 @@ def load_models(config: TrainConfig, accelerator):
 
     from common.models import load_sdxl_pipeline, quiet_libraries
 
-    hub_options = {k: config.extra[k] for k in ("revision", "variant", "cache_dir") if k in config.extra}
+    hub_options = {"revision": config.revision, "variant": config.variant, "cache_dir": config.cache_dir}
+    hub_options = {k: v for k, v in hub_options.items() if v is not None}
     dtype = weight_dtype(accelerator)
     # read straight into the compute dtype: SDXL read in fp32 and then cast would need 14 GB of memory on the way
-    pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, {"default": dtype, "vae": torch.float32}, **hub_options)
+    pipe = load_sdxl_pipeline(
+        config.pretrained_model_name_or_path, {"default": dtype, "vae": torch.float32}, **hub_options
+    )
     if config.pretrained_vae_model_name_or_path:
         try:
             pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
@@ -478,33 +497,22 @@ def load_models(config: TrainConfig, accelerator):
 
 def choose_formulation(config: TrainConfig, pipe, accelerator):
     """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM."""
-    import torch
-
-    from common.losses import DiscreteFormulation, EDMFormulation, discrete_sigmas
+    from common.losses import EDMFormulation, formulation_for_scheduler
     from common.models import is_edm_scheduler_config
 
-    scheduler_config = pipe.scheduler.config
-    if is_edm_scheduler_config(scheduler_config):
-        if not config.edm:
-            accelerator.print("EDM base detected from its scheduler config: training with the EDM formulation")
-        return EDMFormulation(
-            sigma_data=float(scheduler_config["sigma_data"]), p_mean=config.edm_p_mean, p_std=config.edm_p_std,
-            snr_gamma=config.snr_gamma, soft_min_snr=config.snr_weighting == "soft", noise_offset=config.noise_offset,
-        )
-    from diffusers import DDPMScheduler
-
-    training_schedule = DDPMScheduler.from_config(scheduler_config)
-    alphas_cumprod = training_schedule.alphas_cumprod.to(torch.float32)
-    prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
-    if config.edm:
-        if prediction_type != "epsilon":
-            raise UserError(f"--edm on a discrete base needs an epsilon model; this one predicts {prediction_type}")
-        # a discrete VP model's latents are scaled to unit variance, its implicit sigma_data (k-diffusion)
-        return EDMFormulation(
-            sigma_data=1.0, p_mean=config.edm_p_mean, p_std=config.edm_p_std, schedule_sigmas=discrete_sigmas(alphas_cumprod),
-            snr_gamma=config.snr_gamma, soft_min_snr=config.snr_weighting == "soft", noise_offset=config.noise_offset,
-        )
-    return DiscreteFormulation(alphas_cumprod, prediction_type, config.snr_gamma, config.noise_offset)
+    formulation = formulation_for_scheduler(
+        pipe.scheduler.config,
+        edm=config.edm,
+        prediction_type=config.prediction_type,
+        p_mean=config.edm_p_mean,
+        p_std=config.edm_p_std,
+        snr_gamma=config.snr_gamma,
+        soft_min_snr=config.snr_weighting == "soft",
+        noise_offset=config.noise_offset,
+    )
+    if isinstance(formulation, EDMFormulation) and is_edm_scheduler_config(pipe.scheduler.config) and not config.edm:
+        accelerator.print("EDM base detected from its scheduler config: training with the EDM formulation")
+    return formulation
 
 
 @dataclass
@@ -528,20 +536,31 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
     from common.tokens import expand_abstractions, warn_about_long_prompts
 
     examples = find_examples(
-        Path(config.instance_data_dir) if config.instance_data_dir else None, config.instance_prompt,
-        config.dataset_name, config.image_column, config.caption_column,
+        instance_data_dir=Path(config.instance_data_dir) if config.instance_data_dir else None,
+        instance_prompt=config.instance_prompt,
+        dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
     )
-    examples = [Example(e.image, expand_abstractions(e.caption, config.token_map), e.name) for e in check_images(examples, config.skip_bad_images)]
+    examples = [
+        Example(e.image, expand_abstractions(e.caption, config.token_map), e.name)
+        for e in check_images(examples, config.skip_bad_images)
+    ]
     augment = Augment(
-        config.resolution, config.center_crop, config.random_flip, config.image_interpolation_mode,
+        config.resolution,
+        config.center_crop,
+        config.random_flip,
+        config.image_interpolation_mode,
         tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
     )
-    seed = config.seed or 0
-    data = TrainingData(TrainingImages(examples, augment, config.repeats, seed), [e.caption for e in examples])
+    data = TrainingData(TrainingImages(examples, augment, config.repeats, config.seed), [e.caption for e in examples])
     if config.with_prior_preservation:
-        class_examples = find_examples(Path(config.class_data_dir), config.class_prompt, None, "image", None)
+        class_examples = find_examples(
+            instance_data_dir=Path(config.class_data_dir), instance_prompt=config.class_prompt
+        )
         class_examples = check_images(class_examples, config.skip_bad_images)[: config.num_class_images]
-        data.classes = TrainingImages(class_examples, augment, 1, seed + 1)
+        data.classes = TrainingImages(class_examples, augment, 1, config.seed + 1)
         data.class_captions = [e.caption for e in class_examples]
     if config.cache_latents:
         encode = lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device)  # noqa: E731
@@ -553,18 +572,29 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
     if accelerator.is_main_process:
         warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning)
     classes = f", {len(data.class_captions)} class images" if data.classes is not None else ""
-    accelerator.print(f"{len(examples)} images x {config.repeats} repeats, {len(set(data.captions))} distinct captions{classes}")
+    accelerator.print(
+        f"{len(examples)} images x {config.repeats} repeats, {len(set(data.captions))} distinct captions{classes}"
+    )
     return data
 
 
 def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
     """Fill --class_data_dir up to --num_class_images with the base model, as gen_class_images.py does."""
     from common.generation import class_image_batches, make_class_images, sampling_settings
+    from common.generation_options import GenerationOptions
     from common.models import load_sdxl_pipeline, parse_dtype
 
     folder = Path(config.class_data_dir)
-    batches = class_image_batches(folder, config.num_class_images, config.class_prompt, None, config.seed or 0,
-                                  config.sample_batch_size, accelerator.process_index, accelerator.num_processes)
+    batches = class_image_batches(
+        folder,
+        wanted=config.num_class_images,
+        prompt=config.class_prompt,
+        negative_prompt=None,
+        seed=config.seed,
+        batch_size=config.sample_batch_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
     accelerator.wait_for_everyone()
     if batches:
         if config.prior_generation_precision not in (None, "no"):
@@ -572,9 +602,18 @@ def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
             generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
         else:
             generator_pipe = pipe.to(accelerator.device)
-        settings = sampling_settings(generator_pipe, config.resolution, config.resolution, 25, 5.0, None, config.pretrained_model_name_or_path)
+        options = GenerationOptions(
+            model=config.pretrained_model_name_or_path,
+            width=config.resolution,
+            height=config.resolution,
+            num_inference_steps=25,
+            guidance_scale=5.0,
+        )
+        settings = sampling_settings(generator_pipe, options)
         with accelerator.autocast():  # a bf16/fp16 UNet beside the fp32 VAE
-            made = make_class_images(generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process)
+            made = make_class_images(
+                generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process
+            )
         accelerator.print(f"made {made} class image(s) in {folder}/")
     accelerator.wait_for_everyone()
 
@@ -595,17 +634,23 @@ def add_pivotal_tokens(pipe, config: TrainConfig) -> dict:
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
         table = encoder.get_input_embeddings()
         if any(t in tokenizer.get_vocab() for t in tokens):
-            raise UserError(f"the tokenizer already has one of {', '.join(tokens)}; this model was pivotal-tuned before")
+            raise UserError(
+                f"the tokenizer already has one of {', '.join(tokens)}; this model was pivotal-tuned before"
+            )
         tokenizer.add_tokens(tokens)
         ids = tokenizer.convert_tokens_to_ids(tokens)
         if ids != list(range(table.num_embeddings, table.num_embeddings + len(tokens))):
-            raise UserError(f"the tokenizer ({len(tokenizer)} tokens) and its embedding table ({table.num_embeddings} rows) disagree")
+            raise UserError(
+                f"the tokenizer ({len(tokenizer)} tokens) and its embedding table ({table.num_embeddings} rows) disagree"
+            )
         if config.initializer_token:
             start = tokenizer(config.initializer_token, add_special_tokens=False).input_ids
             if len(start) != 1:
                 pieces = " + ".join(tokenizer.convert_ids_to_tokens(start)) or "nothing"
-                raise UserError(f"--initializer_token {config.initializer_token!r} is {len(start)} CLIP tokens ({pieces}); "
-                                "give a word that is one token, e.g. dog, person, style")
+                raise UserError(
+                    f"--initializer_token {config.initializer_token!r} is {len(start)} CLIP tokens ({pieces}); "
+                    "give a word that is one token, e.g. dog, person, style"
+                )
             rows = table.weight[start[0]].detach().float().expand(len(tokens), -1)
         else:
             rows = torch.randn(len(tokens), table.embedding_dim) * table.weight.detach().float().std()
@@ -619,8 +664,14 @@ def add_text_encoder_lora(pipe, config: TrainConfig) -> None:
     from peft import LoraConfig
 
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank,
-                                       init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)))
+        encoder.add_adapter(
+            LoraConfig(
+                r=config.rank,
+                lora_alpha=config.lora_alpha or config.rank,
+                init_lora_weights="gaussian",
+                target_modules=list(TEXT_LORA_TARGETS),
+            )
+        )
         cast_training_params(encoder)
 
 
@@ -632,15 +683,16 @@ def encode_captions(tokenizers, encoders, captions: list[str], clip_skip: int | 
 
     hidden = []
     for tokenizer, encoder in zip(tokenizers, encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         output = encoder(ids, output_hidden_states=True)
         pooled = output[0]
         hidden.append(output.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
     return torch.cat(hidden, dim=-1), pooled
 
 
-class TextSide:
+class CaptionEncoder:
     """Caption embeddings. Through the trainable text parts (pivotal rows, text-encoder LoRA) while they
     train; once the last of them stops (its fraction of the steps), every caption is embedded once,
     cached, and the encoders leave the GPU."""
@@ -656,8 +708,6 @@ class TextSide:
 
     @staticmethod
     def _digest(tensor) -> str:
-        import hashlib
-
         return hashlib.sha256(tensor.detach().float().cpu().numpy().tobytes()).hexdigest()
 
     def trainable_encoders(self) -> list:
@@ -688,8 +738,13 @@ class TextSide:
             return embeds.to(dtype), pooled.to(dtype)
         if self.cache is None:
             with torch.no_grad():
-                self.cache = {c: tuple(t[0].cpu() for t in encode_captions(tokenizers, self.encoders, [c], self.config.clip_skip, device))
-                              for c in self.captions}
+                self.cache = {
+                    c: tuple(
+                        t[0].cpu()
+                        for t in encode_captions(tokenizers, self.encoders, [c], self.config.clip_skip, device)
+                    )
+                    for c in self.captions
+                }
             for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 encoder.to("cpu")  # frozen from here on: about 1.6 GiB of GPU memory for SDXL in bf16
         embeds = torch.stack([self.cache[c][0] for c in captions]).to(device, dtype)
@@ -711,16 +766,16 @@ class ClassBatches:
         from common.data import BucketBatches
 
         self.dataset = data.classes
-        self.order = BucketBatches(data.classes, config.train_batch_size, (config.seed or 0) + 1)
+        self.order = BucketBatches(data.classes, config.train_batch_size, config.seed + 1)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
 
     def batch(self, micro_step: int) -> dict:
         from common.data import collate
 
-        number = micro_step * self.world + self.rank
+        global_index = micro_step * self.world + self.rank  # over all processes' class batches so far
         per_epoch = len(self.order)
-        self.order.start_epoch(number // per_epoch)
-        positions = self.order.batches()[number % per_epoch]
+        self.order.start_epoch(global_index // per_epoch)
+        positions = self.order.batches()[global_index % per_epoch]
         return collate([self.dataset[p] for p in positions])
 
 
@@ -734,14 +789,14 @@ def batch_latents(batch, pipe, accelerator):
     """Normalised latents of a batch: sampled from the cached posterior, or encoded now."""
     import torch
 
+    from common.models import normalise_latents
+
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"].to(accelerator.device), batch["latent_std"].to(accelerator.device)
         raw = mean + std * torch.randn_like(mean)
     else:
         with torch.no_grad():
             raw = pipe.vae.encode(batch["pixels"].to(accelerator.device, pipe.vae.dtype)).latent_dist.sample().float()
-    from common.models import normalise_latents
-
     return normalise_latents(raw, pipe.vae.config)
 
 
@@ -752,22 +807,30 @@ def conditioned_unet(unet, text_embeddings, time_ids, accelerator):
     time_ids = time_ids.to(accelerator.device, dtype)
 
     def network(model_input, timestep):
-        return unet(model_input.to(dtype), timestep.to(accelerator.device), encoder_hidden_states=embeds,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return unet(
+            model_input.to(dtype),
+            timestep.to(accelerator.device),
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
 
     return network
 
 
 def lora_target_modules(unet, config: TrainConfig) -> list[str]:
     """Attention projections of the UNet, restricted to the chosen blocks (B-LoRA: content and style)."""
-    blocks = BLORA_BLOCKS if config.use_blora else tuple(b.strip() for b in (config.lora_unet_blocks or "").split(",") if b.strip())
-    prefixes = tuple(b.removeprefix("unet.").rstrip(".") + "." for b in blocks)
+    from common.lora_formats import BLORA_BLOCKS, parse_blocks
+
+    blocks = BLORA_BLOCKS if config.use_blora else parse_blocks(config.lora_unet_blocks)
+    prefixes = tuple(b.removeprefix("unet.") + "." for b in blocks)
     names = [n for n, _ in unet.named_modules() if n.endswith(tuple("." + t for t in UNET_LORA_TARGETS))]
     if prefixes:
         chosen = [n for n in names if n.startswith(prefixes)]
         for prefix in prefixes:
             if not any(n.startswith(prefix) for n in chosen):
-                raise UserError(f"--lora_unet_blocks: no attention layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0")
+                raise UserError(
+                    f"--lora_unet_blocks: no attention layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0"
+                )
         return chosen
     return names
 
@@ -778,8 +841,12 @@ def add_lora(unet, config: TrainConfig):
     from peft import LoraConfig
 
     lora_config = LoraConfig(
-        r=config.rank, lora_alpha=config.lora_alpha or config.rank, lora_dropout=config.lora_dropout,
-        use_dora=config.use_dora, init_lora_weights="gaussian", target_modules=lora_target_modules(unet, config),
+        r=config.rank,
+        lora_alpha=config.lora_alpha or config.rank,
+        lora_dropout=config.lora_dropout,
+        use_dora=config.use_dora,
+        init_lora_weights="gaussian",
+        target_modules=lora_target_modules(unet, config),
     )
     unet.add_adapter(lora_config)
     cast_training_params(unet)
@@ -791,7 +858,7 @@ def start_from_lora(unet, config: TrainConfig) -> None:
     its rank and alpha must be the run's, or the continued LoRA would not mean what it meant."""
     from peft.utils import set_peft_model_state_dict
 
-    from common.lora_formats import lora_file, read_peft_lora
+    from common.lora_formats import lora_file, lora_ranks, read_peft_lora
 
     path = Path(config.init_lora)
     if not path.exists():
@@ -800,15 +867,19 @@ def start_from_lora(unet, config: TrainConfig) -> None:
     state, module_alphas = states.get("unet"), alphas.get("unet", {})
     if not state:
         raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    ranks = set(lora_ranks(state).values())
     if ranks != {config.rank}:
         raise UserError(f"--init_lora has rank {sorted(ranks)} but --rank is {config.rank}; pass --rank {max(ranks)}")
     wanted_alpha = config.lora_alpha or config.rank
     if set(module_alphas.values()) != {wanted_alpha}:
-        raise UserError(f"--init_lora has alpha {sorted(set(module_alphas.values()))} but this run uses {wanted_alpha}; pass --lora_alpha")
+        raise UserError(
+            f"--init_lora has alpha {sorted(set(module_alphas.values()))} but this run uses {wanted_alpha}; pass --lora_alpha"
+        )
     result = set_peft_model_state_dict(unet, state)
     if result.unexpected_keys:
-        raise UserError(f"--init_lora has layers this run does not train, e.g. {result.unexpected_keys[0]}; check --lora_unet_blocks")
+        raise UserError(
+            f"--init_lora has layers this run does not train, e.g. {result.unexpected_keys[0]}; check --lora_unet_blocks"
+        )
 
 
 def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
@@ -817,7 +888,11 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
     import torch
     from diffusers.optimization import get_scheduler
 
-    text_decay = config.adam_weight_decay if config.adam_weight_decay_text_encoder is None else config.adam_weight_decay_text_encoder
+    text_decay = (
+        config.adam_weight_decay
+        if config.adam_weight_decay_text_encoder is None
+        else config.adam_weight_decay_text_encoder
+    )
     text_parameters = [p for e in (pipe.text_encoder, pipe.text_encoder_2) for p in e.parameters() if p.requires_grad]
     parameters = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
     if text_parameters:
@@ -832,12 +907,21 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
         import prodigyopt
 
         if learning_rate != 1.0 or (text_parameters and config.text_encoder_lr != 1.0):
-            logger.warning("Prodigy adapts the step size itself: set --learning_rate 1.0 (and --text_encoder_lr 1.0), got %s and %s",
-                           learning_rate, config.text_encoder_lr)
+            logger.warning(
+                "Prodigy adapts the step size itself: set --learning_rate 1.0 (and --text_encoder_lr 1.0), got %s and %s",
+                learning_rate,
+                config.text_encoder_lr,
+            )
         optimizer = prodigyopt.Prodigy(
-            parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), beta3=config.prodigy_beta3,
-            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, decouple=config.prodigy_decouple,
-            use_bias_correction=config.prodigy_use_bias_correction, safeguard_warmup=config.prodigy_safeguard_warmup,
+            parameters,
+            lr=learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            beta3=config.prodigy_beta3,
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+            decouple=config.prodigy_decouple,
+            use_bias_correction=config.prodigy_use_bias_correction,
+            safeguard_warmup=config.prodigy_safeguard_warmup,
         )
     else:
         optimizer_class = torch.optim.AdamW
@@ -850,12 +934,19 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
                 raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
             optimizer_class = bitsandbytes.optim.AdamW8bit
         optimizer = optimizer_class(
-            parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+            parameters,
+            lr=learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
         )
     lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
     )
     return optimizer, lr_scheduler, total_steps
 
@@ -865,8 +956,10 @@ def make_loader(config: TrainConfig, dataset):
 
     from common.data import BucketBatches, collate
 
-    batch_order = BucketBatches(dataset, config.train_batch_size, config.seed or 0)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_order, collate_fn=collate, num_workers=config.dataloader_num_workers)
+    batch_order = BucketBatches(dataset, config.train_batch_size, config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_order, collate_fn=collate, num_workers=config.dataloader_num_workers
+    )
     return loader, batch_order
 
 
@@ -875,10 +968,12 @@ CHECKPOINT_FILES = ("lora.safetensors", "text_encoder.safetensors", "text_encode
 
 def trained_state(model) -> dict:
     """The parameters a run trains in `model`: LoRA/DoRA factors and pivotal-tuning rows."""
-    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n or "new_rows" in n}
+    return {
+        n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n or "new_rows" in n
+    }
 
 
-def register_checkpoint_hooks(accelerator, config: TrainConfig, text) -> None:
+def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder) -> None:
     """Checkpoints hold only what is trained (not 2.6 B frozen UNet parameters), plus optimizer and RNG
     state, and with pivotal tuning the embedding file as it is at that step."""
     from safetensors.torch import load_file, save_file
@@ -889,9 +984,12 @@ def register_checkpoint_hooks(accelerator, config: TrainConfig, text) -> None:
         if accelerator.is_main_process:
             for model, name in zip(models, CHECKPOINT_FILES):
                 save_file(trained_state(accelerator.unwrap_model(model)), os.path.join(output_dir, name))
-            if text.rows:
-                save_embedding(Path(output_dir) / f"{output_name(config)}_emb.safetensors", *[r.new_rows for r in text.rows],
-                               [t for group in config.token_map.values() for t in group])
+            if caption_encoder.rows:
+                save_embedding(
+                    Path(output_dir) / f"{output_name(config)}_emb.safetensors",
+                    *[r.new_rows for r in caption_encoder.rows],
+                    [t for group in config.token_map.values() for t in group],
+                )
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -899,7 +997,9 @@ def register_checkpoint_hooks(accelerator, config: TrainConfig, text) -> None:
             state = load_file(os.path.join(input_dir, name))
             missing = set(state) - set(dict(accelerator.unwrap_model(model).named_parameters()))
             if missing:
-                raise UserError(f"checkpoint {input_dir} does not fit this run ({len(missing)} unknown weights in {name}); same options as before?")
+                raise UserError(
+                    f"checkpoint {input_dir} does not fit this run ({len(missing)} unknown weights in {name}); same options as before?"
+                )
             accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         models.clear()
 
@@ -919,20 +1019,13 @@ def checkpoints(output_dir: str) -> list[Path]:
 
 def save_checkpoint(accelerator, config: TrainConfig, step: int) -> None:
     """accelerate state in checkpoint-STEP, written beside and renamed, so a crash never leaves half of one."""
-    final = Path(config.output_dir) / f"checkpoint-{step}"
-    staging = Path(config.output_dir) / f".checkpoint-{step}.partial"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if config.checkpoints_total_limit:
-            for old in checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    with atomic_folder(Path(config.output_dir) / f"checkpoint-{step}", is_main_process=accelerator.is_main_process) as staging:
+        accelerator.wait_for_everyone()  # the main process has made the staging folder
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process and config.checkpoints_total_limit:
+        for old in checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
@@ -956,10 +1049,10 @@ def resume(config: TrainConfig, accelerator) -> int:
 class Progress:
     """A progress bar with loss, learning rate and, for Prodigy, the adapted step size d*lr."""
 
-    def __init__(self, total: int, start: int, accelerator, config: TrainConfig):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    def __init__(self, total: int, start: int, accelerator):
+        self.bar = tqdm(
+            total=total, initial=start, desc="training", unit="step", disable=not accelerator.is_local_main_process
+        )
         self.accelerator = accelerator
 
     def update(self, loss, optimizer, lr_scheduler) -> None:
@@ -980,6 +1073,7 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
     import torch
 
     from common.generation import SamplingSettings, generate_images, plan_jobs
+    from common.tokens import expand_abstractions
 
     if not accelerator.is_main_process:
         return
@@ -988,56 +1082,54 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
     for module in parked:
         module.to(accelerator.device)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    settings = SamplingSettings(native, native, 25, 5.0, "default", "default", model=config.pretrained_model_name_or_path)
-    from common.tokens import expand_abstractions
-
+    settings = SamplingSettings(
+        width=native,
+        height=native,
+        num_inference_steps=25,
+        guidance_scale=5.0,
+        scheduler_name="default",
+        webui_sampler="default",
+        model=config.pretrained_model_name_or_path,
+    )
     prompt = expand_abstractions(config.validation_prompt, config.token_map)
-    jobs = plan_jobs([prompt], None, config.num_validation_images, [config.seed or 0])
+    jobs = plan_jobs([prompt], None, config.num_validation_images, [config.seed])
     with torch.no_grad(), accelerator.autocast():
         generate_images(pipe, jobs, settings, Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1)
     for module in parked:
         module.to("cpu")
 
 
-def save_outputs(unet, pipe, text, config: TrainConfig) -> None:
+def save_outputs(unet, pipe, caption_encoder, config: TrainConfig) -> None:
     """diffusers LoRA file, kohya/WebUI copy, pivotal-tuning embeddings, training_args.json and a model
     card, each written atomically."""
-    from diffusers import StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from common.files import atomic_path
-    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_text_encoder_to_kohya, peft_unet_to_kohya
+    from common.lora_formats import kohya_metadata, peft_lora_to_kohya, save_diffusers_lora
     from common.tokens import save_embedding
 
     output, name = Path(config.output_dir), output_name(config)
-    as_saved = lambda model: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}  # noqa: E731
-    lora_config = unet.peft_config["default"]
-    layers = {"unet_lora_layers": as_saved(unet), "unet_lora_adapter_metadata": lora_config.to_dict()}
+    models = {"unet": unet}
     if config.train_text_encoder:
-        for key, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
-            layers[f"{key}_lora_layers"] = as_saved(encoder)
-            layers[f"{key}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
-    staging = output / ".lora.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionXLPipeline.save_lora_weights(staging, **layers)
-    os.replace(staging / DIFFUSERS_LORA_FILE, output / DIFFUSERS_LORA_FILE)
-    shutil.rmtree(staging, ignore_errors=True)
+        models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    states = {component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+              for component, model in models.items()}
+    lora_configs = {component: model.peft_config["default"].to_dict() for component, model in models.items()}
+    save_diffusers_lora(output, states, lora_configs)
 
-    if text.rows:
-        save_embedding(output / f"{name}_emb.safetensors", *[r.new_rows for r in text.rows],
-                       [t for group in config.token_map.values() for t in group])
+    if caption_encoder.rows:
+        save_embedding(
+            output / f"{name}_emb.safetensors",
+            *[r.new_rows for r in caption_encoder.rows],
+            [t for group in config.token_map.values() for t in group],
+        )
     if config.use_dora:
         logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
     else:
-        kohya = peft_unet_to_kohya(layers["unet_lora_layers"], lora_config.lora_alpha, pipe.unet.config.layers_per_block)
-        if config.train_text_encoder:
-            for key, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
-                kohya |= peft_text_encoder_to_kohya(layers[f"{key}_lora_layers"], config.lora_alpha or config.rank, prefix)
-        metadata = {"ss_network_dim": str(config.rank), "ss_network_alpha": str(lora_config.lora_alpha),
-                    "ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
+        alphas = {component: lora_config["lora_alpha"] for component, lora_config in lora_configs.items()}
+        kohya = peft_lora_to_kohya(states, alphas=alphas, layers_per_block=pipe.unet.config.layers_per_block)
         with atomic_path(output / f"{name}.safetensors") as partial:
-            save_file(kohya, str(partial), metadata=metadata)
+            save_file(kohya, str(partial), metadata=kohya_metadata(rank=config.rank, alpha=alphas["unet"]))
     with atomic_path(output / "training_args.json") as partial:
         partial.write_text(json.dumps(asdict(config), indent=2, default=str))
     with atomic_path(output / "README.md") as partial:
@@ -1069,8 +1161,8 @@ ComfyUI `{expand_abstractions(config.instance_prompt or "", {a: [f"embedding:{na
 """
     return f"""# {name}
 
-LoRA (rank {config.rank}{', DoRA' if config.use_dora else ''}{', with text-encoder LoRA' if config.train_text_encoder else ''}) for `{model}`,
-trained with train_lora.py{' (EDM formulation)' if config.edm else ''}{', pivotal tuning' if tokens else ''}.
+LoRA (rank {config.rank}{", DoRA" if config.use_dora else ""}{", with text-encoder LoRA" if config.train_text_encoder else ""}) for `{model}`,
+trained with train_lora.py{" (EDM formulation)" if config.edm else ""}{", pivotal tuning" if tokens else ""}.
 
 Trigger prompt: `{prompt}`
 {tokens_line}

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""MJHQ-style FID report: mjhq_fid.py's one pass against clean-fid run once per category plus once overall.
+"""MJHQ-style FID report: common/fid.py's one pass (what `mjhq_fid.py score` runs) against clean-fid run
+once per category plus once overall.
 
     python bench/fid_throughput.py --per_category 10 --size 1024
     python bench/fid_throughput.py --per_category 100 --inception_weights inception-2015-12-05.pt --device cuda
@@ -28,7 +29,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mjhq_fid  # noqa: E402
+from common import fid  # noqa: E402
 from common.cli import flags, run_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -98,7 +99,7 @@ def main(
     inception_weights: Annotated[Optional[Path], typer.Option(*flags("inception_weights"), help="the real inception-2015-12-05.pt")] = None,
     device: Annotated[str, typer.Option(*flags("device"))] = "auto",
     batch_size: Annotated[int, typer.Option(*flags("batch_size"))] = 32,
-    num_workers: Annotated[int, typer.Option(*flags("num_workers"))] = mjhq_fid.DEFAULT_WORKERS,
+    num_workers: Annotated[int, typer.Option(*flags("num_workers"))] = fid.DEFAULT_WORKERS,
     workdir: Annotated[Optional[Path], typer.Option(*flags("workdir"), help="keep the image set here (default: a temporary folder)")] = None,
 ) -> None:
     from cleanfid.fid import compute_fid
@@ -111,17 +112,17 @@ def main(
             inception_weights = root / "random-inception.pt"
             with torch.no_grad():  # traced: scripting torchvision's Inception returns its named-tuple outputs
                 torch.jit.trace(RandomInception().eval(), torch.rand(1, 3, 299, 299) * 255).save(str(inception_weights))
-        extractor = mjhq_fid.inception_extractor("clean", inception_weights, device)
-        config = mjhq_fid.ScoreConfig(root / "meta_data.json", root / "gen", root / "ref", root / "report",
-                                      cache_dir=root / f"cache-{time.time_ns()}", device=device, batch_size=batch_size,
-                                      num_workers=num_workers)
+        extractor = fid.inception_extractor("clean", inception_weights, device)
+        config = fid.ScoreConfig(meta_data=root / "meta_data.json", gen_dir=root / "gen", ref=root / "ref",
+                                 report_dir=root / "report", cache_dir=root / f"cache-{time.time_ns()}", device=device,
+                                 batch_size=batch_size, num_workers=num_workers)
         images = 2 * per_category * len(CATEGORIES)
 
         started = time.perf_counter()
-        mjhq_fid.score(config, extractor)
+        fid.score(config, extractor)
         cold = time.perf_counter() - started
         started = time.perf_counter()
-        mjhq_fid.score(config, extractor)
+        fid.score(config, extractor)
         warm = time.perf_counter() - started
 
         started, failures = time.perf_counter(), []

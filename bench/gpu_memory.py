@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import sys
 import weakref
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -97,7 +98,7 @@ def sdxl_vae(device="meta", dtype=torch.float32):
 
 
 class CachedText:
-    """The trainer's TextSide once captions are cached and the encoders have left the GPU: each caption's
+    """The trainer's CaptionEncoder once captions are cached and the encoders have left the GPU: each caption's
     (embeddings, pooled) in the compute dtype, as wide as the UNet takes them."""
 
     def __init__(self, batch: int, dtype: torch.dtype, unet_config):
@@ -150,12 +151,11 @@ def _training_steps(unet, vae, config, accelerator, resolution: int, index: torc
     tracker = LiveStorages()
     tracker.add(*module_tensors(unet), *(module_tensors(vae) if vae is not None else []), *images.values(), text.embeds, text.pooled)
     start = tracker.current
+    batch_loss = train_lora.BatchLoss(pipe, unet, text, data, formulation, accelerator, config.prior_loss_weight)
     with tracker, allocator_log(enabled=not is_fake(unet)) as log:
         for step in range(steps):
-            train_lora.training_step(
-                lambda: train_lora.batch_loss(images, None, unet, text, data, pipe, formulation, accelerator, config, step),
-                [unet], accelerator, optimizer, lr_scheduler, config.max_grad_norm,
-            )
+            train_lora.training_step(partial(batch_loss, images, None, step), models=[unet], accelerator=accelerator,
+                                     optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=config.max_grad_norm)
     return {"tracked_peak": tracker.peak, "tracked_start": start, "allocator_rise": log.peak_rise if log else None}
 
 
@@ -163,7 +163,7 @@ def measure_startup(resolution: int, images_per_call: int | None = None, unet_wa
     """The trainer's phases before its loop. --cache_latents: the fp32 VAE encodes the images (as many per call
     as common.data.CachedLatents takes) beside both text encoders, the UNet still in CPU memory (load_models;
     `unet_waits=False` shows the device holding it too); then, the UNet on the device, every caption is embedded
-    once (TextSide) before the text encoders leave."""
+    once (CaptionEncoder) before the text encoders leave."""
     from common.data import ENCODE_PIXELS
 
     images_per_call = images_per_call or max(1, ENCODE_PIXELS // resolution**2)

@@ -18,6 +18,7 @@ import itertools
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -93,17 +94,16 @@ def pipeline(
             data = train_lora.build_data(config, pipe, accelerator)
             unet = train_lora.add_lora(pipe.unet, config)
             optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances)
-            text = train_lora.TextSide(pipe, config, total, data.all_captions(), accelerator)
+            caption_encoder = train_lora.CaptionEncoder(pipe, config, total, data.all_captions(), accelerator)
             loader, _ = train_lora.make_loader(config, data.instances)
             unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
             batches = itertools.cycle(list(loader))
 
+            batch_loss = train_lora.BatchLoss(pipe, unet, caption_encoder, data, formulation, accelerator, config.prior_loss_weight)
+
             def step():
-                batch = next(batches)
-                train_lora.training_step(
-                    lambda: train_lora.batch_loss(batch, None, unet, text, data, pipe, formulation, accelerator, config, 0),
-                    [unet], accelerator, optimizer, lr_scheduler, 1.0,
-                )
+                train_lora.training_step(partial(batch_loss, next(batches), None, 0), models=[unet], accelerator=accelerator,
+                                         optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=1.0)
 
             seconds = timed_steps(step, accelerator.device, warmup=2, steps=steps)
             rows.append({"mode": "pipeline", "model": model, "device": device_label(accelerator.device), "precision": mixed_precision,
@@ -178,7 +178,8 @@ def sdxl_unet_steps(
         latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device)
         network = sdxl_network(unet, batch, device, dtype)
         seconds = timed_steps(
-            lambda: train_lora.training_step(lambda: formulation.loss(network, latents).mean(), [unet], accelerator, optimizer, lr_scheduler, 1.0),
+            lambda: train_lora.training_step(lambda: formulation.loss(network, latents).mean(), models=[unet], accelerator=accelerator,
+                                             optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=1.0),
             device, warmup, steps,
         )
         flops = training_flops(batch, resolution, rank)

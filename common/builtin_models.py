@@ -239,28 +239,21 @@ def build_pipeline(name: str, dtype: torch.dtype | None = None):
 
 def write_builtin_model(name: str, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write built-in model `name` as a diffusers pipeline folder, atomically (built aside, then renamed)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from common.files import make_readable
+    from common.files import atomic_folder, make_readable
 
+    folder = Path(folder)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    try:
+    with atomic_folder(folder) as staging:
         twin = _cached_twin(name, folder)
         if twin is not None and dtype in (None, torch.bfloat16):
             _link_twin(twin, name, staging)
         else:
             build_pipeline(name, dtype).save_pretrained(staging, safe_serialization=True)
         make_readable(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

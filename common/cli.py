@@ -1,8 +1,13 @@
-"""Command-line plumbing shared by the scripts: the one user-error type, its one-line printing, flag spelling."""
+"""Command-line plumbing shared by the scripts: the one user-error type, its one-line printing, flag spelling,
+and options declared once, as fields of the config dataclass that the script then receives."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
+from typing import Annotated, Any, Callable
 
 import typer
 
@@ -45,3 +50,86 @@ def flags(name: str, *short: str) -> list[str]:
     if "_" in name:
         names.append(f"--{name.replace('_', '-')}")
     return names + list(short)
+
+
+REQUIRED = dataclasses.MISSING  # an option without a default
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """How a config field appears on the command line."""
+
+    help: str
+    panel: str | None
+    names: tuple[str, ...]  # further names beside --field_name and --field-name
+    cli_type: Any  # the type the command line parses, where it differs from the field's (True/False text)
+    parse: Callable[[str, Any], Any] | None  # (option name, parsed value) -> the field's value
+    no_effect: str | None  # accepted so that other tools' command lines run; why it does nothing here
+
+
+def option(default: Any = dataclasses.MISSING, *names: str, help: str = "", panel: str | None = None, cli_type: Any = None,
+           parse: Callable[[str, Any], Any] | None = None, no_effect: str | None = None) -> Any:
+    """A config field that is also a command-line option: its one declaration (default, help, help panel)."""
+    if no_effect:
+        help = f"{help + '; ' if help else ''}[dim]no effect: {no_effect}[/dim]"
+    spec = OptionSpec(help, panel, names, cli_type, parse, no_effect)
+    return dataclasses.field(default=default, metadata={"option": spec})
+
+
+def option_fields(config_type: type) -> list[tuple[dataclasses.Field, OptionSpec]]:
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(config_type) if "option" in f.metadata]
+
+
+def command_signature(*config_types: type, defaults: dict | None = None, more_names: dict | None = None) -> inspect.Signature:
+    """The Typer command signature made from the option fields of `config_types`, in their order:
+    each option is declared once, on its config field. `defaults` and `more_names` adapt a shared
+    config to one script (its own default, an alias that script's users know)."""
+    defaults, more_names = defaults or {}, more_names or {}
+    parameters = []
+    for config_type in config_types:
+        hints = typing.get_type_hints(config_type, include_extras=True)
+        for field, spec in option_fields(config_type):
+            default = defaults.get(field.name, field.default)
+            names = flags(field.name, *spec.names, *more_names.get(field.name, ()))
+            annotation = Annotated[spec.cli_type or hints[field.name], typer.Option(*names, help=spec.help, rich_help_panel=spec.panel)]
+            parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                                default=inspect.Parameter.empty if default is dataclasses.MISSING else default))
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+def options_command(app: typer.Typer, *config_types: type, name: str | None = None, defaults: dict | None = None,
+                    more_names: dict | None = None):
+    """Register `function(**options)` as `app`'s command (`name`: one of its subcommands), its options being the
+    option fields of `config_types`."""
+
+    def register(function):
+        function.__signature__ = command_signature(*config_types, defaults=defaults, more_names=more_names)
+        return app.command(name)(function)
+
+    return register
+
+
+def config_from_options(config_type: type, options: dict, warn: Callable[[str], None] | None = None):
+    """`config_type` built by keyword from the command's options that are its fields, each parsed by its own
+    `parse`; an option without effect that was set gets a warning naming it."""
+    values = {}
+    for field, spec in option_fields(config_type):
+        if field.name not in options:
+            continue
+        value = options[field.name]
+        if spec.parse is not None:
+            value = spec.parse(field.name, value)
+        if spec.no_effect and value != field.default and warn is not None:
+            warn(f"--{field.name} has no effect: {spec.no_effect}")
+        values[field.name] = value
+    return config_type(**values)
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """True/False as text, as the diffusers scripts' `type=bool` flags take them (but parsed right)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off", ""):
+        return False
+    raise UserError(f"--{name} {value!r} is not a boolean; use True or False")

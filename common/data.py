@@ -62,15 +62,17 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def find_examples(
+    *,
     instance_data_dir: Path | None,
     instance_prompt: str | None,
-    dataset_name: str | None,
-    image_column: str,
-    caption_column: str | None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    caption_column: str | None = None,
 ) -> list[Example]:
     """Images with their captions, from a folder (one prompt for all) or a datasets dataset (a caption each)."""
     if dataset_name:
-        return _dataset_examples(dataset_name, image_column, caption_column, instance_prompt)
+        return _dataset_examples(dataset_name, dataset_config_name, image_column, caption_column, instance_prompt)
     if instance_data_dir is None:
         raise UserError("give --instance_data_dir FOLDER (with --instance_prompt) or --dataset_name DATASET")
     if not instance_data_dir.is_dir():
@@ -85,14 +87,18 @@ def find_examples(
     return [Example(path, instance_prompt, path.name) for path in files]
 
 
-def _dataset_examples(dataset_name: str, image_column: str, caption_column: str | None, instance_prompt: str | None):
+def _dataset_examples(dataset_name: str, config_name: str | None, image_column: str, caption_column: str | None,
+                      instance_prompt: str | None):
     import datasets
 
+    is_image_folder = Path(dataset_name).is_dir() and not any(Path(dataset_name).glob("*.py"))
+    if is_image_folder and config_name:
+        raise UserError(f"--dataset_config_name {config_name!r}: {dataset_name!r} is a folder of images, which has no configurations")
     try:
-        if Path(dataset_name).is_dir() and not any(Path(dataset_name).glob("*.py")):
+        if is_image_folder:
             dataset = datasets.load_dataset("imagefolder", data_dir=dataset_name, split="train")
         else:
-            dataset = datasets.load_dataset(dataset_name, split="train")
+            dataset = datasets.load_dataset(dataset_name, config_name, split="train")
     except Exception as error:  # datasets raises many types for a missing or remote dataset
         raise UserError(f"could not load dataset {dataset_name!r} (hub datasets need network access): {error}") from None
     columns = dataset.column_names

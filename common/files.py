@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
@@ -22,6 +23,33 @@ def atomic_path(path: str | os.PathLike):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, is_main_process: bool | None = None):
+    """Yield an empty temporary folder beside `path` to write into; it replaces `path` (and whatever was
+    there) only when the block finishes without error, so a reader never finds half a folder.
+
+    One process (is_main_process None) gets a folder of its own. In a distributed run every process passes
+    whether it is the main one and all get the same folder: only the main process empties it beforehand
+    and renames it afterwards, and the caller puts the barriers inside the block."""
+    path = Path(path)
+    if is_main_process is None:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    else:
+        temporary = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    if is_main_process is False:
+        yield temporary
+        return
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def remove_leftover_partials(folder: Path, pattern: str) -> None:

@@ -37,7 +37,7 @@ class SamplingSettings:
     webui_schedule: str = ""
     eta: float = 0.0
     model: str = ""
-    extra: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
 
 
 def check_image_size(name: str, value: int | None) -> None:
@@ -45,26 +45,26 @@ def check_image_size(name: str, value: int | None) -> None:
         raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(value / 8) * 8)}")
 
 
-def sampling_settings(pipe, width: int | None, height: int | None, steps: int, guidance_scale: float, eta: float | None,
-                      model: str, extra: dict | None = None) -> SamplingSettings:
-    """Settings for the pipeline's current scheduler; size defaults to the model's native one
-    (UNet sample size times the VAE factor, 1024 for SDXL)."""
+def sampling_settings(pipe, options) -> SamplingSettings:
+    """Settings for the pipeline's current scheduler from a run's GenerationOptions; size defaults to the
+    model's native one (UNet sample size times the VAE factor, 1024 for SDXL)."""
+    from common.generation_options import adapter_description
     from common.schedulers import SCHEDULERS, scheduler_name_of
 
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     name = scheduler_name_of(pipe.scheduler)
     choice = SCHEDULERS.get(name)
     return SamplingSettings(
-        width=width or native,
-        height=height or native,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
+        width=options.width or native,
+        height=options.height or native,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
         scheduler_name=name,
         webui_sampler=choice.webui_sampler if choice else name,
         webui_schedule=choice.webui_schedule if choice else "",
-        eta=eta if eta is not None else (choice.default_eta if choice else 0.0),
-        model=Path(model).name or model,
-        extra=extra or {},
+        eta=options.eta if options.eta is not None else (choice.default_eta if choice else 0.0),
+        model=Path(options.model).name or options.model,
+        adapters=adapter_description(options),
     )
 
 
@@ -103,7 +103,7 @@ def webui_parameters(job: ImageJob, settings: SamplingSettings) -> str:
         "Model": settings.model,
         "Scheduler": settings.scheduler_name,
         "Eta": settings.eta if settings.eta else "",
-        **settings.extra,
+        **settings.adapters,
     }
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value != "")
     negative = f"\nNegative prompt: {job.negative_prompt}" if job.negative_prompt else ""
@@ -222,7 +222,7 @@ def missing_class_indices(folder: Path, wanted: int) -> list[int]:
     return missing
 
 
-def class_image_batches(folder: Path, wanted: int, prompt: str, negative_prompt: str | None, seed: int, batch_size: int,
+def class_image_batches(folder: Path, *, wanted: int, prompt: str, negative_prompt: str | None, seed: int, batch_size: int,
                         process_index: int = 0, num_processes: int = 1) -> list[list[ImageJob]]:
     """This process's share of the class images still missing. Image i always gets seed + i, and
     batches are dealt out whole, so every image is made once and identically whatever the number

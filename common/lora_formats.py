@@ -7,6 +7,7 @@ landed in the model with the file's weights.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,13 @@ from common.cli import UserError
 # the first two transformer blocks of the first up block carry content and style respectively.
 BLORA_CONTENT_BLOCK = "unet.up_blocks.0.attentions.0"
 BLORA_STYLE_BLOCK = "unet.up_blocks.0.attentions.1"
+BLORA_BLOCKS = (BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK)
 
 COMPONENT_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+# kohya's names for the parts of SDXL, as WebUI and ComfyUI read them (kohya-ss/sd-scripts, networks/lora.py)
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+DORA_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,45 @@ def normalize_block_prefix(block: str) -> str:
     if block.split(".")[0] in COMPONENT_PREFIXES:
         return block
     return f"unet.{block}"
+
+
+def parse_blocks(text: str | None) -> tuple[str, ...]:
+    """A comma-separated list of blocks as component-qualified prefixes (empty for None or blanks)."""
+    return tuple(normalize_block_prefix(b) for b in (text or "").split(",") if b.strip())
+
+
+def is_dora(keys) -> bool:
+    """Whether peft state-dict keys hold DoRA magnitudes."""
+    return any(key.endswith(DORA_MAGNITUDE_SUFFIX) for key in keys)
+
+
+def lora_ranks(state: dict) -> dict[str, int]:
+    """{module: rank} of a peft state dict: the rows of each module's lora_A."""
+    return {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
+
+
+def adapter_layers(model, adapter_name: str) -> dict:
+    """{module name: peft layer} of the modules of `model` that carry the adapter `adapter_name`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})}
+
+
+def save_diffusers_lora(folder: Path, states: dict[str, dict], adapter_metadata: dict[str, dict] | None = None) -> Path:
+    """folder/pytorch_lora_weights.safetensors from peft state dicts per component and, optionally, each
+    component's LoraConfig as a dict (ranks and alphas; without it every layer loads at scale 1), written
+    atomically; its path."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from common.files import atomic_path
+
+    layers = {f"{component}_lora_layers": state for component, state in states.items()}
+    layers |= {f"{component}_lora_adapter_metadata": config for component, config in (adapter_metadata or {}).items()}
+    target = Path(folder) / DIFFUSERS_LORA_FILE
+    with atomic_path(target) as partial:
+        StableDiffusionXLPipeline.save_lora_weights(partial.parent, weight_name=partial.name, **layers)
+    return target
 
 
 def read_lora(pipe, path: Path):
@@ -155,8 +199,6 @@ def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source:
     matched only by suffix can be injected but left at its initial weights; both leave a LoRA
     that "works" at reduced strength.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for component in COMPONENT_PREFIXES:
         down_weights = [
             value.float()
@@ -165,11 +207,7 @@ def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source:
         ]
         if not down_weights:
             continue
-        layers = [
-            module
-            for module in getattr(pipe, component).modules()
-            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})
-        ]
+        layers = list(adapter_layers(getattr(pipe, component), adapter_name).values())
         loaded_total = sum(float(layer.lora_A[adapter_name].weight.detach().float().abs().sum()) for layer in layers)
         file_total = sum(float(weight.abs().sum()) for weight in down_weights)
         if len(layers) != len(down_weights) or abs(loaded_total - file_total) > 1e-2 * max(file_total, 1e-6):
@@ -239,28 +277,45 @@ def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:
     return kohya
 
 
-def peft_unet_to_kohya(unet_state: dict, alpha, layers_per_block: int = 2) -> dict:
-    """UNet LoRA in kohya naming: `lora_unet_<SGM path with underscores>`."""
-    return peft_to_kohya(unet_state, alpha, lambda module: kohya_module_name("unet", module, layers_per_block))
+def peft_lora_to_kohya(states: dict[str, dict], *, alphas: dict | None = None, layers_per_block: int = 2) -> dict:
+    """peft state dicts per component in kohya naming (`kohya_module_name`), each component's alpha a number
+    or a function of the module; a component without one gets alpha = rank per layer (scale 1)."""
+    kohya = {}
+    for component, state in states.items():
+        alpha = (alphas or {}).get(component, lora_ranks(state).__getitem__)
+        kohya |= peft_to_kohya(state, alpha, functools.partial(kohya_module_name, component, layers_per_block=layers_per_block))
+    return kohya
 
 
-def peft_text_encoder_to_kohya(state: dict, alpha, prefix: str) -> dict:
-    """Text-encoder LoRA in kohya naming: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (prefix
-    lora_te1_ or lora_te2_). WebUI names CLIP's `text_model` level, which transformers 5 keeps only in
-    CLIPTextModelWithProjection."""
-    component = {v: k for k, v in KOHYA_PREFIXES.items()}[prefix]
-    return peft_to_kohya(state, alpha, lambda module: kohya_module_name(component, module))
-
-
-KOHYA_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 DORA_NATIVE_SHAPES = ("comfyui",)
 
 
 def kohya_module_name(component: str, module: str, layers_per_block: int = 2) -> str:
-    """The kohya name this toolkit writes for a diffusers module path."""
+    """The kohya name this toolkit writes for a diffusers module path: `lora_unet_<SGM path>` for the UNet,
+    `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` for the text encoders (WebUI names CLIP's
+    `text_model` level, which transformers 5 keeps only in CLIPTextModelWithProjection)."""
     if component == "unet":
-        return "lora_unet_" + unet_module_to_sgm(module, layers_per_block).replace(".", "_")
+        return KOHYA_PREFIXES["unet"] + unet_module_to_sgm(module, layers_per_block).replace(".", "_")
     return KOHYA_PREFIXES[component] + "text_model_" + module.removeprefix("text_model.").replace(".", "_")
+
+
+def kohya_part(key: str) -> str | None:
+    """The part of SDXL a kohya key belongs to, as kohya abbreviates it: unet, te1 or te2 (None for no part)."""
+    for prefix in KOHYA_PREFIXES.values():
+        if key.startswith(prefix):
+            return prefix.removeprefix("lora_").removesuffix("_")
+    return None
+
+
+def kohya_metadata(*, rank: int | None = None, alpha: float | None = None, **fields: str) -> dict[str, str]:
+    """kohya's `ss_*` metadata of an SDXL LoRA file, as WebUI and ComfyUI display it: the network module
+    and base model always, rank and alpha where one holds for the file, and ss_<name> for each further field."""
+    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
+    if rank is not None:
+        metadata["ss_network_dim"] = str(rank)
+    if alpha is not None:
+        metadata["ss_network_alpha"] = str(alpha)
+    return metadata | {f"ss_{name}": value for name, value in fields.items()}
 
 
 def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, dora_native: str | None = None) -> tuple[dict, dict]:
@@ -273,20 +328,16 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, dora_native: 
     reshape of a peft DoRA reproduces; for WebUI a DoRA is baked into a plain LoRA instead."""
     states, alphas = read_peft_lora(file)
     magnitudes = {(component, key): state.pop(key) for component, state in states.items()
-                  for key in [k for k in state if k.endswith(".lora_magnitude_vector")]}
+                  for key in [k for k in state if k.endswith(DORA_MAGNITUDE_SUFFIX)]}
     if magnitudes and dora_native not in DORA_NATIVE_SHAPES:
         raise UserError(f"{str(file)!r} is a DoRA: bake it (give --model) or write it natively for ComfyUI (--dora_native comfyui)")
-    kohya, summary = {}, {}
+    kohya = peft_lora_to_kohya(states, alphas={c: alphas[c].__getitem__ for c in states}, layers_per_block=layers_per_block)
+    summary = {}
     for component, part in states.items():
-        alpha_for = alphas[component].__getitem__
-        if component == "unet":
-            kohya |= peft_unet_to_kohya(part, alpha_for, layers_per_block)
-        else:
-            kohya |= peft_text_encoder_to_kohya(part, alpha_for, KOHYA_PREFIXES[component])
         some_module = next(iter(alphas[component]))
-        summary[component] = (part[f"{some_module}.lora_A.weight"].shape[0], alpha_for(some_module))
+        summary[component] = (part[f"{some_module}.lora_A.weight"].shape[0], alphas[component][some_module])
     for (component, key), magnitude in magnitudes.items():
-        module = key.removesuffix(".lora_magnitude_vector")
+        module = key.removesuffix(DORA_MAGNITUDE_SUFFIX)
         kohya[kohya_module_name(component, module, layers_per_block) + ".dora_scale"] = magnitude.reshape(-1, 1).contiguous()
     return kohya, summary
 
@@ -369,7 +420,7 @@ def attach_dora_scales(file: Path, states: dict[str, dict]) -> None:
                 scale = scales.pop(name)
                 if scale.shape != (state[f"{module}.lora_B.weight"].shape[0], 1):
                     raise UserError(f"{name}.dora_scale has shape {tuple(scale.shape)}; only ComfyUI's (out, 1) form is read")
-                state[f"{module}.lora_magnitude_vector"] = scale.reshape(-1)
+                state[module + DORA_MAGNITUDE_SUFFIX] = scale.reshape(-1)
     if scales:
         raise UserError(f"{len(scales)} dora_scale tensor(s) match no layer, e.g. {next(iter(scales))}; refusing to drop them")
 
@@ -384,11 +435,9 @@ def kohya_names_for_sdxl() -> set[str]:
         component, _, path = full.partition(".")
         if not path:
             continue
-        if component == "unet":
-            names.add("lora_unet_" + path.replace(".", "_"))
-            names.add("lora_unet_" + unet_module_to_sgm(path).replace(".", "_"))
-        else:
-            names.add(KOHYA_PREFIXES[component] + "text_model_" + path.removeprefix("text_model.").replace(".", "_"))
+        names.add(kohya_module_name(component, path))
+        if component == "unet":  # the UIs also read UNet modules under their diffusers path
+            names.add(KOHYA_PREFIXES["unet"] + path.replace(".", "_"))
     return names
 
 
@@ -411,7 +460,7 @@ def check_kohya_keys(state: dict) -> list[str]:
     attention = {}
     for name in names:
         for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            if name.startswith("lora_te") and name.endswith("self_attn_" + projection):
+            if kohya_part(name) in ("te1", "te2") and name.endswith("self_attn_" + projection):
                 attention.setdefault(name.removesuffix(projection), set()).add(projection)
     for layer, present in attention.items():
         if len(present) < 4:

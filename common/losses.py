@@ -208,3 +208,28 @@ def prior_preservation_loss(instance_losses: torch.Tensor, class_losses: torch.T
     """DreamBooth's objective (Ruiz et al. 2023, Eq. 2): the instance loss plus prior_loss_weight times the
     loss on the model's own class images, each a mean of per-sample (already weighted) losses."""
     return instance_losses.mean() + prior_loss_weight * class_losses.mean()
+
+
+def formulation_for_scheduler(scheduler_config, *, edm: bool = False, prediction_type: str | None = None,
+                              p_mean: float = -1.2, p_std: float = 1.2, snr_gamma: float | None = None,
+                              soft_min_snr: bool = False, noise_offset: float = 0.0) -> DiscreteFormulation | EDMFormulation:
+    """The formulation a model trains with, chosen once from its scheduler config: EDM on an EDM-native base
+    (Playground v2.5) or when asked (`edm`, a discrete epsilon base seen through its sigmas), else DDPM."""
+    from diffusers import DDPMScheduler
+
+    from common.cli import UserError
+    from common.models import is_edm_scheduler_config
+
+    if is_edm_scheduler_config(scheduler_config):
+        sigma_data, schedule_sigmas = float(scheduler_config["sigma_data"]), None
+    else:
+        alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(torch.float32)
+        prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
+        if not edm:
+            return DiscreteFormulation(alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset)
+        if prediction_type != "epsilon":
+            raise UserError(f"--edm on a discrete base needs an epsilon model; this one predicts {prediction_type}")
+        # a discrete VP model's latents are scaled to unit variance, its implicit sigma_data (k-diffusion)
+        sigma_data, schedule_sigmas = 1.0, discrete_sigmas(alphas_cumprod)
+    return EDMFormulation(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std, schedule_sigmas=schedule_sigmas,
+                          snr_gamma=snr_gamma, soft_min_snr=soft_min_snr, noise_offset=noise_offset)

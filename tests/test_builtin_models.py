@@ -4,7 +4,6 @@ the global RNG, loadable as plain diffusers folders (the full-size ones are chec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import subprocess

@@ -12,7 +12,7 @@ from helpers import parse_webui_parameters
 SETTINGS = SamplingSettings(
     width=640, height=512, num_inference_steps=25, guidance_scale=6.5, scheduler_name="dpmpp-2m-karras",
     webui_sampler="DPM++ 2M", webui_schedule="Karras", model="sd_xl_base_1.0",
-    extra={"Lora": "a.safetensors:0.8, b.safetensors:1"},
+    adapters={"Lora": "a.safetensors:0.8, b.safetensors:1"},
 )
 
 

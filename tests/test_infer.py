@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -197,17 +198,15 @@ def test_memory_and_speed_options_switch_on_vae_tiling_slicing_and_compilation(t
 
     from common import generation_options
 
-    config = generation_options.pipeline_config(
-        tiny_sdxl_path, None, 1, 5, None, None, "default", None, None, 1.0, None, None, None, None, "fp32", "cpu", 1,
-        False, True, True, True,
-    )
+    config = generation_options.GenerationOptions(model=tiny_sdxl_path, num_inference_steps=1, dtype="fp32", device="cpu",
+                                                  vae_tiling=True, vae_slicing=True, compile_unet=True)
     pipe = load_pipe(tiny_sdxl_path)
     assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
-    generation_options.place(pipe, torch.device("cpu"), config)
+    generation_options.move_to_device(pipe, torch.device("cpu"), config)
     assert pipe.vae.use_tiling and pipe.vae.use_slicing
     assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(infer.UserError, match="--cpu_offload .* needs a CUDA GPU"):
-        generation_options.resolve_device_and_dtype(config.__class__(**{**config.__dict__, "cpu_offload": True}))
+        generation_options.resolve_device_and_dtype(dataclasses.replace(config, cpu_offload=True))
 
 
 def test_vae_slicing_with_a_batch_gives_the_same_images(tiny_sdxl_path, tmp_path, capsys):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.cli import UserError
-from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, load_loras, parse_weighted_path
-from helpers import generate_array, load_pipe, make_peft_lora
+from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, adapter_layers, load_loras, parse_weighted_path
+from helpers import TEXT_TARGETS, generate_array, load_pipe, make_peft_lora
 
 RANK, ALPHA = 4, 8  # alpha != rank: a loader that ignores alpha loads at half strength
 
@@ -38,18 +38,12 @@ def peft_lora(tiny_sdxl_path, tmp_path) -> Path:
     return make_peft_lora(tiny_sdxl_path, tmp_path / "lora", rank=RANK, alpha=ALPHA)
 
 
-def lora_layers(model, adapter: str) -> dict:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter in m.lora_A}
-
-
 def test_loaded_delta_w_equals_alpha_over_rank_times_b_a_from_the_file(tiny_sdxl_path, peft_lora):
     pipe = load_pipe(tiny_sdxl_path)
     load_loras(pipe, [LoraSpec(peft_lora, weight=0.5)])
     state = load_file(peft_lora)
-    layers = {f"unet.{n}": m for n, m in lora_layers(pipe.unet, "lora_0").items()}
-    layers |= {f"text_encoder_2.{n}": m for n, m in lora_layers(pipe.text_encoder_2, "lora_0").items()}
+    layers = {f"unet.{n}": m for n, m in adapter_layers(pipe.unet, "lora_0").items()}
+    layers |= {f"text_encoder_2.{n}": m for n, m in adapter_layers(pipe.text_encoder_2, "lora_0").items()}
     assert len(layers) == sum(1 for k in state if ".lora_A." in k and not k.startswith("text_encoder."))
     for name, layer in layers.items():
         expected = 0.5 * (ALPHA / RANK) * state[f"{name}.lora_B.weight"] @ state[f"{name}.lora_A.weight"]
@@ -76,8 +70,9 @@ def test_webui_text_encoder_names_load_every_layer_with_its_weights(tiny_sdxl_pa
     pipe = load_pipe(tiny_sdxl_path)
     load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors")])
     for encoder, prefix in ((pipe.text_encoder, "lora_te1_text_model_"), (pipe.text_encoder_2, "lora_te2_text_model_")):
-        layers = lora_layers(encoder, "lora_0")
-        assert len(layers) == 12
+        layers = adapter_layers(encoder, "lora_0")
+        projections = encoder.config.num_hidden_layers * len(TEXT_TARGETS)  # q, k, v, out of every attention layer
+        assert len(layers) == projections, f"{len(layers)} of the {projections} attention projections loaded"
         for name, layer in layers.items():
             expected = kohya[prefix + name.removeprefix("text_model.").replace(".", "_") + ".lora_down.weight"]
             assert torch.equal(layer.lora_A["lora_0"].weight.detach(), expected), name
@@ -93,7 +88,7 @@ def test_two_loras_add_their_weighted_deltas(tiny_sdxl_path, peft_lora, tmp_path
     other = make_peft_lora(tiny_sdxl_path, tmp_path / "other", rank=2, alpha=2, seed=1)
     pipe = load_pipe(tiny_sdxl_path)
     load_loras(pipe, [LoraSpec(peft_lora, 0.8), LoraSpec(other, 0.3)])
-    layer = lora_layers(pipe.unet, "lora_0")["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
+    layer = adapter_layers(pipe.unet, "lora_0")["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
     first, second = load_file(peft_lora), load_file(other)
     key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
     expected = 0.8 * (ALPHA / RANK) * first[f"{key}.lora_B.weight"] @ first[f"{key}.lora_A.weight"]
@@ -118,12 +113,12 @@ def test_b_lora_touches_only_the_content_and_style_blocks(tiny_sdxl_path, peft_l
     load_loras(pipe, [LoraSpec(peft_lora, 1.0, (BLORA_CONTENT_BLOCK,)), LoraSpec(style, 1.0, (BLORA_STYLE_BLOCK,))])
     changes = unet_weight_changes(pipe)
     changed = {k for k, v in changes.items() if v > 0}
-    blocks = ("up_blocks.0.attentions.0.", "up_blocks.0.attentions.1.")
+    blocks = tuple(block.removeprefix("unet.") + "." for block in (BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK))
     assert changed, "the content and style blocks must change"
     assert all(k.startswith(blocks) for k in changed), sorted(changed - {k for k in changed if k.startswith(blocks)})
     assert any(k.startswith(blocks[0]) for k in changed) and any(k.startswith(blocks[1]) for k in changed)
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        assert not lora_layers(encoder, "lora_0") and not lora_layers(encoder, "lora_1")
+        assert not adapter_layers(encoder, "lora_0") and not adapter_layers(encoder, "lora_1")
 
 
 def test_b_lora_alpha_scales_delta_w_linearly_not_squared(tiny_sdxl_path, peft_lora):
@@ -131,7 +126,7 @@ def test_b_lora_alpha_scales_delta_w_linearly_not_squared(tiny_sdxl_path, peft_l
     for alpha in (1.0, 0.5):
         pipe = load_pipe(tiny_sdxl_path)
         load_loras(pipe, [LoraSpec(peft_lora, alpha, (BLORA_CONTENT_BLOCK,))])
-        layer = lora_layers(pipe.unet, "lora_0")["up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+        layer = adapter_layers(pipe.unet, "lora_0")["up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
         deltas[alpha] = layer.get_delta_weight("lora_0")
     torch.testing.assert_close(deltas[0.5], 0.5 * deltas[1.0])
 
@@ -140,7 +135,7 @@ def test_lora_blocks_keeps_only_the_named_blocks_in_any_format(tiny_sdxl_path, p
     save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
     pipe = load_pipe(tiny_sdxl_path)
     load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors", 1.0, ("mid_block", "down_blocks.2.attentions.1"))])
-    names = set(lora_layers(pipe.unet, "lora_0"))
+    names = set(adapter_layers(pipe.unet, "lora_0"))
     assert names and all(n.startswith(("mid_block.", "down_blocks.2.attentions.1.")) for n in names)
     assert any(n.startswith("mid_block.") for n in names) and any(n.startswith("down_blocks.2.") for n in names)
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merge_lora
+from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK
 from helpers import generate_array, load_pipe, make_peft_lora, run_cli
 
 
@@ -115,18 +116,23 @@ def test_linear_with_weights_one_and_zero_reproduces_the_first_lora(two_loras, t
         torch.testing.assert_close(got[name], a[name], rtol=1e-6, atol=1e-9)
 
 
-def test_peft_linear_adds_cross_terms_that_ours_does_not(two_loras):
-    """peft's add_weighted_adapter('linear') mixes A and B separately: (w1 B1 + w2 B2)(w1 A1 + w2 A2) != w1 dW1 + w2 dW2."""
-    first, _ = two_loras
-    a1, b1 = torch.randn(4, 16, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
-    a2, b2 = torch.randn(4, 16, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
-    w1, w2 = 0.5, 0.5
-    peft_style = (w1**0.5 * b1 + w2**0.5 * b2) @ (w1**0.5 * a1 + w2**0.5 * a2)  # peft scales both factors by sqrt(w)
-    exact = w1 * b1 @ a1 + w2 * b2 @ a2
-    layer = merge_lora.linear_merge_factors([merge_lora.LayerLoRA(a1, b1, 1.0), merge_lora.LayerLoRA(a2, b2, 1.0)], [w1, w2])
+def test_peft_linear_adds_cross_terms_that_ours_does_not():
+    """peft's add_weighted_adapter('linear') merges A and B separately with its own task_arithmetic at weights
+    sqrt(w): (sqrt(w1) B1 + sqrt(w2) B2)(sqrt(w1) A1 + sqrt(w2) A2) != w1 dW1 + w2 dW2, which is peft's
+    task_arithmetic on the delta weights (its `svd` route) and what our linear merge stores."""
+    from peft.utils.merge_utils import task_arithmetic
+
+    generator = torch.Generator().manual_seed(0)
+    a1, a2 = (torch.randn(4, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    b1, b2 = (torch.randn(8, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    peft_linear = task_arithmetic([b1, b2], weights.sqrt()) @ task_arithmetic([a1, a2], weights.sqrt())
+    peft_on_deltas = task_arithmetic([b1 @ a1, b2 @ a2], weights)
+    layer = merge_lora.linear_merge_factors([merge_lora.LayerLoRA(a1, b1, 1.0), merge_lora.LayerLoRA(a2, b2, 1.0)], weights.tolist())
     ours = layer.up.double() @ layer.down.double()
-    torch.testing.assert_close(ours, exact, rtol=1e-6, atol=1e-6)
-    assert (peft_style - exact).abs().max() > 0.1
+    torch.testing.assert_close(ours, peft_on_deltas, rtol=1e-6, atol=1e-6)
+    cross_terms = float((peft_linear - peft_on_deltas).abs().max())
+    assert cross_terms > 0.1, f"peft's linear merge differs from the weighted sum of dW by only {cross_terms}"
 
 
 def test_merged_lora_loads_with_load_lora_weights_and_kohya_gives_the_same_image(two_loras, tiny_sdxl_path, tmp_path, capsys):
@@ -149,9 +155,9 @@ def test_blora_keeps_only_the_named_blocks_scaled_linearly(two_loras, tiny_sdxl_
     assert code == 0, err
     _, a, b = references(first, second)
     got = merged_deltas(tmp_path)
-    assert got and all(n.startswith(("unet.up_blocks.0.attentions.0.", "unet.up_blocks.0.attentions.1.")) for n in got)
+    assert got and all(n.startswith((BLORA_CONTENT_BLOCK + ".", BLORA_STYLE_BLOCK + ".")) for n in got)
     for name, delta in got.items():
-        expected = 0.5 * a[name] if ".attentions.0." in name else 2.0 * b[name]
+        expected = 0.5 * a[name] if name.startswith(BLORA_CONTENT_BLOCK + ".") else 2.0 * b[name]
         torch.testing.assert_close(delta, expected, rtol=1e-6, atol=1e-9)
 
 
@@ -233,12 +239,16 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
     assert vectors and any(not torch.allclose(v, torch.ones_like(v)) for v in vectors.values())
 
     # the merged UNet against each LoRA alone, with the learned vectors and with all-ones (= linear merge)
+    from common.losses import formulation_for_scheduler
+
     pipe = merge_lora.load_base(tiny_sdxl_path)
     inputs = [merge_lora.read_input(loras[c], 1.0) for c in ("content", "style")]
     zipped = merge_lora.install_zip_layers(pipe.unet, *inputs)
     generator = torch.Generator().manual_seed(7)
-    examples = [merge_lora.zip_example(pipe, zipped, mode, None, f"a photo of sks {mode}", 64, generator) for mode in ("content", "style")]
-    probes = [(example, *merge_lora.noisy_input(pipe.scheduler, example["latents"], generator)) for example in examples for _ in range(4)]
+    examples = [merge_lora.zip_example(pipe, zipped, mode=mode, folder=None, prompt=f"a photo of sks {mode}", size=64, generator=generator)
+                for mode in ("content", "style")]
+    formulation = formulation_for_scheduler(pipe.scheduler.config)
+    probes = [(example, *merge_lora.noisy_input(formulation, example["latents"], generator)) for example in examples for _ in range(4)]
 
     def distance(learned: bool) -> list[float]:
         for name, layer in zipped.items():
@@ -287,15 +297,30 @@ def test_dora_inputs_and_disjoint_loras_are_refused(two_loras, tiny_sdxl_path, t
 
 
 def test_ziplora_takes_example_images_from_folders(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    """The merge is trained on the folders' images: the same images give the same merger vectors, another
+    content image gives other vectors (everything else, seed included, unchanged)."""
+    from PIL import Image
     from training_helpers import write_images
 
     first, second = two_loras
     content, style = write_images(tmp_path / "content", 1), write_images(tmp_path / "style", 1)
-    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ziplora",
-                               "--content_data", content, "--content_prompt", "a dog", "--style_data", style,
-                               "--style_prompt", "a painting", "--ziplora_steps", 3, "--ziplora_penalty", "product",
-                               "--out", tmp_path / "zipped")
-    assert code == 0, err
+    other_content = tmp_path / "other_content"
+    other_content.mkdir()
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(other_content / "plain_blue.png")
+
+    def merger_vectors(content_folder: Path, out: Path) -> dict[str, torch.Tensor]:
+        code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ziplora",
+                                 "--content_data", content_folder, "--content_prompt", "a dog", "--style_data", style,
+                                 "--style_prompt", "a painting", "--ziplora_steps", 3, "--ziplora_penalty", "product",
+                                 "--out", out)
+        assert code == 0, err
+        return load_file(out / "ziplora_merger_vectors.safetensors")
+
+    vectors, again, other = (merger_vectors(folder, tmp_path / name)
+                             for folder, name in ((content, "zipped"), (content, "again"), (other_content, "other")))
+    assert all(torch.equal(vectors[k], again[k]) for k in vectors), "the same images and seed must give the same merge"
+    moved = max(float((vectors[k] - other[k]).abs().max()) for k in vectors)
+    assert moved > 1e-4, f"another content image changed the merger vectors by only {moved}"
     state = load_file(tmp_path / "zipped" / "pytorch_lora_weights.safetensors")
     ranks = {v.shape[0] for k, v in state.items() if k.startswith("unet.") and k.endswith("lora_A.weight")}
     assert ranks == {4 + 2}, "ZipLoRA layers have rank r_content + r_style"

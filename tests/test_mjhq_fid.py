@@ -1,5 +1,6 @@
-"""mjhq_fid.py: FID equal to clean-fid's per category and overall, the Fréchet distance and KID against
-independent evaluations, the feature cache, resumable sharded generation, reports and one-line errors."""
+"""mjhq_fid.py and its engine common/fid.py: FID equal to clean-fid's per category and overall, the Fréchet
+distance and KID against independent evaluations, CLIP score from folders and zips, the feature cache,
+resumable sharded generation, reports and one-line errors."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fid_helpers import CATEGORIES, small_features, write_fake_inception, write_mjhq_fixture
-from helpers import run_cli
+from fid_helpers import CATEGORIES, images_in, small_features, write_fake_inception, write_mjhq_fixture, write_tiny_clip
+from helpers import free_port, run_cli
 from PIL import Image
 
 import mjhq_fid
+from common import fid
+from common.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = mjhq_fid.FeatureExtractor("small-features", "clean", small_features, torch.device("cpu"))
+SMALL = fid.FeatureExtractor("small-features", "clean", small_features, torch.device("cpu"))
 
 
 @pytest.fixture()
@@ -29,10 +32,10 @@ def fixture(tmp_path):
     return tmp_path
 
 
-def score_config(root: Path, **changes) -> mjhq_fid.ScoreConfig:
+def score_config(root: Path, **changes) -> fid.ScoreConfig:
     options = dict(meta_data=root / "meta_data.json", gen_dir=root / "gen", ref=root / "ref", report_dir=root / "report",
                    cache_dir=root / "cache", device="cpu", batch_size=8, num_workers=0)
-    return mjhq_fid.ScoreConfig(**{**options, **changes})
+    return fid.ScoreConfig(**{**options, **changes})
 
 
 def fids(scores: dict) -> dict[str, float]:
@@ -44,7 +47,7 @@ def fids(scores: dict) -> dict[str, float]:
 def test_every_category_and_the_overall_fid_equal_clean_fids_compute_fid(fixture):
     from cleanfid.fid import compute_fid
 
-    ours = fids(mjhq_fid.score(score_config(fixture), extractor=SMALL))
+    ours = fids(fid.score(score_config(fixture), extractor=SMALL))
     assert set(ours) == {*CATEGORIES, "overall"}
     for category in [*CATEGORIES, "overall"]:
         sub = "" if category == "overall" else category
@@ -58,8 +61,8 @@ def test_the_reference_zip_gives_the_fids_of_the_extracted_folder(fixture):
     with zipfile.ZipFile(fixture / "mjhq30k_imgs.zip", "w") as archive:
         for path in sorted((fixture / "ref").rglob("*.jpg")):
             archive.write(path, f"mjhq30k_imgs/{path.relative_to(fixture / 'ref')}")
-    from_folder = fids(mjhq_fid.score(score_config(fixture), extractor=SMALL))
-    from_zip = fids(mjhq_fid.score(score_config(fixture, ref=fixture / "mjhq30k_imgs.zip"), extractor=SMALL))
+    from_folder = fids(fid.score(score_config(fixture), extractor=SMALL))
+    from_zip = fids(fid.score(score_config(fixture, ref=fixture / "mjhq30k_imgs.zip"), extractor=SMALL))
     assert from_zip == pytest.approx(from_folder, rel=1e-6)
 
 
@@ -71,8 +74,8 @@ def test_frechet_distance_equals_a_float64_scipy_reference():
     mu1, sigma1, mu2, sigma2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(sigma1 @ sigma2).real
     reference = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
-    assert mjhq_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-10)
-    assert mjhq_fid.frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-9)
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-10)
+    assert fid.frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-9)
 
 
 def test_where_clean_fids_sqrtm_fails_with_few_images_the_distance_still_equals_its_sample_space_form():
@@ -89,7 +92,7 @@ def test_where_clean_fids_sqrtm_fails_with_few_images_the_distance_still_equals_
     x1, x2 = (a - a.mean(0)).astype(np.float64), (b - b.mean(0)).astype(np.float64)
     trace_sqrt = np.linalg.svd(x1 @ x2.T / np.sqrt(2 * 2), compute_uv=False).sum()
     reference = np.sum((mu1.astype(np.float64) - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
-    assert mjhq_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-9)
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(reference, rel=1e-9)
     try:
         theirs = cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2)
     except ValueError as error:
@@ -108,35 +111,24 @@ def test_kid_with_whole_sets_equals_the_unbiased_mmd_of_the_cubic_kernel_and_lea
     kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
     mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.sum() / m**2
     state = np.random.get_state()
-    assert mjhq_fid.kernel_inception_distance(x, y) == pytest.approx(mmd, rel=1e-9)
+    assert fid.kernel_inception_distance(x, y) == pytest.approx(mmd, rel=1e-9)
     assert np.array_equal(np.random.get_state()[1], state[1])
-    assert mjhq_fid.kernel_inception_distance(x[:1], y) is None
+    assert fid.kernel_inception_distance(x[:1], y) is None
 
 
 def test_kid_is_reported_per_category_and_reproducible(fixture):
-    first = mjhq_fid.score(score_config(fixture, kid=True), extractor=SMALL)
-    second = mjhq_fid.score(score_config(fixture, kid=True), extractor=SMALL)
+    first = fid.score(score_config(fixture, kid=True), extractor=SMALL)
+    second = fid.score(score_config(fixture, kid=True), extractor=SMALL)
     kids = [row["kid"] for row in first["results"]]
     assert all(isinstance(k, float) for k in kids) and kids == [row["kid"] for row in second["results"]]
 
 
 def test_clip_score_is_100_times_the_clamped_cosine_of_each_image_and_its_prompt(fixture, tiny_sdxl_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(Path(tiny_sdxl_path) / "tokenizer")
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
     clip_dir = fixture / "clip"
-    CLIPModel(config).save_pretrained(clip_dir)
-    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer)
-    processor.save_pretrained(clip_dir)
-    scores = mjhq_fid.score(score_config(fixture, clip_model=str(clip_dir)), extractor=SMALL)
+    processor = write_tiny_clip(clip_dir, Path(tiny_sdxl_path) / "tokenizer")
+    scores = fid.score(score_config(fixture, clip_model=str(clip_dir)), extractor=SMALL)
 
     model = CLIPModel.from_pretrained(clip_dir).eval()
     meta = json.loads((fixture / "meta_data.json").read_text())
@@ -150,6 +142,21 @@ def test_clip_score_is_100_times_the_clamped_cosine_of_each_image_and_its_prompt
         cosine = (image / image.norm(dim=-1, keepdim=True) * text / text.norm(dim=-1, keepdim=True)).sum(-1)
         expected = float((100 * cosine.clamp(min=0)).mean())
         assert row["clip_score"] == pytest.approx(expected, rel=1e-5), row["category"]
+
+
+def test_clip_scores_from_a_zipped_gen_dir_equal_those_from_the_extracted_folder(fixture, tiny_sdxl_path):
+    clip_dir = fixture / "clip"
+    write_tiny_clip(clip_dir, Path(tiny_sdxl_path) / "tokenizer")
+    with zipfile.ZipFile(fixture / "gen.zip", "w") as archive:
+        for path in sorted((fixture / "gen").rglob("*.png")):
+            archive.write(path, f"gen/{path.relative_to(fixture / 'gen')}")
+    clip_scores = lambda scores: {row["category"]: row["clip_score"] for row in scores["results"]}  # noqa: E731
+    from_folder = fid.score(score_config(fixture, clip_model=str(clip_dir)), extractor=SMALL)
+    from_zip = fid.score(score_config(fixture, gen_dir=fixture / "gen.zip", clip_model=str(clip_dir), report_dir=fixture / "zip-report"),
+                         extractor=SMALL)
+    assert from_zip["ids"]["generated"] == images_in(fixture / "gen"), from_zip["ids"]
+    assert all(isinstance(value, float) for value in clip_scores(from_folder).values()), clip_scores(from_folder)
+    assert clip_scores(from_zip) == clip_scores(from_folder), (clip_scores(from_zip), clip_scores(from_folder))
 
 
 # ---------------------------------------------------------------- the cache
@@ -166,11 +173,12 @@ def image_reads(monkeypatch):
 
 
 def test_a_second_run_reads_no_image_and_new_images_are_the_only_ones_read(fixture, image_reads):
-    first = mjhq_fid.score(score_config(fixture), extractor=SMALL)
-    assert len(image_reads) == 27 + 33, "one pass: each generated and reference image read once for all 4 FIDs"
+    generated, reference = images_in(fixture / "gen"), images_in(fixture / "ref")
+    first = fid.score(score_config(fixture), extractor=SMALL)
+    assert len(image_reads) == generated + reference, "one pass: each generated and reference image read once for all 4 FIDs"
     image_reads.clear()
-    second = mjhq_fid.score(score_config(fixture), extractor=SMALL)
-    assert image_reads == [] and second["features"]["generated"] == {"computed": 0, "cached": 27}
+    second = fid.score(score_config(fixture), extractor=SMALL)
+    assert image_reads == [] and second["features"]["generated"] == {"computed": 0, "cached": generated}
     assert fids(second) == fids(first)
 
     # two more generated images for ids that have references, and one image changed in place
@@ -181,27 +189,28 @@ def test_a_second_run_reads_no_image_and_new_images_are_the_only_ones_read(fixtu
     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(changed)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     image_reads.clear()
-    third = mjhq_fid.score(score_config(fixture), extractor=SMALL)
+    third = fid.score(score_config(fixture), extractor=SMALL)
     assert sorted(Path(p).name for p in image_reads) == ["an009.png", "an010.png", "fo000.png"]
-    assert third["features"]["generated"] == {"computed": 3, "cached": 26}
+    assert third["features"]["generated"] == {"computed": 3, "cached": generated + 2 - 3}
     assert fids(third)["people"] == fids(first)["people"] and fids(third)["animals"] != fids(first)["animals"]
 
 
 def test_only_meta_data_ids_count_and_mismatched_ids_are_reported(fixture):
-    baseline = fids(mjhq_fid.score(score_config(fixture), extractor=SMALL))
+    never_generated = images_in(fixture / "ref") - images_in(fixture / "gen")
+    baseline = fids(fid.score(score_config(fixture), extractor=SMALL))
     Image.new("RGB", (40, 40), "red").save(fixture / "gen" / "animals" / "not_an_mjhq_id.png")
     Image.new("RGB", (40, 40), "red").save(fixture / "ref" / "food" / "another_stranger.jpg")
     meta = json.loads((fixture / "meta_data.json").read_text())
     meta["zz999"] = {"category": "people", "prompt": "no reference for this one"}
     (fixture / "meta_data.json").write_text(json.dumps(meta))
     Image.new("RGB", (40, 40), "blue").save(fixture / "gen" / "people" / "zz999.png")
-    scores = mjhq_fid.score(score_config(fixture), extractor=SMALL)
+    scores = fid.score(score_config(fixture), extractor=SMALL)
     assert fids(scores)["animals"] == baseline["animals"] and fids(scores)["food"] == baseline["food"]
     ids = scores["ids"]
     assert ids["generated_not_in_meta_data"] == ["animals/not_an_mjhq_id.png"]
     assert ids["reference_not_in_meta_data"] == 1
     assert ids["generated_without_reference"] == ["zz999"]
-    assert ids["reference_without_generated"] == 3 * (11 - 9)
+    assert ids["reference_without_generated"] == never_generated
 
 
 # ---------------------------------------------------------------- generation
@@ -275,8 +284,8 @@ def test_a_killed_generation_resumes_and_makes_only_the_missing_images(tiny_sdxl
 
 
 def test_per_category_picks_the_same_ids_whatever_the_order_of_the_file(tmp_path):
-    forward = mjhq_fid.read_meta_data(write_meta(tmp_path / "a.json", MJHQ_LIKE))
-    backward = mjhq_fid.read_meta_data(write_meta(tmp_path / "b.json", dict(reversed(list(MJHQ_LIKE.items())))))
+    forward = fid.read_meta_data(write_meta(tmp_path / "a.json", MJHQ_LIKE))
+    backward = fid.read_meta_data(write_meta(tmp_path / "b.json", dict(reversed(list(MJHQ_LIKE.items())))))
     chosen = [e.image_id for e in mjhq_fid.select_entries(forward, 2)]
     assert chosen == [e.image_id for e in mjhq_fid.select_entries(backward, 2)]
     assert len(chosen) == 6 and all(sum(i.startswith(c[:2]) for i in chosen) == 2 for c in CATEGORIES)
@@ -287,7 +296,7 @@ def test_two_processes_make_exactly_the_files_of_one(tiny_sdxl_path, tmp_path):
     meta = write_meta(tmp_path / "meta_data.json", MJHQ_LIKE)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same kernels in both runs
     for processes in (1, 2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29561",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
                    "mjhq_fid.py", *generate_args(tiny_sdxl_path, meta, tmp_path / f"gen{processes}", "--batch_size", 2)]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -360,16 +369,16 @@ def test_without_inception_weights_or_network_the_error_says_what_to_download_an
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(fixture))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(fixture / "hub"))
     monkeypatch.setenv("SDXL_PERSONALIZE_CACHE", str(fixture / "empty-cache"))
-    monkeypatch.delenv(mjhq_fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
     code, _, err = run_cli(mjhq_fid.app, ["score", "--meta_data", fixture / "meta_data.json", "--gen_dir", fixture / "gen",
                                           "--ref", fixture / "ref"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "inception-2015-12-05.pt" in err and mjhq_fid.TORCHSCRIPT_INCEPTION[1] in err
-    assert "--inception_weights" in err and mjhq_fid.INCEPTION_WEIGHTS_ENV in err
+    assert "inception-2015-12-05.pt" in err and fid.TORCHSCRIPT_INCEPTION[1] in err
+    assert "--inception_weights" in err and fid.INCEPTION_WEIGHTS_ENV in err
 
 
 def test_the_environment_variable_names_the_inception_file(fixture, monkeypatch, capsys):
-    monkeypatch.setenv(mjhq_fid.INCEPTION_WEIGHTS_ENV, str(write_fake_inception(fixture / "fake.pt")))
+    monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, str(write_fake_inception(fixture / "fake.pt")))
     code, out, err = run_cli(mjhq_fid.app, ["score", "--meta_data", fixture / "meta_data.json", "--gen_dir", fixture / "gen",
                                             "--ref", fixture / "ref", "--report_dir", fixture / "r", "--cache_dir",
                                             fixture / "cache", "--num_workers", 0], capsys)
@@ -377,20 +386,43 @@ def test_the_environment_variable_names_the_inception_file(fixture, monkeypatch,
     assert json.loads((fixture / "r" / "scores.json").read_text())["feature_extractor"].startswith("clean-")
 
 
-def test_a_changed_weights_file_or_mode_does_not_reuse_cached_features(fixture):
-    first = mjhq_fid.inception_extractor("clean", write_fake_inception(fixture / "a.pt"), "cpu")
-    legacy = mjhq_fid.inception_extractor("legacy_tensorflow", fixture / "a.pt", "cpu")
+def test_a_changed_weights_file_or_mode_does_not_reuse_cached_features(fixture, image_reads):
+    """Features are cached under the extractor's identity, its mode and its weights file's digest: other
+    weights written to the same path, and another mode, each read every image again."""
+    weights = write_fake_inception(fixture / "a.pt")
+    first = fid.inception_extractor("clean", weights, "cpu")
+    legacy = fid.inception_extractor("legacy_tensorflow", fixture / "a.pt", "cpu")
     assert first.identity != legacy.identity and first.identity.startswith("clean-")
     batch = torch.rand(2, 3, 299, 299) * 255
     assert first.model(batch).shape == (2, 2048)
 
+    generated, reference = images_in(fixture / "gen"), images_in(fixture / "ref")
+    original = fid.score(score_config(fixture, inception_weights=weights))
+    every_read = sorted(image_reads)
+    assert len(every_read) == generated + reference
+    image_reads.clear()
+    fid.score(score_config(fixture, inception_weights=weights))
+    assert image_reads == [], "the same weights and mode: nothing is read again"
+
+    write_fake_inception(weights, seed=1)
+    rewritten = fid.score(score_config(fixture, inception_weights=weights))
+    assert sorted(image_reads) == every_read, f"other weights at the same path: {len(image_reads)} of {len(every_read)} images read"
+    assert rewritten["features"] == {"generated": {"computed": generated, "cached": 0}, "reference": {"computed": reference, "cached": 0}}
+    assert rewritten["feature_extractor"] != original["feature_extractor"]
+    assert all(a != pytest.approx(b, rel=1e-6) for a, b in zip(fids(original).values(), fids(rewritten).values())), (fids(original), fids(rewritten))
+
+    image_reads.clear()
+    other_mode = fid.score(score_config(fixture, inception_weights=weights, mode="legacy_tensorflow"))
+    assert sorted(image_reads) == every_read, f"another mode: {len(image_reads)} of {len(every_read)} images read"
+    assert other_mode["features"]["generated"] == {"computed": generated, "cached": 0}
+
 
 def test_legacy_tensorflow_mode_resizes_inside_the_network_and_gives_other_numbers(fixture):
     weights = write_fake_inception(fixture / "fake.pt")
-    clean = mjhq_fid.score(score_config(fixture, inception_weights=weights))
-    legacy = mjhq_fid.score(score_config(fixture, inception_weights=weights, mode="legacy_tensorflow", report_dir=fixture / "legacy"))
+    clean = fid.score(score_config(fixture, inception_weights=weights))
+    legacy = fid.score(score_config(fixture, inception_weights=weights, mode="legacy_tensorflow", report_dir=fixture / "legacy"))
     assert legacy["feature_extractor"].startswith("legacy_tensorflow-") and clean["feature_extractor"].startswith("clean-")
-    assert legacy["features"]["generated"]["computed"] == 27, "features of another mode are not reused"
+    assert legacy["features"]["generated"]["computed"] == images_in(fixture / "gen"), "features of another mode are not reused"
     assert all(a != pytest.approx(b, rel=1e-6) for a, b in zip(fids(clean).values(), fids(legacy).values()))
 
 
@@ -403,12 +435,12 @@ def test_legacy_pytorch_mode_loads_pytorch_fids_weights_from_a_local_file(fixtur
         patch.setattr(inception_pytorch, "load_state_dict_from_url", lambda *args, **kwargs: None)
         patch.setattr(torch.nn.Module, "load_state_dict", lambda self, state, *args, **kwargs: None)
         torch.save(inception_pytorch.fid_inception_v3().state_dict(), fixture / "pt_inception.pth")
-    extractor = mjhq_fid.inception_extractor("legacy_pytorch", fixture / "pt_inception.pth", "cpu")
+    extractor = fid.inception_extractor("legacy_pytorch", fixture / "pt_inception.pth", "cpu")
     images = torch.rand(2, 3, 299, 299) * 255
     features = extractor.model(images)
     assert features.shape == (2, 2048) and extractor.identity.startswith("legacy_pytorch-")
-    with pytest.raises(mjhq_fid.UserError, match="could not be loaded as pt_inception-2015-12-05-6726825d.pth"):
-        mjhq_fid.inception_extractor("legacy_pytorch", write_fake_inception(fixture / "fake.pt"), "cpu")
+    with pytest.raises(UserError, match="could not be loaded as pt_inception-2015-12-05-6726825d.pth"):
+        fid.inception_extractor("legacy_pytorch", write_fake_inception(fixture / "fake.pt"), "cpu")
 
 
 BAD_INPUTS = {
@@ -435,16 +467,16 @@ def test_bad_input_gives_one_clear_line(case, fixture, capsys):
 
 def test_an_unreadable_reference_image_is_named_and_finished_features_are_kept(fixture, capsys):
     (fixture / "ref" / "people" / "pe005.jpg").write_bytes(b"not an image")
-    with pytest.raises(mjhq_fid.UserError, match="could not be read .*pe005.jpg"):
-        mjhq_fid.score(score_config(fixture), extractor=SMALL)
-    kept = sum(len(mjhq_fid.FeatureCache(folder).rows) for folder in (fixture / "cache" / "small-features" / "features").iterdir())
-    assert kept >= 27 + 8, "the generated set's features and the reference batch before the bad image were kept"
+    with pytest.raises(UserError, match="could not be read .*pe005.jpg"):
+        fid.score(score_config(fixture), extractor=SMALL)
+    kept = sum(len(fid.FeatureCache(folder).rows) for folder in (fixture / "cache" / "small-features" / "features").iterdir())
+    assert kept >= images_in(fixture / "gen") + 8, "the generated set's features and the reference batch before the bad image were kept"
 
 
 def test_image_suffixes_are_clean_fids_less_numpy_arrays():
     from cleanfid.utils import EXTENSIONS
 
-    assert mjhq_fid.CLEANFID_IMAGE_SUFFIXES == {f".{e.lower()}" for e in EXTENSIONS} - {".npy"}
+    assert fid.CLEANFID_IMAGE_SUFFIXES == {f".{e.lower()}" for e in EXTENSIONS} - {".npy"}
 
 
 def test_help_lists_the_sub_commands(capsys):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import generate_array, load_pipe
+from helpers import free_port, generate_array, load_pipe
 from training_helpers import PROMPT, denoising_losses, train_cli, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,15 +131,22 @@ def test_cached_latents_stay_paired_with_their_captions_and_sizes(tmp_path):
     assert seen == 3 * len(images)
 
 
-def test_aspect_buckets_include_sdxls_training_shapes_and_train_non_square_images(tiny_sdxl_path, tmp_path, capsys):
-    from common.data import sdxl_buckets
+def test_aspect_buckets_include_sdxls_training_shapes_and_train_non_square_images(tiny_sdxl_path, tmp_path, capsys, monkeypatch):
+    import train_lora
+    from common.data import nearest_bucket, sdxl_buckets
 
     buckets = set(sdxl_buckets(1024))
     assert {(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (768, 1344), (640, 1536)} <= buckets
     assert all(h * w <= 1024 * 1024 and h % 64 == 0 and w % 64 == 0 for h, w in buckets)
-    wide = write_images(tmp_path / "wide", count=2, size=(48, 112))
+    trained_shapes = []
+    original_latents = train_lora.batch_latents
+    monkeypatch.setattr(train_lora, "batch_latents", lambda *a: trained_shapes.append(tuple((x := original_latents(*a)).shape)) or x)
+    wide = write_images(tmp_path / "wide", count=2, size=(48, 112))  # (height, width)
     code, out, err = train_cli(capsys, *base_args(tiny_sdxl_path, wide, tmp_path / "out", 2, "--aspect_buckets", "--train_batch_size", 2))
     assert code == 0, err
+    height, width = nearest_bucket(48, 112, sdxl_buckets(64))
+    assert width > height, (height, width)
+    assert trained_shapes == [(2, 4, height // 8, width // 8)] * 2, f"every step trains the {height}x{width} bucket: {trained_shapes}"
 
 
 def test_lora_targets_follow_blocks_blora_and_dora(tiny_sdxl_path):
@@ -160,12 +167,16 @@ def test_lora_targets_follow_blocks_blora_and_dora(tiny_sdxl_path):
 def test_prodigy_with_reference_style_boolean_values(tiny_sdxl_path, images, tmp_path, capsys):
     code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 3, "--optimizer", "prodigy", "--learning_rate", 1.0,
                                                 "--prodigy_safeguard_warmup=False", "--prodigy_use_bias_correction=True",
-                                                "--prodigy_decouple", "false"))
+                                                "--prodigy_decouple", "false", "--hub_token", "hf_NotARealToken123",
+                                                "--enable_xformers_memory_efficient_attention"))
     assert code == 0, err
     args = json.loads((tmp_path / "training_args.json").read_text())
     assert (args["optimizer"], args["prodigy_safeguard_warmup"], args["prodigy_use_bias_correction"], args["prodigy_decouple"]) == (
         "prodigy", False, True, False)
     assert "d*lr=" in err
+    assert "--hub_token has no effect" in err and "--enable_xformers_memory_efficient_attention has no effect" in err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not [p.name for p in written if b"hf_NotARealToken123" in p.read_bytes()], "a token reached the disk"
 
 
 def unreadable(folder: Path) -> Path:
@@ -188,6 +199,9 @@ BAD_TRAINING_INPUTS = {
     "prior preservation without a class prompt": (
         lambda tmp: ["--with_prior_preservation", "--class_data_dir", str(tmp / "class")], "--with_prior_preservation needs"),
     "text fraction out of range": (lambda tmp: ["--train_text_encoder_ti_frac", "1.5"], "--train_text_encoder_ti_frac must be in (0, 1]"),
+    "dataset configuration of an image folder": (
+        lambda tmp: ["--dataset_name", write_images(tmp / "dataset", 2), "--dataset_config_name", "large"],
+        "--dataset_config_name 'large': "),
 }
 
 
@@ -207,7 +221,7 @@ def test_bad_training_input_gives_one_clear_line(case, tiny_sdxl_path, images, t
 
 def test_torchrun_with_two_processes_shards_the_data_and_saves_once(tiny_sdxl_path, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "train_lora.py",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "train_lora.py",
                *map(str, base_args(tiny_sdxl_path, images, tmp_path / "ddp", 4, "--train_batch_size", 1, "--checkpointing_steps", 2))]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -241,6 +255,20 @@ def test_every_flag_of_the_reference_script_is_accepted_under_its_own_spelling()
     assert len(REFERENCE_FLAGS) == 79
     missing = [flag for flag in REFERENCE_FLAGS if f"--{flag}" not in accepted]
     assert not missing, f"not accepted: {missing}"
+
+
+def test_each_option_is_declared_once_as_a_config_field():
+    import dataclasses
+
+    import typer.main
+
+    import train_lora
+
+    command = typer.main.get_command(train_lora.app)
+    declared = [f.name for cls in (train_lora.TrainConfig, train_lora.IgnoredOptions) for f in dataclasses.fields(cls) if "option" in f.metadata]
+    assert sorted(p.name for p in command.params) == sorted(declared)
+    recorded = {f.name for f in dataclasses.fields(train_lora.TrainConfig)}
+    assert recorded.isdisjoint(f.name for f in dataclasses.fields(train_lora.IgnoredOptions)), "hub_token and co. are never recorded"
 
 
 def test_dataset_captions_are_used_per_image_and_bad_images_can_be_skipped(tiny_sdxl_path, tmp_path, capsys, caplog):
