@@ -66,10 +66,9 @@ def run(config: InferConfig) -> list[Path]:
 
     pipe, settings = prepare_pipeline(config.generation)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan_jobs(
-        config.prompts, config.generation.negative_prompt, config.num_images, config.seeds, next_free_index(config.output_dir)
-    )
-    return generate_images(pipe, jobs, settings, config.output_dir, config.generation.batch_size)
+    jobs = plan_jobs(config.prompts, negative_prompt=config.generation.negative_prompt, num_images=config.num_images,
+                     seeds=config.seeds, first_index=next_free_index(config.output_dir))
+    return generate_images(pipe, jobs, settings, output_dir=config.output_dir, batch_size=config.generation.batch_size)
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

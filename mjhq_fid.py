@@ -199,7 +199,7 @@ def generate_missing(config: GenerateConfig) -> int:
     if batches:
         pipe, settings = prepare_pipeline(config.generation, str(state.device) if state.num_processes > 1 else None)
         check_same_settings(entries, paths, config, settings)
-        saved = generate_images(pipe, [], settings, config.gen_dir, config.generation.batch_size,
+        saved = generate_images(pipe, [], settings, output_dir=config.gen_dir, batch_size=config.generation.batch_size,
                                 path_for=lambda _, job: paths[job.index], batches=batches,
                                 show_progress=state.is_local_main_process)
         made = len(saved)

@@ -181,6 +181,8 @@ def main(**options) -> None:
 
 def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
+    from common.data import INTERPOLATIONS
+
     if options["push_to_hub"]:
         raise UserError(
             "--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards"
@@ -260,8 +262,6 @@ def make_config(options: dict) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    from common.data import INTERPOLATIONS
-
     if config.image_interpolation_mode not in INTERPOLATIONS:
         raise UserError(
             f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}"
@@ -312,7 +312,15 @@ def train(config: TrainConfig) -> None:
         f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps"
     )
 
-    batch_loss = BatchLoss(pipe, unet, caption_encoder, data, formulation, accelerator, config.prior_loss_weight)
+    batch_loss = BatchLoss(
+        pipe=pipe,
+        unet=unet,
+        caption_encoder=caption_encoder,
+        data=data,
+        formulation=formulation,
+        accelerator=accelerator,
+        prior_loss_weight=config.prior_loss_weight,
+    )
     progress = Progress(total_steps, step, accelerator)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     started, first_step = time.time(), step
@@ -361,7 +369,7 @@ def train(config: TrainConfig) -> None:
     accelerator.end_training()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BatchLoss:
     """A batch's loss; with prior preservation, instance loss + prior_loss_weight x class loss, in one
     forward pass when instance and class images share a shape."""
@@ -548,11 +556,11 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         for e in check_images(examples, config.skip_bad_images)
     ]
     augment = Augment(
-        config.resolution,
-        config.center_crop,
-        config.random_flip,
-        config.image_interpolation_mode,
-        tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
+        resolution=config.resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        interpolation=config.image_interpolation_mode,
+        buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
     )
     data = TrainingData(TrainingImages(examples, augment, config.repeats, config.seed), [e.caption for e in examples])
     if config.with_prior_preservation:
@@ -620,12 +628,12 @@ def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
 
 def add_pivotal_tokens(pipe, config: TrainConfig) -> dict:
     """New tokens for each abstraction in both tokenizers, with trainable rows beside frozen tables."""
-    if not config.train_text_encoder_ti:
-        return {}
     import torch
 
     from common.tokens import NewTokenRows, abstraction_tokens
 
+    if not config.train_text_encoder_ti:
+        return {}
     abstractions = [a.strip() for a in config.token_abstraction.split(",") if a.strip()]
     if not abstractions:
         raise UserError(f"--token_abstraction {config.token_abstraction!r} names no abstraction; e.g. TOK or TOK,TOK2")
@@ -1019,7 +1027,9 @@ def checkpoints(output_dir: str) -> list[Path]:
 
 def save_checkpoint(accelerator, config: TrainConfig, step: int) -> None:
     """accelerate state in checkpoint-STEP, written beside and renamed, so a crash never leaves half of one."""
-    with atomic_folder(Path(config.output_dir) / f"checkpoint-{step}", is_main_process=accelerator.is_main_process) as staging:
+    with atomic_folder(
+        Path(config.output_dir) / f"checkpoint-{step}", is_main_process=accelerator.is_main_process
+    ) as staging:
         accelerator.wait_for_everyone()  # the main process has made the staging folder
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
@@ -1092,9 +1102,11 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
         model=config.pretrained_model_name_or_path,
     )
     prompt = expand_abstractions(config.validation_prompt, config.token_map)
-    jobs = plan_jobs([prompt], None, config.num_validation_images, [config.seed])
+    jobs = plan_jobs([prompt], negative_prompt=None, num_images=config.num_validation_images, seeds=[config.seed])
     with torch.no_grad(), accelerator.autocast():
-        generate_images(pipe, jobs, settings, Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1)
+        generate_images(
+            pipe, jobs, settings, output_dir=Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1
+        )
     for module in parked:
         module.to("cpu")
 
@@ -1112,8 +1124,10 @@ def save_outputs(unet, pipe, caption_encoder, config: TrainConfig) -> None:
     models = {"unet": unet}
     if config.train_text_encoder:
         models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    states = {component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-              for component, model in models.items()}
+    states = {
+        component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        for component, model in models.items()
+    }
     lora_configs = {component: model.peft_config["default"].to_dict() for component, model in models.items()}
     save_diffusers_lora(output, states, lora_configs)
 

@@ -151,7 +151,8 @@ def _training_steps(unet, vae, config, accelerator, resolution: int, index: torc
     tracker = LiveStorages()
     tracker.add(*module_tensors(unet), *(module_tensors(vae) if vae is not None else []), *images.values(), text.embeds, text.pooled)
     start = tracker.current
-    batch_loss = train_lora.BatchLoss(pipe, unet, text, data, formulation, accelerator, config.prior_loss_weight)
+    batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=text, data=data, formulation=formulation,
+                                      accelerator=accelerator, prior_loss_weight=config.prior_loss_weight)
     with tracker, allocator_log(enabled=not is_fake(unet)) as log:
         for step in range(steps):
             train_lora.training_step(partial(batch_loss, images, None, step), models=[unet], accelerator=accelerator,

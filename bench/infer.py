@@ -51,7 +51,8 @@ def pipeline(
     pipe = load_sdxl_pipeline(model, dtype).to(device)
     pipe.unet = speed_up_unet(pipe.unet, device, compile_unet)
     pipe.set_progress_bar_config(disable=True)
-    settings = SamplingSettings(size, size, steps, guidance_scale, "default", "default")
+    settings = SamplingSettings(width=size, height=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                                scheduler_name="default", webui_sampler="default")
     rows = []
     for batch in [int(b) for b in batch_sizes.split(",")]:
         jobs = [ImageJob(i, "a photo of an astronaut riding a horse", None, i) for i in range(batch)]

@@ -99,7 +99,9 @@ def pipeline(
             unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
             batches = itertools.cycle(list(loader))
 
-            batch_loss = train_lora.BatchLoss(pipe, unet, caption_encoder, data, formulation, accelerator, config.prior_loss_weight)
+            batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=caption_encoder, data=data,
+                                              formulation=formulation, accelerator=accelerator,
+                                              prior_loss_weight=config.prior_loss_weight)
 
             def step():
                 train_lora.training_step(partial(batch_loss, next(batches), None, 0), models=[unet], accelerator=accelerator,

@@ -72,7 +72,7 @@ def option(default: Any = dataclasses.MISSING, *names: str, help: str = "", pane
     """A config field that is also a command-line option: its one declaration (default, help, help panel)."""
     if no_effect:
         help = f"{help + '; ' if help else ''}[dim]no effect: {no_effect}[/dim]"
-    spec = OptionSpec(help, panel, names, cli_type, parse, no_effect)
+    spec = OptionSpec(help=help, panel=panel, names=names, cli_type=cli_type, parse=parse, no_effect=no_effect)
     return dataclasses.field(default=default, metadata={"option": spec})
 
 

@@ -69,7 +69,7 @@ def sampling_settings(pipe, options) -> SamplingSettings:
 
 
 def plan_jobs(
-    prompts: list[str], negative_prompt: str | None, num_images: int, seeds: list[int], first_index: int = 0
+    prompts: list[str], *, negative_prompt: str | None, num_images: int, seeds: list[int], first_index: int = 0
 ) -> list[ImageJob]:
     """`num_images` images per prompt; image k of the run gets seeds[k], or seeds[0] + k for one seed.
 
@@ -136,7 +136,7 @@ def save_png(image, path: Path, parameters: str) -> None:
 
 
 def generate_images(
-    pipe, jobs: list[ImageJob], settings: SamplingSettings, output_dir: Path, batch_size: int, path_for=image_path,
+    pipe, jobs: list[ImageJob], settings: SamplingSettings, *, output_dir: Path, batch_size: int, path_for=image_path,
     batches: list[list[ImageJob]] | None = None, show_progress: bool = True,
 ) -> list[Path]:
     """Run the pipeline over `jobs` in batches (or the given `batches`) and save each image as soon as
@@ -241,4 +241,4 @@ def deal_batches(jobs: list[ImageJob], batch_size: int, process_index: int = 0, 
 
 def make_class_images(pipe, batches: list[list[ImageJob]], settings: SamplingSettings, folder: Path, show_progress: bool = True) -> int:
     folder.mkdir(parents=True, exist_ok=True)
-    return len(generate_images(pipe, [], settings, folder, 1, path_for=class_image_path, batches=batches, show_progress=show_progress))
+    return len(generate_images(pipe, [], settings, output_dir=folder, batch_size=1, path_for=class_image_path, batches=batches, show_progress=show_progress))

@@ -68,7 +68,8 @@ class GenerationOptions:
 
     @cached_property
     def loras(self) -> list[LoraSpec]:
-        return lora_specs(self.lora or [], self.lora_scale, self.lora_blocks, self.content_lora, self.style_lora)
+        return lora_specs(self.lora or [], lora_scale=self.lora_scale, lora_blocks=self.lora_blocks,
+                          content_lora=self.content_lora, style_lora=self.style_lora)
 
     @cached_property
     def embeddings(self) -> list[EmbeddingSpec]:
@@ -76,7 +77,7 @@ class GenerationOptions:
 
 
 def lora_specs(
-    loras: list[str], lora_scale: float, lora_blocks: str | None, content_lora: str | None, style_lora: str | None
+    loras: list[str], *, lora_scale: float, lora_blocks: str | None, content_lora: str | None, style_lora: str | None
 ) -> list[LoraSpec]:
     """Every adapter to load, with its weight times --lora_scale and the blocks it may touch."""
     blocks = parse_blocks(lora_blocks) or None

@@ -17,25 +17,25 @@ SETTINGS = SamplingSettings(
 
 
 def test_one_seed_gives_consecutive_seeds_across_prompts_and_images():
-    jobs = plan_jobs(["cat", "dog"], None, num_images=3, seeds=[100], first_index=7)
+    jobs = plan_jobs(["cat", "dog"], negative_prompt=None, num_images=3, seeds=[100], first_index=7)
     assert [job.seed for job in jobs] == [100, 101, 102, 103, 104, 105]
     assert [job.prompt for job in jobs] == ["cat"] * 3 + ["dog"] * 3
     assert [job.index for job in jobs] == list(range(7, 13))
 
 
 def test_one_seed_per_image_is_used_as_given():
-    jobs = plan_jobs(["cat"], "blurry", num_images=3, seeds=[5, 1, 9])
+    jobs = plan_jobs(["cat"], negative_prompt="blurry", num_images=3, seeds=[5, 1, 9])
     assert [job.seed for job in jobs] == [5, 1, 9]
     assert all(job.negative_prompt == "blurry" for job in jobs)
 
 
 def test_wrong_number_of_seeds_is_refused_with_the_counts():
     with pytest.raises(UserError, match="got 2 seeds for 3 images"):
-        plan_jobs(["cat"], None, num_images=3, seeds=[1, 2])
+        plan_jobs(["cat"], negative_prompt=None, num_images=3, seeds=[1, 2])
 
 
 def test_without_a_seed_a_random_one_is_drawn_and_then_incremented():
-    first, second = plan_jobs(["cat"], None, num_images=2, seeds=[])
+    first, second = plan_jobs(["cat"], negative_prompt=None, num_images=2, seeds=[])
     assert second.seed == first.seed + 1
 
 

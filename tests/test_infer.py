@@ -187,7 +187,7 @@ def test_lora_scale_multiplies_each_weight_and_b_lora_options_name_their_blocks(
     assert code == 0, err
     recorded = parse_webui_parameters(Image.open(only_png(tmp_path / "out")).text["parameters"])["Lora"]
     assert recorded == (
-        "pytorch_lora_weights.safetensors:0.25 [mid_block], "
+        "pytorch_lora_weights.safetensors:0.25 [unet.mid_block], "
         "pytorch_lora_weights.safetensors:0.45 [unet.up_blocks.0.attentions.0], "
         "pytorch_lora_weights.safetensors:0.5 [unet.up_blocks.0.attentions.1]"
     )

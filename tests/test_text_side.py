@@ -154,7 +154,8 @@ def test_batch_loss_with_prior_preservation_on_a_hand_built_batch(tiny_sdxl_path
     pipe = load_pipe(tiny_sdxl_path)
     data = train_lora.TrainingData(None, ["a", "b"], None, ["c", "d"])
     raw_instance, raw_class = [1.0, 2.0], [4.0, 8.0]
-    batch_loss = train_lora.BatchLoss(pipe, pipe.unet, Text(), data, RowMeans(), Accelerator(), prior_loss_weight=0.25)
+    batch_loss = train_lora.BatchLoss(pipe=pipe, unet=pipe.unet, caption_encoder=Text(), data=data, formulation=RowMeans(),
+                                      accelerator=Accelerator(), prior_loss_weight=0.25)
     loss = batch_loss(fake_batch(raw_instance), fake_batch(raw_class), step=0)
     scale = pipe.vae.config.scaling_factor  # latents are normalised as the base model expects
     expected = scale * (sum(raw_instance) / 2 + 0.25 * sum(raw_class) / 2)
