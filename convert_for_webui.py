@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from common.cli import UserError, flags, run_app
+from common.files import writable_file
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -35,46 +36,89 @@ def main(
     comfyui_dir: Annotated[Optional[Path], typer.Option(*flags("comfyui_dir"), help="a ComfyUI installation")] = None,
     out: Annotated[Optional[Path], typer.Option(*flags("out", "-o"), help="a plain output folder")] = None,
     force: Annotated[bool, typer.Option(*flags("force"), help="replace files that already exist")] = False,
-    model: Annotated[Optional[str], typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base model: needed to bake a DoRA into a plain LoRA")] = None,
-    rank: Annotated[Optional[int], typer.Option(*flags("rank"), help="rank of a baked DoRA (default: full, exact)")] = None,
+    model: Annotated[Optional[str], typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base model: needed for a DoRA (baked, or native for ComfyUI)")] = None,
+    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="rank of a baked DoRA: a number or full (default: twice the DoRA's rank)")] = None,
+    save_precision: Annotated[str, typer.Option(*flags("save_precision"), help="fp16 (as UI LoRAs are shared), bf16 or fp32 for the LoRA factors")] = "fp16",
     to: Annotated[str, typer.Option(*flags("to"), help="kohya (for the UIs) or diffusers (a kohya file back, for merge_lora/train)")] = "kohya",
-    check: Annotated[bool, typer.Option(*flags("check"), help="only report what a UI would not load from a kohya file")] = False,
-    dora_native: Annotated[Optional[str], typer.Option(*flags("dora_native"), help="comfyui: write a DoRA's dora_scale as ComfyUI reads it instead of baking it")] = None,
+    check: Annotated[bool, typer.Option(*flags("check"), help="only report what WebUI and ComfyUI do with a kohya LoRA or an embedding file")] = False,
+    dora_native: Annotated[Optional[str], typer.Option(*flags("dora_native"), help="comfyui: write a DoRA's dora_scale for ComfyUI's loader instead of baking it (needs --model)")] = None,
 ) -> None:
     """Write the LoRA (kohya format) and the embedding where WebUI or ComfyUI look for them."""
-    from common.lora_formats import lora_file
+    from common.lora_formats import lora_file, safetensors_keys
 
     if check:
         raise typer.Exit(check_file(lora))
     if to not in ("kohya", "diffusers"):
         raise UserError(f"--to {to!r}; use kohya or diffusers")
+    dtype = parse_save_precision(save_precision)
     if dora_native not in (None, "comfyui"):
         raise UserError(f"--dora_native {dora_native!r}: only comfyui; WebUI's dora_scale normalises input columns, "
                         "which no peft DoRA (output rows) maps onto exactly, so for WebUI the DoRA is baked (give --model)")
+    if dora_native and webui_dir is not None:
+        raise UserError("--dora_native comfyui writes dora_scale for ComfyUI's formula; WebUI would apply it to the other "
+                        "axis without an error. For --webui_dir, bake the DoRA (drop --dora_native, give --model)")
+    if dora_native and not model:
+        raise UserError("--dora_native comfyui needs the base model (--model MODEL): ComfyUI's dora_scale depends on the base weights")
     if to == "diffusers":
         if out is None:
             raise UserError("--to diffusers writes into --out DIR")
-        to_diffusers(lora, out, force)
+        to_diffusers(lora, out, force, model=model)
         return
     if sum(x is not None for x in (webui_dir, comfyui_dir, out)) != 1:
         raise UserError("give exactly one of --webui_dir DIR, --comfyui_dir DIR or --out DIR")
     if not lora.exists():
         raise UserError(f"LoRA {str(lora)!r} not found; give a training output folder or its pytorch_lora_weights.safetensors")
     source = lora_file(lora)
+    safetensors_keys(source, "LoRA")  # an unreadable input is refused before anything is made
     name = name or (lora if lora.is_dir() else lora.parent).resolve().name
     lora_target, embedding_target = destinations(name, webui_dir, comfyui_dir, out)
     embedding = next(iter(sorted(source.parent.glob("*_emb.safetensors"))), None)
     for target in [lora_target] + ([embedding_target] if embedding else []):
         if target.exists() and not force:
             raise UserError(f"{str(target)!r} exists; pass --force to replace it")
+        writable_file(target, "the output")
+    if embedding:
+        warn_if_ordinary_word(name)
     training_args = read_training_args(source.parent)
-    export_lora(source, lora_target, name=name, training_args=training_args, model=model, rank=rank, dora_native=dora_native)
+    export_lora(source, lora_target, name=name, training_args=training_args, model=model, rank=parse_rank(rank),
+                dora_native=dora_native, dtype=dtype)
     typer.echo(f"LoRA: {lora_target}")
     if embedding:
         export_embedding(embedding, embedding_target)
         typer.echo(f"embedding: {embedding_target}")
     for line in usage_lines(name, training_args, has_embedding=embedding is not None):
         typer.echo(line)
+
+
+FULL_RANK = "full"
+
+
+def parse_rank(text: str | None) -> int | str | None:
+    """--rank: None (the default rank), a positive number, or "full"."""
+    if text is None or text == FULL_RANK:
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--rank {text!r}: give a positive whole number or {FULL_RANK}")
+    return int(text)
+
+
+def parse_save_precision(text: str):
+    import torch
+
+    choices = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if text not in choices:
+        raise UserError(f"--save_precision {text!r}; choose one of {', '.join(choices)}")
+    return choices[text]
+
+
+def warn_if_ordinary_word(name: str) -> None:
+    """WebUI triggers an embedding wherever its name's tokens appear in a prompt: named like a word, it
+    replaces every use of that word."""
+    from common.tokens import is_clip_word
+
+    if is_clip_word(name):
+        typer.echo(f"warning: the embedding is named {name!r}, an ordinary word of CLIP's vocabulary: in WebUI every "
+                   f"{name!r} in a prompt would call it. Give a distinctive --name, e.g. --name {name}_emb", err=True)
 
 
 def destinations(name: str, webui_dir: Path | None, comfyui_dir: Path | None, out: Path | None) -> tuple[Path, Path]:
@@ -96,43 +140,87 @@ def read_training_args(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export_lora(source: Path, target: Path, *, name: str, training_args: dict, model: str | None, rank: int | None,
-                dora_native: str | None = None) -> None:
-    """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically.
-    A DoRA is baked into a plain LoRA first (every UI loads that; their DoRA conventions differ)."""
-    from safetensors import safe_open
+def export_lora(source: Path, target: Path, *, name: str, training_args: dict, model: str | None, rank: int | str | None,
+                dora_native: str | None = None, dtype=None) -> None:
+    """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically
+    in `dtype` (factors; alphas and dora_scale stay fp32). A DoRA is baked into a plain LoRA first (every UI
+    loads that; their DoRA conventions differ), or written for ComfyUI's loader (`dora_native`)."""
     from safetensors.torch import save_file
 
     from common.files import atomic_path
-    from common.lora_formats import diffusers_lora_to_kohya, is_dora, kohya_metadata
+    from common.lora_formats import diffusers_lora_to_kohya, is_dora, kohya_metadata, safetensors_keys
 
-    with safe_open(str(source), "pt") as handle:
-        dora = is_dora(handle.keys())
+    dora = is_dora(safetensors_keys(source, "LoRA"))
+    extra_metadata = {}
     if dora and not dora_native:
         if not model:
             raise UserError(f"{str(source)!r} is a DoRA: baking it into a plain LoRA needs the base model, --model MODEL")
-        kohya, summary = bake_dora(source, model, rank)
+        kohya, summary, extra_metadata = bake_dora(source, model, rank)
     else:
-        kohya, summary = diffusers_lora_to_kohya(source, dora_native=dora_native)
+        kohya, summary = diffusers_lora_to_kohya(source, base_weight=lazy_base_weights(model) if dora else None)
+    kohya = cast_factors(kohya, dtype)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
     fields = {"network_args": json.dumps({"parts": sorted(summary)}), "output_name": name,
               "sd_model_name": str(training_args.get("pretrained_model_name_or_path", ""))}
     if training_args:
         fields["training_comment"] = json.dumps({k: training_args.get(k) for k in ("rank", "learning_rate", "max_train_steps", "edm")})
-    metadata = kohya_metadata(rank=rank, alpha=alpha, **fields) | {
+    metadata = kohya_metadata(rank=rank, alpha=alpha, **fields) | extra_metadata | {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
         "modelspec.trigger_phrase": trigger_prompt(training_args, name, "webui") or "",
     }
+    announce_size(target, kohya)
     with atomic_path(target) as partial:
         save_file(kohya, str(partial), metadata=metadata)
 
 
-def bake_dora(source: Path, model: str, rank: int | None):
+def cast_factors(kohya: dict, dtype) -> dict:
+    """The lora_up/lora_down factors in `dtype`; refused in one line where a value does not fit it."""
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        return kohya
+    cast = {}
+    for key, value in kohya.items():
+        if key.endswith(("lora_up.weight", "lora_down.weight")):
+            value = value.to(dtype)
+            if not torch.isfinite(value).all():
+                raise UserError(f"{key} does not fit {str(dtype).removeprefix('torch.')}; use --save_precision fp32")
+        cast[key] = value.contiguous()
+    return cast
+
+
+def announce_size(target: Path, tensors: dict) -> None:
+    """Say how large a file will be before writing one over 1 GiB (a full-rank SDXL bake is several GiB)."""
+    from common.files import LARGE_FILE_BYTES
+
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > LARGE_FILE_BYTES:
+        typer.echo(f"writing {size / 2**30:.1f} GiB to {target}; a smaller --rank makes a smaller file", err=True)
+
+
+def lazy_base_weights(model: str | None):
+    """The base model's weights by (component, module), loading the model on the first read (None without a model)."""
+    import functools
+
+    import torch
+
+    from common.lora_formats import base_weight_reader
+    from common.models import load_sdxl_pipeline
+
+    if model is None:
+        return None
+    reader = functools.cache(lambda: base_weight_reader(load_sdxl_pipeline(model, torch.float32)))
+    return lambda component, module: reader()(component, module)
+
+
+def bake_dora(source: Path, model: str, rank: int | str | None):
     """Each DoRA layer's adapted weight W' = m * (W + dW) / ||W + dW|| (Liu et al. 2024, Eq. 5, computed by
-    peft's own merge) minus W, factorised by SVD at `rank` (full by default) into a plain LoRA of scale 1."""
+    peft's own merge) minus W, factorised by SVD into a plain LoRA of scale 1: at `rank`, by default twice
+    the DoRA's rank (its dW plus the largest directions of the magnitude change), or exact with "full".
+    Returns the kohya state, its summary and metadata holding each layer's relative truncation error."""
     import torch
 
     from common.lora_formats import COMPONENT_PREFIXES, LoraSpec, adapter_layers, load_loras, lora_ranks, peft_lora_to_kohya, svd_factors
@@ -140,7 +228,7 @@ def bake_dora(source: Path, model: str, rank: int | None):
 
     pipe = load_sdxl_pipeline(model, torch.float32)
     [adapter] = load_loras(pipe, [LoraSpec(source)])
-    states, summary, worst = {}, {}, 0.0
+    states, summary, errors, squared_norms = {}, {}, {}, {}
     for component in COMPONENT_PREFIXES:
         state = {}
         for module_name, module in adapter_layers(getattr(pipe, component), adapter).items():
@@ -148,52 +236,105 @@ def bake_dora(source: Path, model: str, rank: int | None):
             module.merge(adapter_names=[adapter])
             delta = module.get_base_layer().weight.detach().double() - before.double()
             module.unmerge()
-            up, down, error = svd_factors(delta, rank)
-            worst = max(worst, error)
+            layer_rank = None if rank == FULL_RANK else rank or 2 * module.r[adapter]
+            up, down, error = svd_factors(delta, layer_rank)
+            errors[f"{component}.{module_name}"] = error
+            squared_norms[f"{component}.{module_name}"] = float(delta.pow(2).sum())
             state[f"{module_name}.lora_A.weight"], state[f"{module_name}.lora_B.weight"] = down, up
         if state:
             states[component] = state
             some_rank = next(iter(lora_ranks(state).values()))
             summary[component] = (some_rank, some_rank)  # scale 1: alpha = rank, layer by layer
     kohya = peft_lora_to_kohya(states, layers_per_block=pipe.unet.config.layers_per_block)
-    typer.echo(f"DoRA baked into a plain LoRA (rank {rank or 'full'}): largest relative truncation error {worst:.2e}")
-    return kohya, summary
+    overall = overall_relative_error(errors, squared_norms)
+    worst = max(errors, key=errors.get)
+    rank_text = FULL_RANK if rank == FULL_RANK else rank or "2 x the DoRA's"
+    typer.echo(f"DoRA baked into a plain LoRA (rank {rank_text}): relative truncation error {overall:.2e} overall, "
+               f"largest {errors[worst]:.2e} ({worst}); per layer in the file's metadata (bake_truncation_errors)")
+    return kohya, summary, {"bake_truncation_errors": json.dumps({k: round(v, 6) for k, v in errors.items()})}
+
+
+def overall_relative_error(errors: dict[str, float], squared_norms: dict[str, float]) -> float:
+    """||dW - dW_r|| / ||dW|| over all layers together, from each layer's relative error and squared norm."""
+    total = sum(squared_norms.values())
+    return (sum(errors[k] ** 2 * squared_norms[k] for k in errors) / total) ** 0.5 if total else 0.0
 
 
 def check_file(path: Path) -> int:
-    """Report rank, alpha, DoRA, parts, and every key a UI would not map; 1 when there is any."""
+    """What WebUI and ComfyUI do with a kohya LoRA file or an SDXL embedding file, one verdict per UI;
+    1 when either would refuse, skip or misapply anything."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from common.lora_formats import check_kohya_keys, kohya_part
+    from common.lora_formats import kohya_part, ui_findings
+    from common.tokens import CLIP_G_KEY, CLIP_L_KEY
 
     if not path.is_file():
-        raise UserError(f"--check takes a kohya .safetensors file; {str(path)!r} is not a file")
-    state = load_file(str(path))
-    problems = check_kohya_keys(state)
+        raise UserError(f"--check takes a kohya LoRA or an embedding .safetensors file; {str(path)!r} is not a file")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"could not read {str(path)!r} as a safetensors file: {error}") from None
+    if state and set(state) <= {CLIP_L_KEY, CLIP_G_KEY}:
+        return check_embedding(state)
+    findings = ui_findings(state)
     parts = sorted({kohya_part(key) for key in state} - {None})
     ranks = sorted({v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")})
     alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha")})
     typer.echo(f"parts: {', '.join(parts) or 'none'}; ranks: {ranks}; alphas: {alphas}; DoRA: {any(k.endswith('dora_scale') for k in state)}")
+    for ui, found in findings.items():
+        for finding in found:
+            typer.echo(f"{ui} {finding.effect}: {finding.what}")
+    for ui, found in findings.items():
+        if any(f.effect == "refuses" for f in found):
+            typer.echo(f"{ui}: refuses the whole file")
+        elif found:
+            typer.echo(f"{ui}: loads it with {len(found)} problem(s) above")
+        else:
+            typer.echo(f"{ui}: every key maps onto SDXL and loads as the file means it")
+    return 1 if any(findings.values()) else 0
+
+
+def check_embedding(state: dict) -> int:
+    """An SDXL embedding: one row per token in `clip_l` (768 wide) and `clip_g` (1280 wide), as WebUI and
+    ComfyUI read it (each text encoder takes its own key)."""
+    from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS
+    from common.tokens import CLIP_G_KEY, CLIP_L_KEY
+
+    widths = {CLIP_L_KEY: SDXL_TEXT_ENCODER_CONFIGS[0]["hidden_size"], CLIP_G_KEY: SDXL_TEXT_ENCODER_CONFIGS[1]["hidden_size"]}
+    problems = [f"no {key} table: that text encoder gets no embedding" for key in widths if key not in state]
+    for key, width in widths.items():
+        table = state.get(key)
+        if table is not None and (table.ndim != 2 or table.shape[1] != width):
+            problems.append(f"{key} is {tuple(table.shape)}; SDXL's {'first' if key == CLIP_L_KEY else 'second'} "
+                            f"text encoder takes (tokens, {width}): the UIs ignore it")
+    rows = {tuple(t.shape[:1]) for t in state.values()}
+    if len(rows) > 1:
+        problems.append(f"{CLIP_L_KEY} and {CLIP_G_KEY} hold different numbers of tokens")
+    typer.echo(f"embedding: {', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(state.items()))}")
     for problem in problems:
-        typer.echo(f"unmapped: {problem}")
-    typer.echo(f"{len(problems)} key(s) a UI would skip" if problems else "every key maps onto SDXL")
+        typer.echo(f"WebUI and ComfyUI: {problem}")
+    typer.echo("WebUI and ComfyUI: an SDXL embedding with both tables" if not problems else f"{len(problems)} problem(s)")
     return 1 if problems else 0
 
 
-def to_diffusers(source: Path, out: Path, force: bool) -> None:
-    """A kohya-format LoRA as a diffusers/peft file: factors unchanged, each layer's alpha in the metadata."""
+def to_diffusers(source: Path, out: Path, force: bool, *, model: str | None = None) -> None:
+    """A kohya-format LoRA as a diffusers/peft file: factors unchanged, each layer's alpha in the metadata;
+    ComfyUI dora_scales become the peft magnitudes giving the same weights (needs the base model)."""
     from collections import Counter
 
     from peft import LoraConfig
 
-    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, save_diffusers_lora
+    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, safetensors_keys, save_diffusers_lora
 
     if not source.is_file():
         raise UserError(f"--to diffusers takes a kohya .safetensors file; {str(source)!r} is not a file")
+    safetensors_keys(source, "LoRA")
     target = out / DIFFUSERS_LORA_FILE
     if target.exists() and not force:
         raise UserError(f"{str(target)!r} exists; pass --force to replace it")
-    states, alphas = kohya_to_peft(source)
+    writable_file(target, "--out")
+    states, alphas = kohya_to_peft(source, lazy_base_weights(model))
     configs = {}
     for component, state in states.items():
         ranks = lora_ranks(state)

@@ -52,11 +52,18 @@ def fill_class_folder(wanted: ClassImages, generation: GenerationOptions) -> int
     """List what is missing (every process the same list), then make this process's share of it."""
     from accelerate import PartialState
 
+    from common.files import remove_leftover_partials, writable_folder
     from common.generation import class_image_batches, make_class_images
     from common.generation_options import prepare_pipeline
-    from common.models import cpu_processes_requested
+    from common.models import cpu_processes_requested, warn_about_lost_processes
 
     state = PartialState(cpu=cpu_processes_requested())
+    if state.is_main_process:
+        warn_about_lost_processes(state.num_processes)
+    writable_folder(wanted.class_data_dir, "--class_data_dir")
+    if state.is_main_process:
+        remove_leftover_partials(wanted.class_data_dir)  # of a killed run; their images are made again
+    state.wait_for_everyone()
     batches = class_image_batches(
         wanted.class_data_dir, wanted=wanted.num_class_images, prompt=wanted.class_prompt,
         negative_prompt=generation.negative_prompt, seed=wanted.seed, batch_size=generation.batch_size,

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from common.cli import UserError, config_from_options, option, options_command, run_app
+from common.files import writable_folder
 from common.generation_options import GenerationOptions
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -55,6 +56,7 @@ def main(**options) -> None:
         output_dir=own.output_dir,
     )
     validate(config)
+    writable_folder(config.output_dir, "--output_dir")
     saved = run(config)
     typer.echo(f"saved {len(saved)} image(s) to {config.output_dir}/")
 
@@ -65,7 +67,6 @@ def run(config: InferConfig) -> list[Path]:
     from common.generation_options import prepare_pipeline
 
     pipe, settings = prepare_pipeline(config.generation)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(config.prompts, negative_prompt=config.generation.negative_prompt, num_images=config.num_images,
                      seeds=config.seeds, first_index=next_free_index(config.output_dir))
     return generate_images(pipe, jobs, settings, output_dir=config.output_dir, batch_size=config.generation.batch_size)

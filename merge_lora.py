@@ -6,10 +6,13 @@
 
 Every method is defined on each layer's delta weight dW = scale * B @ A, which is what users mean by
 merging LoRAs (peft's `linear` instead mixes the A and B factors separately, which adds cross terms
-B_1 A_2; only its `cat` is exact). Results are stored exactly (a concatenation, or a full-rank SVD) or
-re-factorised to --rank by SVD, and load with diffusers' load_lora_weights (and, with --kohya, in WebUI
-and ComfyUI). The inputs are read from their files in fp32; the base model's weights are read only for
-ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
+B_1 A_2; only its `cat` is exact). linear, cat, ZipLoRA and B-LoRA are stored exactly; the methods that
+change dW entry by entry (TIES, DARE, magnitude pruning) and `svd` are re-factorised by SVD at a practical
+--rank (by default the inputs' ranks added, so the file is as large as `linear`'s), with each layer's
+relative error in merge_report.json; full rank only on request. Factors are written in --save_precision
+(fp16 by default, as the UIs load LoRAs) and load with diffusers' load_lora_weights (and, with --kohya, in
+WebUI and ComfyUI). The inputs are read from their files in fp32; the base model's weights are read only
+for ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import torch
 import typer
 
 from common.cli import UserError, flags, run_app
-from common.files import IMAGE_SUFFIXES
+from common.files import IMAGE_SUFFIXES, LARGE_FILE_BYTES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
 EXACT_METHODS = ("linear", "cat")
-SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-           "magnitude_prune", "magnitude_prune_svd", "ziplora", "blora")
+DELTA_METHODS = ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # a new dW per layer, re-factorised at --rank
+# The names of earlier versions for the compact results: the method at --rank max
+SVD_ALIASES = {f"{name}_svd": name for name in DELTA_METHODS if name != "svd"}
+METHODS = (*EXACT_METHODS, *DELTA_METHODS, *SVD_ALIASES, "ziplora", "blora")
+RANK_CHOICES = ("sum", "max", "full")
+SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -57,7 +63,8 @@ class InputLoRA:
 class MergedLayer:
     down: torch.Tensor
     up: torch.Tensor
-    relative_error: float = 0.0  # of the stored factors against the method's dW (SVD truncation)
+    relative_error: float = 0.0  # ||dW - up @ down|| / ||dW|| of the factors as written, against the method's dW
+    norm: float = 0.0  # ||dW||: weighs the layer in the overall error
 
 
 # ---------------------------------------------------------------- the merge methods, on delta weights
@@ -71,11 +78,71 @@ def linear_merge_factors(layers: list[LayerLoRA | None], weights: list[float]) -
     return MergedLayer(down, up)
 
 
-def factorise(delta: torch.Tensor, rank: int | None) -> MergedLayer:
+def layer_rank(rank: int | str, input_ranks: list[int], shape: tuple[int, int]) -> int:
+    """The rank a re-factorised layer is stored at: --rank N, the ranks of the inputs that have the layer added
+    ("sum"), the largest of them ("max"), or min(out, in) ("full"), where the factorisation is exact."""
+    chosen = {"sum": sum(input_ranks), "max": max(input_ranks), "full": min(shape)}.get(rank, rank)
+    return min(chosen, min(shape))
+
+
+def factorise(delta: torch.Tensor, rank: int) -> MergedLayer:
+    """dW = up @ down at `rank`: the truncated SVD (the best rank-r approximation) below min(out, in); at it, dW
+    itself against the identity on its smaller side, exact without an SVD (one float64 SVD per SDXL layer
+    takes most of an hour for a LoRA)."""
     from common.lora_formats import svd_factors
 
-    up, down, error = svd_factors(delta, rank)
-    return MergedLayer(down, up, error)
+    out_features, in_features = delta.shape
+    if rank < min(out_features, in_features):
+        up, down, _ = svd_factors(delta, rank)
+        return MergedLayer(down, up)
+    if out_features <= in_features:
+        return MergedLayer(delta, torch.eye(out_features, dtype=delta.dtype))
+    return MergedLayer(torch.eye(in_features, dtype=delta.dtype), delta)
+
+
+def balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product in float64 with each rank-one term's factors of equal norm: up_k / c_k and c_k down_k,
+    c_k = sqrt(||up_k|| / ||down_k||). SVD factors carry all of s_k in up (U S, V^T), and fp16's normal range
+    ends at 6e-5, where the weak terms' up columns would become subnormals and lose their digits."""
+    up, down = up.double(), down.double()
+    up_norms, down_norms = up.norm(dim=0), down.norm(dim=1)
+    c = torch.where((up_norms > 0) & (down_norms > 0), (up_norms / down_norms.clamp_min(1e-300)).sqrt(), 1.0)
+    return up / c, down * c[:, None]
+
+
+def product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
+    """||up @ down||_F from the r x r Gram matrices, tr((up^T up)(down down^T)), in float64 and without forming
+    the out x in product."""
+    up, down = up.double(), down.double()
+    return float(((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt())
+
+
+def stored(layer: MergedLayer, dtype: torch.dtype, delta: torch.Tensor | None = None) -> MergedLayer:
+    """The layer as written: factors rounded to `dtype` (balanced first for fp16, the one format whose range is
+    narrow; fp32 keeps exact factors bit for bit), with their relative Frobenius error in float64 against the
+    method's dW, `delta` (None: the layer's own factors are dW exactly, as in linear merges)."""
+    up, down = balanced(layer.up, layer.down) if dtype == torch.float16 else (layer.up.double(), layer.down.double())
+    up_out, down_out = up.to(dtype).contiguous(), down.to(dtype).contiguous()
+    if delta is None:  # the residual up down - up' down' is itself a product: [up | up'] [down; -down']
+        norm = product_norm(up, down)
+        residual = product_norm(torch.cat([up, up_out.double()], dim=1), torch.cat([down, -down_out.double()], dim=0))
+    else:
+        norm = float(torch.linalg.norm(delta))
+        residual = float(torch.linalg.norm(delta.double() - up_out.double() @ down_out.double()))
+    return MergedLayer(down_out, up_out, residual / norm if norm > 0 else 0.0, norm)
+
+
+def overall_error(merged: dict[str, MergedLayer]) -> float:
+    """The relative Frobenius error of all layers' dW together: sqrt(sum ||R_l||^2 / sum ||dW_l||^2)."""
+    total = sum(layer.norm**2 for layer in merged.values())
+    return (sum((layer.relative_error * layer.norm) ** 2 for layer in merged.values()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def stored_bytes(merged: dict[str, MergedLayer], *, kohya: bool) -> int:
+    """The bytes of factors the output holds (headers and kohya's alphas aside): every layer's two factors as
+    stored, twice with --kohya."""
+    values = sum(t.numel() * t.element_size() for layer in merged.values() for t in (layer.up, layer.down))
+    return values * (2 if kohya else 1)
 
 
 def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str) -> torch.Tensor:
@@ -105,16 +172,15 @@ def magnitude_prune_delta(deltas: list[torch.Tensor], weights: list[float], dens
 
 
 def merged_delta(method: str, deltas: list[torch.Tensor], weights: list[float], density: float, sign: str) -> torch.Tensor:
-    base = method.removesuffix("_svd")
-    if base in ("svd", "linear", "cat"):
+    if method == "svd":
         return sum(w * d for w, d in zip(weights, deltas))
-    if base == "ties":
+    if method == "ties":
         return ties_delta(deltas, weights, density, sign)
-    if base == "dare_linear":
+    if method == "dare_linear":
         return dare_delta(deltas, weights, density, None)
-    if base == "dare_ties":
+    if method == "dare_ties":
         return dare_delta(deltas, weights, density, sign)
-    if base == "magnitude_prune":
+    if method == "magnitude_prune":
         return magnitude_prune_delta(deltas, weights, density)
     raise ValueError(method)
 
@@ -149,15 +215,16 @@ def main(
     method: Annotated[str, typer.Option(*flags("method"), help=", ".join(METHODS))] = "linear",
     density: Annotated[float, typer.Option(*flags("density"), help="fraction kept by TIES, DARE and magnitude pruning")] = 0.5,
     majority_sign_method: Annotated[str, typer.Option(*flags("majority_sign_method"), help="total or frequency")] = "total",
-    rank: Annotated[Optional[int], typer.Option(*flags("rank"), help="rank of SVD re-factorisation (default: the largest input rank for *svd, full for the rest)")] = None,
+    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="stored rank of svd, ties, dare_*, magnitude_prune: N, sum (the inputs' ranks added), max (the largest) or full (exact; large); default sum, max for svd and the *_svd names")] = None,
+    save_precision: Annotated[str, typer.Option(*flags("save_precision"), help="fp16 (as the UIs load LoRAs), bf16 or fp32")] = "fp16",
     seed: Annotated[int, typer.Option(*flags("seed"), help="DARE's random drops; ZipLoRA's noise")] = 0,
     kohya: Annotated[bool, typer.Option(*flags("kohya"), help="also write the WebUI/ComfyUI (kohya) file")] = False,
     content_alpha: Annotated[float, typer.Option(*flags("content_alpha"), help="B-LoRA: scales the content block's dW")] = 1.0,
     style_alpha: Annotated[float, typer.Option(*flags("style_alpha"), help="B-LoRA: scales the style block's dW")] = 1.0,
     blocks: Annotated[Optional[str], typer.Option(*flags("blocks"), help="B-LoRA: block per input, comma-separated (default content,style)")] = None,
-    content_data: Annotated[Optional[Path], typer.Option(*flags("content_data"), help="ZipLoRA: content images (default: made by the content LoRA)")] = None,
+    content_data: Annotated[Optional[Path], typer.Option(*flags("content_data"), help="ZipLoRA: folder of content images, one per step in turn (default: one made by the content LoRA)")] = None,
     content_prompt: Annotated[Optional[str], typer.Option(*flags("content_prompt"), help="ZipLoRA: the content LoRA's prompt")] = None,
-    style_data: Annotated[Optional[Path], typer.Option(*flags("style_data"), help="ZipLoRA: style images (default: made by the style LoRA)")] = None,
+    style_data: Annotated[Optional[Path], typer.Option(*flags("style_data"), help="ZipLoRA: folder of style images, one per step in turn (default: one made by the style LoRA)")] = None,
     style_prompt: Annotated[Optional[str], typer.Option(*flags("style_prompt"), help="ZipLoRA: the style LoRA's prompt")] = None,
     ziplora_steps: Annotated[int, typer.Option(*flags("ziplora_steps"))] = 100,
     ziplora_lr: Annotated[float, typer.Option(*flags("ziplora_lr"))] = 0.01,
@@ -168,6 +235,7 @@ def main(
     dtype: Annotated[str, typer.Option(*flags("dtype"), help="ZipLoRA's base-model dtype: auto (bf16 on a GPU, fp32 on the CPU), fp32, fp16, bf16")] = "auto",
     fuse_into: Annotated[Optional[str], typer.Option(*flags("fuse_into"), help="a model to fuse the merge into (needs --save_pipeline)")] = None,
     save_pipeline: Annotated[Optional[Path], typer.Option(*flags("save_pipeline"), help="where the fused pipeline goes")] = None,
+    force: Annotated[bool, typer.Option(*flags("force"), help="replace a merge or LoRA already in --out (never an input)")] = False,
 ) -> None:
     """Merge two or more SDXL LoRAs into one file that loads anywhere."""
     from common.lora_formats import parse_weighted_path
@@ -175,8 +243,11 @@ def main(
     from common.models import device_and_dtype, model_modules_on_meta
 
     specs = [parse_weighted_path(spec) for spec in lora]
-    validate(method, specs, density=density, sign=majority_sign_method, rank=rank, penalty=ziplora_penalty,
+    validate(method, specs, density=density, sign=majority_sign_method, save_precision=save_precision, penalty=ziplora_penalty,
              fuse_into=fuse_into, save_pipeline=save_pipeline, steps=ziplora_steps)
+    rank_choice = parse_rank(rank, method)
+    check_outputs(out, save_pipeline, [path for path, _ in specs], force=force)
+    precision = SAVE_PRECISIONS[save_precision]
     modules = model_modules_on_meta(model)
     inputs = [read_input(path, weight) for path, weight in specs]
     for lora_input in inputs:
@@ -186,23 +257,47 @@ def main(
         pipe = load_base(model, *device_and_dtype(device, dtype))
         merged, report = zip_merge(pipe, inputs, content_data=content_data, content_prompt=content_prompt, style_data=style_data,
                                    style_prompt=style_prompt, steps=ziplora_steps, lr=ziplora_lr, similarity_weight=ziplora_lambda,
-                                   penalty_name=ziplora_penalty, resolution=ziplora_resolution, seed=seed, out=out)
+                                   penalty_name=ziplora_penalty, resolution=ziplora_resolution, seed=seed, out=out, precision=precision)
     elif method == "blora":
-        merged, report = block_merge(inputs, blocks=blocks, content_alpha=content_alpha, style_alpha=style_alpha)
+        merged, report = block_merge(inputs, blocks=blocks, content_alpha=content_alpha, style_alpha=style_alpha, precision=precision)
     else:
-        merged, report = merge_layers(inputs, method, density=density, sign=majority_sign_method, rank=rank, seed=seed)
+        merged, report = merge_layers(inputs, SVD_ALIASES.get(method, method), density=density, sign=majority_sign_method,
+                                      rank=rank_choice, seed=seed, precision=precision)
+    size = stored_bytes(merged, kohya=kohya)
+    if size > LARGE_FILE_BYTES:
+        typer.echo(large_file_notice(size, save_precision, method))
     token_lines = write_outputs(merged, inputs, out, kohya=kohya, layers_per_block=modules["unet"].config.layers_per_block,
-                                report={"method": method, "model": model, "density": density, "rank": rank, "seed": seed, **report})
+                                report={"method": method, "model": model, "density": density, "rank": rank_choice or "exact",
+                                        "save_precision": save_precision, "seed": seed, **report, **error_report(merged)})
     for line in token_lines:
         typer.echo(line)
     if fuse_into:
         fuse(fuse_into, out, save_pipeline)
-    typer.echo(f"merged {len(inputs)} LoRAs with {method} into {out}/")
+    typer.echo(f"merged {len(inputs)} LoRAs with {method} into {out}/: {size / 2**20:.1f} MiB of {save_precision} factors"
+               f"{f' at rank {rank_choice}' if rank_choice else ''}, {error_summary(merged)}")
 
 
-def validate(method, specs, *, density, sign, rank, penalty, fuse_into, save_pipeline, steps) -> None:
+def check_outputs(out: Path, save_pipeline: Path | None, inputs: list[Path], *, force: bool) -> None:
+    """Before any work: --out is a writable folder that is no input's, and holds no LoRA or merge unless --force."""
+    from common.files import writable_folder
+    from common.lora_formats import DIFFUSERS_LORA_FILE, lora_file
+
+    for path in inputs:
+        if lora_file(path).resolve().parent == out.resolve():
+            raise UserError(f"--out {str(out)!r} holds the input {str(path)!r}; write the merge to another folder")
+    writable_folder(out, "--out")
+    taken = [out / name for name in (DIFFUSERS_LORA_FILE, "merge_report.json") if (out / name).exists()]
+    if taken and not force:
+        raise UserError(f"{str(taken[0])!r} exists; pass --force to replace it, or choose another --out")
+    if save_pipeline is not None and save_pipeline.exists() and any(save_pipeline.iterdir()) and not force:
+        raise UserError(f"--save_pipeline {str(save_pipeline)!r} is not empty; pass --force to replace it")
+
+
+def validate(method, specs, *, density, sign, save_precision, penalty, fuse_into, save_pipeline, steps) -> None:
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if save_precision not in SAVE_PRECISIONS:
+        raise UserError(f"--save_precision must be {', '.join(SAVE_PRECISIONS)}, got {save_precision!r}")
     if len(specs) < 2:
         raise UserError(f"merging needs two or more --lora, got {len(specs)}")
     if method in ("ziplora", "blora") and len(specs) != 2:
@@ -211,14 +306,30 @@ def validate(method, specs, *, density, sign, rank, penalty, fuse_into, save_pip
         raise UserError(f"--density must be in (0, 1], got {density}")
     if sign not in ("total", "frequency"):
         raise UserError(f"--majority_sign_method must be total or frequency, got {sign!r}")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank must be a positive integer, got {rank}")
     if penalty not in ("cosine", "product"):
         raise UserError(f"--ziplora_penalty must be cosine or product, got {penalty!r}")
     if steps < 1:
         raise UserError(f"--ziplora_steps must be >= 1, got {steps}")
     if bool(fuse_into) != bool(save_pipeline):
         raise UserError("--fuse_into MODEL and --save_pipeline DIR go together")
+
+
+def parse_rank(text: str | None, method: str) -> int | str | None:
+    """--rank as a number or a rule (sum, max, full) for the re-factorising methods; None for the exact ones.
+    Default: sum, as large as the inputs together (what linear stores exactly, and exact wherever the method
+    leaves dW inside the inputs' span, as DARE and magnitude pruning do at density 1); max for svd and the
+    *_svd names, whose point is a small file."""
+    if method not in DELTA_METHODS and method not in SVD_ALIASES:
+        if text is not None:
+            raise UserError(f"--rank applies to {', '.join(DELTA_METHODS)} and the *_svd names; {method} stores its layers exactly")
+        return None
+    if text is None:
+        return "max" if method == "svd" or method in SVD_ALIASES else "sum"
+    if text in RANK_CHOICES:
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--rank must be a positive integer, {', '.join(RANK_CHOICES)}; got {text!r}")
+    return int(text)
 
 
 def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
@@ -275,29 +386,48 @@ def check_compatible(inputs: list[InputLoRA]) -> None:
                         f"{inputs[1].path} has e.g. {sorted(names[1])[:2]}")
 
 
-def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: str, rank: int | None, seed: int):
-    """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0)."""
+def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: str, rank: int | str | None, seed: int,
+                 precision: torch.dtype):
+    """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0): linear and cat stored
+    exactly, the rest re-factorised at `rank` (a number, or the rule of layer_rank) with their error against dW."""
     torch.manual_seed(seed)  # DARE's random drops
     weights = [i.weight for i in inputs]
-    merged, stats = {}, {}
+    merged = {}
     for name in sorted(set().union(*[i.layers for i in inputs])):
         layers = [i.layers.get(name) for i in inputs]
         if method in EXACT_METHODS:
-            merged[name] = linear_merge_factors(layers, weights)
-        else:
-            shape = next(layer for layer in layers if layer is not None)
-            deltas = [layer.delta() if layer is not None else torch.zeros(shape.up.shape[0], shape.down.shape[1], dtype=torch.float64)
-                      for layer in layers]
-            delta = merged_delta(method, deltas, weights, density, sign)
-            layer_rank = rank or (max(l.down.shape[0] for l in layers if l is not None) if method in SVD_METHODS else None)
-            if layer_rank is not None and layer_rank > min(delta.shape):
-                raise UserError(f"--rank {layer_rank} is larger than layer {name} allows ({min(delta.shape)})")
-            merged[name] = factorise(delta, layer_rank)
-        stats[name] = {"rank": merged[name].down.shape[0], "relative_error": merged[name].relative_error}
-    return merged, {"layers": stats}
+            merged[name] = stored(linear_merge_factors(layers, weights), precision)
+            continue
+        present = [layer for layer in layers if layer is not None]
+        shape = (present[0].up.shape[0], present[0].down.shape[1])
+        if isinstance(rank, int) and rank > min(shape):
+            raise UserError(f"--rank {rank} is larger than layer {name} allows ({min(shape)})")
+        deltas = [layer.delta() if layer is not None else torch.zeros(shape, dtype=torch.float64) for layer in layers]
+        delta = merged_delta(method, deltas, weights, density, sign)
+        merged[name] = stored(factorise(delta, layer_rank(rank, [layer.down.shape[0] for layer in present], shape)), precision, delta)
+    return merged, {}
 
 
-def block_merge(inputs: list[InputLoRA], *, blocks: str | None, content_alpha: float, style_alpha: float):
+def error_report(merged: dict[str, MergedLayer]) -> dict:
+    """merge_report.json's account of the stored factors: each layer's rank and relative error, and overall."""
+    worst = max(merged, key=lambda name: merged[name].relative_error)
+    return {"relative_error": overall_error(merged), "largest_relative_error": {"layer": worst, "value": merged[worst].relative_error},
+            "layers": {name: {"rank": layer.down.shape[0], "relative_error": layer.relative_error} for name, layer in merged.items()}}
+
+
+def error_summary(merged: dict[str, MergedLayer]) -> str:
+    worst = max(merged, key=lambda name: merged[name].relative_error)
+    return f"relative error {overall_error(merged):.2e} overall, largest {merged[worst].relative_error:.2e} in {worst}"
+
+
+def large_file_notice(size: int, precision: str, method: str) -> str:
+    smaller = "a lower --rank (sum, max or a number)" if method in DELTA_METHODS or method in SVD_ALIASES else "fewer or lower-rank inputs"
+    if precision == "fp32":
+        smaller += " or --save_precision fp16"
+    return f"note: the merged LoRA takes {size / 2**30:.2f} GiB of {precision} factors; {smaller} makes it smaller"
+
+
+def block_merge(inputs: list[InputLoRA], *, blocks: str | None, content_alpha: float, style_alpha: float, precision: torch.dtype):
     """B-LoRA (Frenkel et al. 2024): the content block of the first LoRA and the style block of the second,
     each dW scaled by its alpha (linearly: alpha times the up factor, not times both factors)."""
     from common.lora_formats import BLORA_BLOCKS, parse_blocks
@@ -311,7 +441,7 @@ def block_merge(inputs: list[InputLoRA], *, blocks: str | None, content_alpha: f
         if not layers:
             raise UserError(f"{str(lora.path)!r} has no layers under {block!r}")
         for name, layer in layers.items():
-            merged[name] = MergedLayer(layer.down.float(), alpha * layer.scale * layer.up.float())
+            merged[name] = stored(MergedLayer(layer.down.float(), alpha * layer.scale * layer.up.float()), precision)
     return merged, {"blocks": chosen, "alphas": [content_alpha, style_alpha]}
 
 
@@ -365,10 +495,11 @@ def install_zip_layers(unet, content: InputLoRA, style: InputLoRA) -> dict[str, 
 
 def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, content_prompt: str | None, style_data: Path | None,
               style_prompt: str | None, steps: int, lr: float, similarity_weight: float, penalty_name: str, resolution: int | None, seed: int,
-              out: Path):
+              out: Path, precision: torch.dtype):
     """ZipLoRA (Shah et al. 2023, Sec. 3.3): learn per-column merger vectors so that the merged UNet
     reproduces the content LoRA on content examples and the style LoRA on style examples, while the two
-    vectors of each layer stay near-orthogonal. Only the vectors train."""
+    vectors of each layer stay near-orthogonal. Only the vectors train. Each step takes one example of each
+    LoRA, going through each folder's images in turn (step k: image k mod n)."""
     from tqdm.auto import tqdm
 
     from common.losses import formulation_for_scheduler
@@ -383,17 +514,17 @@ def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, conte
         raise UserError("the two LoRAs share no UNet layer to merge")
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     generator = torch.Generator().manual_seed(seed)
-    examples = [zip_example(pipe, zipped, mode="content", folder=content_data, prompt=content_prompt, size=size, generator=generator),
-                zip_example(pipe, zipped, mode="style", folder=style_data, prompt=style_prompt, size=size, generator=generator)]
+    examples = [zip_examples(pipe, zipped, mode="content", folder=content_data, prompt=content_prompt, size=size, generator=generator),
+                zip_examples(pipe, zipped, mode="style", folder=style_data, prompt=style_prompt, size=size, generator=generator)]
     formulation = formulation_for_scheduler(pipe.scheduler.config)  # the base's own: EDM or DDPM, with paper defaults
     penalty = cosine_penalty if penalty_name == "cosine" else product_penalty
     parameters = [p for layer in zipped.values() for p in (layer.m_content, layer.m_style)]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     history = []
     with tqdm(range(steps), desc="ziplora", unit="step") as bar:
-        for _ in bar:
+        for step in bar:
             terms = []
-            for example in examples:
+            for example in (own[step % len(own)] for own in examples):
                 model_input, timestep = noisy_input(formulation, example["latents"], generator)
                 set_mode(zipped, example["mode"])
                 with torch.no_grad():
@@ -412,7 +543,9 @@ def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, conte
     for name in sorted((set(content.layers) | set(style.layers)) - set(merged)):  # text-encoder layers: summed
         merged[name] = linear_merge_factors([content.layers.get(name), style.layers.get(name)], [1.0, 1.0])
     save_merger_vectors(zipped, out)
-    return merged, {"ziplora": {"steps": steps, "lr": lr, "lambda": similarity_weight, "penalty": penalty_name, "history": history}}
+    return {name: stored(layer, precision) for name, layer in merged.items()}, {
+        "ziplora": {"steps": steps, "lr": lr, "lambda": similarity_weight, "penalty": penalty_name,
+                    "examples": {"content": len(examples[0]), "style": len(examples[1])}, "history": history}}
 
 
 def set_mode(zipped: dict, mode: str) -> None:
@@ -420,32 +553,40 @@ def set_mode(zipped: dict, mode: str) -> None:
         layer.mode = mode
 
 
-def zip_example(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, size: int, generator) -> dict:
-    """A (latents, prompt embeddings) example: an image from `folder`, or one the LoRA makes itself."""
-    import numpy as np
-    from PIL import Image
+def zip_examples(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, size: int, generator) -> list[dict]:
+    """One LoRA's examples, each (latents, prompt embeddings, SDXL size conditioning): every image of `folder`,
+    found and captioned as training finds an --instance_data_dir (sorted; `prompt` for each) and centre-cropped
+    to size x size as training crops, or, without a folder, one image the LoRA makes from its prompt."""
+    import random
 
+    from common.data import Augment, Example, find_examples, open_rgb, place_image
     from common.models import normalise_latents
 
-    if folder is not None:
-        if not folder.is_dir():
-            raise UserError(f"--{mode}_data {str(folder)!r} is not a folder of images")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"--{mode}_data {str(folder)!r} has no images")
-        image = Image.open(files[0]).convert("RGB").resize((size, size))
-    else:
+    if folder is None:
         set_mode(zipped, mode)
         with torch.no_grad():
             image = pipe(prompt, num_inference_steps=20, width=size, height=size,
                          generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))).images[0]
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float().cpu()
-        latents = normalise_latents(latents, pipe.vae.config)
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.unet.device, do_classifier_free_guidance=False)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pipe.unet.device, dtype=pipe.unet.dtype)
-    return {"mode": mode, "latents": latents, "embeds": embeds, "pooled": pooled, "time_ids": time_ids}
+        found = [Example(image, prompt, f"made by the {mode} LoRA")]
+    else:
+        try:
+            found = find_examples(instance_data_dir=folder, instance_prompt=prompt)
+        except UserError:
+            raise UserError(f"--{mode}_data {str(folder)!r} is not a folder of images ({', '.join(sorted(IMAGE_SUFFIXES))})") from None
+    augment = Augment(resolution=size, center_crop=True)
+    device = pipe.unet.device
+    prompts, examples = {}, []
+    for example in found:
+        pixels, placement = place_image(open_rgb(example), augment, random.Random(0))  # centre crop, no flip: nothing random
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels[None].to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float().cpu()
+            if example.caption not in prompts:
+                embeds, _, pooled, _ = pipe.encode_prompt(example.caption, device=device, do_classifier_free_guidance=False)
+                prompts[example.caption] = (embeds, pooled)
+        embeds, pooled = prompts[example.caption]
+        examples.append({"mode": mode, "latents": normalise_latents(latents, pipe.vae.config), "embeds": embeds, "pooled": pooled,
+                         "time_ids": placement.time_ids()[None].to(device, pipe.unet.dtype)})
+    return examples
 
 
 def noisy_input(formulation, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:

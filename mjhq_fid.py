@@ -32,6 +32,7 @@ from common.fid import (
     DEFAULT_WORKERS, INCEPTION_WEIGHTS_ENV, MODES, OVERALL, Entry, ScoreConfig, check_score_config, read_meta_data, score,
     write_json,
 )
+from common.files import remove_leftover_partials, writable_folder
 from common.generation_options import GenerationOptions, describe_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich", no_args_is_help=True)
@@ -180,13 +181,15 @@ def generate_missing(config: GenerateConfig) -> int:
     many images this process made."""
     from accelerate import PartialState
 
-    from common.files import remove_leftover_partials
     from common.generation import deal_batches, generate_images
     from common.generation_options import prepare_pipeline
-    from common.models import cpu_processes_requested
+    from common.models import cpu_processes_requested, warn_about_lost_processes
 
     state = PartialState(cpu=cpu_processes_requested())
+    if state.is_main_process:
+        warn_about_lost_processes(state.num_processes)
     entries = config.entries
+    writable_folder(config.gen_dir, "--gen_dir")
     if state.is_main_process:  # before the first barrier, no process of this run writes yet
         remove_leftover_partials(config.gen_dir, "*")  # GEN_DIR/<category>/
     jobs, paths = missing_jobs(entries, config)
@@ -196,14 +199,15 @@ def generate_missing(config: GenerateConfig) -> int:
         typer.echo(f"{len(entries)} images wanted, {len(entries) - len(jobs)} already in {config.gen_dir}/, "
                    f"{len(jobs)} to make on {state.num_processes} process(es)")
     made = 0
-    if batches:
+    # images already there must have been made with this run's settings, even when none is missing
+    if batches or (state.is_main_process and len(jobs) < len(entries)):
         pipe, settings = prepare_pipeline(config.generation, str(state.device) if state.num_processes > 1 else None)
         check_same_settings(entries, paths, config, settings)
+    if batches:
         saved = generate_images(pipe, [], settings, output_dir=config.gen_dir, batch_size=config.generation.batch_size,
                                 path_for=lambda _, job: paths[job.index], batches=batches,
                                 show_progress=state.is_local_main_process)
         made = len(saved)
-        del pipe
     state.wait_for_everyone()
     return made
 
@@ -359,6 +363,7 @@ def score_command(**options) -> None:
     if not PartialState(cpu=cpu_processes_requested()).is_main_process:
         return  # one pass on one device; the other processes of a launch would only race for the cache
     scoring = config_from_options(ScoringOptions, options)
+    writable_folder(scoring.report_dir, "--report_dir")
     print_scores(score(scoring.score_config(config_from_options(MjhqData, options))))
     typer.echo(f"wrote {scoring.report_dir / 'scores.json'}")
 
@@ -370,6 +375,7 @@ def report_command(
     label: Annotated[Optional[list[str]], typer.Option(*flags("label"), help="a name per score file (default: the names they carry)")] = None,
 ) -> None:
     """fid_report.json, a Markdown table and a bar chart, for one run or several side by side."""
+    writable_folder(report_dir, "--report_dir")
     for path in write_report(read_scores(scores, label), report_dir):
         typer.echo(f"wrote {path}")
 
@@ -383,6 +389,7 @@ def all_command(**options) -> None:
     generation, scoring = config_from_options(GenerationOptions, options), config_from_options(ScoringOptions, options)
     score_config = scoring.score_config(data, label=describe_model(generation))
     check_score_config(score_config)  # before hours of generation
+    writable_folder(scoring.report_dir, "--report_dir")
     made = generate_missing(generate_config(data, selection, generation))
     typer.echo(f"made {made} image(s) in this process")
     if PartialState().is_main_process:

@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -25,7 +27,9 @@ from typing import Optional
 import typer
 from tqdm.auto import tqdm
 
-from common.cli import REQUIRED, UserError, config_from_options, option, options_command, parse_bool, run_app
+from common.cli import (
+    REQUIRED, Interrupted, UserError, config_from_options, option, options_command, parse_bool, run_app,
+)
 from common.files import atomic_folder, atomic_path
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -109,8 +113,19 @@ class TrainConfig:
         help="EDM training (automatic on EDM bases)",
         panel=LOSS,
     )
-    edm_p_mean: float = option(-1.2, help="mean of ln(sigma)", panel=LOSS)
+    edm_p_mean: Optional[float] = option(
+        None, help="mean of ln(sigma) (default: -1.2 + ln(sigma_data / 0.5): -1.2 on Playground v2.5, -0.51 on SDXL)",
+        panel=LOSS,
+    )
     edm_p_std: float = option(1.2, help="std of ln(sigma)", panel=LOSS)
+    edm_weighting: str = option(
+        "table1", help="table1 (EDM's lambda(sigma)) or unit-output (1/c_out^2: the epsilon MSE on an epsilon base)",
+        panel=LOSS,
+    )
+    base_formulation: str = option(
+        "auto", help="auto (read from the scheduler config), edm-native or discrete: how the base was trained",
+        panel=MODEL,
+    )
     snr_gamma: Optional[float] = option(None, help="Min-SNR-gamma (5 is usual)", panel=LOSS)
     snr_weighting: str = option("hard", help="hard (min) or soft (smooth min) with --snr_gamma under EDM", panel=LOSS)
     prediction_type: Optional[str] = option(None, help="epsilon or v_prediction (default: the model's)", panel=LOSS)
@@ -124,6 +139,9 @@ class TrainConfig:
     checkpointing_steps: int = option(500, panel=OUTPUT)
     checkpoints_total_limit: Optional[int] = option(None, panel=OUTPUT)
     resume_from_checkpoint: Optional[str] = option(None, help="latest or a checkpoint folder", panel=OUTPUT)
+    force: bool = option(
+        False, help="start over in an --output_dir that holds another run (its checkpoints are removed)", panel=OUTPUT
+    )
     validation_prompt: Optional[str] = option(None, panel=OUTPUT)
     num_validation_images: int = option(4, panel=OUTPUT)
     validation_epochs: int = option(50, panel=OUTPUT)
@@ -182,6 +200,8 @@ def main(**options) -> None:
 def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
     from common.data import INTERPOLATIONS
+    from common.losses import EDM_WEIGHTINGS
+    from common.models import BASE_FORMULATIONS
 
     if options["push_to_hub"]:
         raise UserError(
@@ -233,6 +253,18 @@ def make_config(options: dict) -> TrainConfig:
         (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
         (config.edm_p_std > 0, f"--edm_p_std must be > 0, got {config.edm_p_std}"),
         (
+            config.edm_weighting in EDM_WEIGHTINGS,
+            f"--edm_weighting {config.edm_weighting!r}; choose one of {', '.join(EDM_WEIGHTINGS)}",
+        ),
+        (
+            config.base_formulation in BASE_FORMULATIONS,
+            f"--base_formulation {config.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}",
+        ),
+        (
+            config.snr_gamma is None or config.edm_weighting == "table1",
+            f"--edm_weighting {config.edm_weighting} and --snr_gamma both set the EDM loss weight; keep one",
+        ),
+        (
             0 < config.train_text_encoder_ti_frac <= 1,
             f"--train_text_encoder_ti_frac must be in (0, 1], got {config.train_text_encoder_ti_frac}",
         ),
@@ -282,13 +314,14 @@ def train(config: TrainConfig) -> None:
     from common.models import peak_memory_gib
 
     accelerator = make_accelerator(config)
+    _output_lock = claim_output_dir(config, accelerator)  # held until this function returns
     pipe = load_models(config, accelerator)
+    formulation = choose_formulation(config, pipe, accelerator)
     if config.with_prior_preservation:
         make_missing_class_images(config, pipe, accelerator)
     config.token_map = add_pivotal_tokens(pipe, config)
     if config.train_text_encoder:
         add_text_encoder_lora(pipe, config)
-    formulation = choose_formulation(config, pipe, accelerator)
     data = build_data(config, pipe, accelerator)
     unet = add_lora(pipe.unet, config)
     if config.init_lora:
@@ -306,7 +339,7 @@ def train(config: TrainConfig) -> None:
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     class_batches = ClassBatches(data, config, accelerator) if data.classes is not None else None
     register_checkpoint_hooks(accelerator, config, caption_encoder)
-    step = resume(config, accelerator)
+    step = resume(config, accelerator, total_steps)
     caption_encoder.update_phase(step)
     accelerator.print(
         f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps"
@@ -323,8 +356,8 @@ def train(config: TrainConfig) -> None:
     )
     progress = Progress(total_steps, step, accelerator)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
-    started, first_step = time.time(), step
-    try:
+    started, first_step, saved_step = time.time(), step, step
+    with CtrlC(accelerator) as ctrl_c:
         while step < total_steps:
             epoch = step // steps_per_epoch
             batch_order.start_epoch(epoch)
@@ -346,14 +379,17 @@ def train(config: TrainConfig) -> None:
                 caption_encoder.update_phase(step)
                 progress.update(loss, optimizer, lr_scheduler)
                 if step % config.checkpointing_steps == 0 or step == total_steps:
-                    save_checkpoint(accelerator, config, step)
+                    save_checkpoint(accelerator, config, step, total_steps)
+                    saved_step = step
+                if ctrl_c.pressed():  # here, between steps, the state is whole: safe to save and stop
+                    if saved_step != step:
+                        save_checkpoint(accelerator, config, step, total_steps)
+                    progress.close()  # the error gets a line of its own
+                    raise Interrupted(f"interrupted at step {step}; resume with --resume_from_checkpoint latest")
                 if step >= total_steps:
                     break
             if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
                 validate_images(pipe, unet, config, accelerator, step)
-    except KeyboardInterrupt:
-        save_checkpoint(accelerator, config, step)
-        raise UserError(f"interrupted at step {step}; resume with --resume_from_checkpoint latest") from None
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -425,12 +461,37 @@ def training_step(compute_loss, *, models: list, accelerator, optimizer, lr_sche
     return loss
 
 
+def claim_output_dir(config: TrainConfig, accelerator):
+    """Before any work: --output_dir is a writable folder, no other run uses it (the main process holds its lock;
+    None elsewhere), and it holds no earlier run unless this one continues it (--resume_from_checkpoint) or
+    starts over (--force, which removes the old checkpoints so that `latest` cannot pick one up)."""
+    from common.files import lock_folder, writable_folder
+    from common.lora_formats import DIFFUSERS_LORA_FILE
+
+    folder = writable_folder(config.output_dir, "--output_dir")
+    lock = lock_folder(folder, "--output_dir") if accelerator.is_main_process else None
+    earlier = [p for p in [folder / DIFFUSERS_LORA_FILE] if p.exists()] + checkpoints(config.output_dir)
+    if earlier and not config.resume_from_checkpoint:
+        if not config.force:
+            raise UserError(
+                f"--output_dir {config.output_dir!r} already holds a run ({earlier[0].name}); continue it with "
+                "--resume_from_checkpoint latest, start over with --force, or choose another folder"
+            )
+        accelerator.wait_for_everyone()  # every process has looked before the old checkpoints go
+        if accelerator.is_main_process:
+            for old in checkpoints(config.output_dir):
+                shutil.rmtree(old)
+            accelerator.print(f"--force: starting over in {config.output_dir}/ (its earlier checkpoints removed)")
+    accelerator.wait_for_everyone()
+    return lock
+
+
 def make_accelerator(config: TrainConfig):
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from common.models import cpu_processes_requested
+    from common.models import cpu_processes_requested, warn_about_lost_processes
 
     project = ProjectConfiguration(
         project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / config.logging_dir)
@@ -455,7 +516,7 @@ def make_accelerator(config: TrainConfig):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        warn_about_lost_processes(accelerator.num_processes)
         if config.report_to != "none":
             accelerator.init_trackers(
                 "train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
@@ -504,10 +565,16 @@ def load_models(config: TrainConfig, accelerator):
 
 
 def choose_formulation(config: TrainConfig, pipe, accelerator):
-    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM."""
+    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM. The pipeline's
+    sampler (validation images) is made to agree with the base's reading, and EDM defaults taken from the base
+    are written into the config, so training_args.json records what ran."""
     from common.losses import EDMFormulation, formulation_for_scheduler
-    from common.models import is_edm_scheduler_config
+    from common.models import decide_base_formulation
+    from common.schedulers import make_scheduler
 
+    edm_native, note = decide_base_formulation(pipe.scheduler.config, config.base_formulation)
+    if note:
+        accelerator.print(note)
     formulation = formulation_for_scheduler(
         pipe.scheduler.config,
         edm=config.edm,
@@ -517,9 +584,21 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
         snr_gamma=config.snr_gamma,
         soft_min_snr=config.snr_weighting == "soft",
         noise_offset=config.noise_offset,
+        base_formulation=config.base_formulation,
+        weighting=config.edm_weighting,
     )
-    if isinstance(formulation, EDMFormulation) and is_edm_scheduler_config(pipe.scheduler.config) and not config.edm:
-        accelerator.print("EDM base detected from its scheduler config: training with the EDM formulation")
+    pipe.scheduler = make_scheduler("default", pipe.scheduler, model_is_edm=edm_native)
+    if isinstance(formulation, EDMFormulation):
+        config.edm_p_mean = formulation.p_mean
+        if edm_native and not config.edm:
+            accelerator.print("EDM base detected from its scheduler config: training with the EDM formulation")
+        weighting = f"Min-SNR-{config.snr_gamma:g} ({config.snr_weighting})" if config.snr_gamma else config.edm_weighting
+        accelerator.print(
+            f"EDM training: ln(sigma) ~ N({formulation.p_mean:.3g}, {formulation.p_std:.3g}^2), sigma_data "
+            f"{formulation.sigma_data:g}, {formulation.prediction_type} network, weighting {weighting}"
+        )
+    elif config.edm_p_mean is not None or config.edm_p_std != 1.2 or config.edm_weighting != "table1":
+        logging.warning("--edm_p_mean, --edm_p_std and --edm_weighting have no effect on a discrete base without --edm")
     return formulation
 
 
@@ -608,6 +687,7 @@ def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
         if config.prior_generation_precision not in (None, "no"):
             dtype = parse_dtype(config.prior_generation_precision)
             generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
+            generator_pipe.scheduler = pipe.scheduler  # the sampler that agrees with the base's formulation
         else:
             generator_pipe = pipe.to(accelerator.device)
         options = GenerationOptions(
@@ -866,12 +946,14 @@ def start_from_lora(unet, config: TrainConfig) -> None:
     its rank and alpha must be the run's, or the continued LoRA would not mean what it meant."""
     from peft.utils import set_peft_model_state_dict
 
-    from common.lora_formats import lora_file, lora_ranks, read_peft_lora
+    from types import SimpleNamespace
+
+    from common.lora_formats import base_weight_reader, lora_file, lora_ranks, read_peft_lora
 
     path = Path(config.init_lora)
     if not path.exists():
         raise UserError(f"--init_lora {config.init_lora!r} not found")
-    states, alphas = read_peft_lora(lora_file(path))
+    states, alphas = read_peft_lora(lora_file(path), base_weight=base_weight_reader(SimpleNamespace(unet=unet)))
     state, module_alphas = states.get("unet"), alphas.get("unet", {})
     if not state:
         raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
@@ -883,6 +965,14 @@ def start_from_lora(unet, config: TrainConfig) -> None:
         raise UserError(
             f"--init_lora has alpha {sorted(set(module_alphas.values()))} but this run uses {wanted_alpha}; pass --lora_alpha"
         )
+    parameters = {name.replace(".default.", "."): p for name, p in unet.named_parameters() if "lora_" in name}
+    for key, value in state.items():
+        own = parameters.get(key)
+        if own is not None and own.shape != value.shape:
+            raise UserError(
+                f"--init_lora's {key} is {tuple(value.shape)} but this model's is {tuple(own.shape)}; "
+                "was it trained on another base model?"
+            )
     result = set_peft_model_state_dict(unet, state)
     if result.unexpected_keys:
         raise UserError(
@@ -965,8 +1055,15 @@ def make_loader(config: TrainConfig, dataset):
     from common.data import BucketBatches, collate
 
     batch_order = BucketBatches(dataset, config.train_batch_size, config.seed)
+    # A loader without a generator of its own draws its workers' base seed from the global generator each time
+    # an iterator is made (each epoch, and mid-epoch after a resume), shifting the noise of every later step.
+    # accelerate's prepare_data_loader and skip_first_batches pass this generator on to the loaders they make.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_order, collate_fn=collate, num_workers=config.dataloader_num_workers
+        dataset,
+        batch_sampler=batch_order,
+        collate_fn=collate,
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
     )
     return loader, batch_order
 
@@ -983,8 +1080,9 @@ def trained_state(model) -> dict:
 
 def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder) -> None:
     """Checkpoints hold only what is trained (not 2.6 B frozen UNet parameters), plus optimizer and RNG
-    state, and with pivotal tuning the embedding file as it is at that step."""
-    from safetensors.torch import load_file, save_file
+    state, and with pivotal tuning the embedding file as it is at that step. A checkpoint is restored only
+    into a run that trains the same weights with the same shapes."""
+    from safetensors.torch import save_file
 
     from common.tokens import save_embedding
 
@@ -1001,13 +1099,23 @@ def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder)
         weights.clear()
 
     def load_hook(models, input_dir):
+        def does_not_fit(what: str) -> UserError:
+            return UserError(
+                f"checkpoint {input_dir} does not fit this run: {what}; resume with the options it was trained with "
+                "(--rank, --use_dora, --lora_unet_blocks, the text-encoder options)"
+            )
+
         for model, name in zip(list(models), CHECKPOINT_FILES):
-            state = load_file(os.path.join(input_dir, name))
-            missing = set(state) - set(dict(accelerator.unwrap_model(model).named_parameters()))
-            if missing:
-                raise UserError(
-                    f"checkpoint {input_dir} does not fit this run ({len(missing)} unknown weights in {name}); same options as before?"
-                )
+            file = Path(input_dir) / name
+            if not file.is_file():  # a checkpoint of a run that left the text encoders alone
+                raise does_not_fit(f"it has no {name}")
+            state = read_checkpoint_file(file)
+            trained = trained_state(accelerator.unwrap_model(model))
+            mismatch = weights_mismatch(
+                {n: tuple(t.shape) for n, t in state.items()}, {n: tuple(t.shape) for n, t in trained.items()}
+            )
+            if mismatch:
+                raise does_not_fit(f"{name} {mismatch}")
             accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         models.clear()
 
@@ -1025,13 +1133,19 @@ def checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(accelerator, config: TrainConfig, step: int) -> None:
+CHECKPOINT_RECORD = "training_state.json"  # the step, the run's length and its process count, for resume's checks
+
+
+def save_checkpoint(accelerator, config: TrainConfig, step: int, total_steps: int) -> None:
     """accelerate state in checkpoint-STEP, written beside and renamed, so a crash never leaves half of one."""
     with atomic_folder(
         Path(config.output_dir) / f"checkpoint-{step}", is_main_process=accelerator.is_main_process
     ) as staging:
         accelerator.wait_for_everyone()  # the main process has made the staging folder
         accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            record = {"step": step, "total_steps": total_steps, "processes": accelerator.num_processes}
+            (staging / CHECKPOINT_RECORD).write_text(json.dumps(record))
         accelerator.wait_for_everyone()
     if accelerator.is_main_process and config.checkpoints_total_limit:
         for old in checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
@@ -1039,8 +1153,13 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def resume(config: TrainConfig, accelerator) -> int:
-    """The step to continue from: 0, or the step of the checkpoint whose state was just restored."""
+def resume(config: TrainConfig, accelerator, total_steps: int) -> int:
+    """The step to continue from: 0, or the step of the checkpoint whose state was just restored.
+
+    A checkpoint past this run's last step is refused (an old run's, left in the folder); one at the last
+    step restores the finished state, so the outputs are written from it. One written by a run of another
+    length or process count is restored with a warning for each setting that makes the result differ from
+    one uninterrupted run."""
     if not config.resume_from_checkpoint:
         return 0
     if config.resume_from_checkpoint == "latest":
@@ -1050,10 +1169,154 @@ def resume(config: TrainConfig, accelerator) -> int:
         path = found[-1]
     else:
         path = Path(config.resume_from_checkpoint)
-    accelerator.load_state(str(path))
-    step = int(path.name.split("-")[-1])
-    accelerator.print(f"resumed from {path} at step {step}")
+    record = read_checkpoint_record(path)
+    step = record["step"]
+    if step > total_steps:
+        length = f"--max_train_steps {total_steps}" if config.max_train_steps else f"{total_steps} steps"
+        raise UserError(
+            f"{path} is at step {step}, past the end of this run ({length}); continue it with a larger "
+            "--max_train_steps, or train into another --output_dir"
+        )
+    if accelerator.is_main_process:
+        for warning in resume_differences(config, record, step, total_steps, accelerator.num_processes):
+            logger.warning(f"{path.name}: {warning}; the result will differ from one uninterrupted run")
+    restore_checkpoint(accelerator, path)
+    finished = ": the run is finished, its outputs are written again" if step == total_steps else ""
+    accelerator.print(f"resumed from {path} at step {step}{finished}")
     return step
+
+
+def read_checkpoint_record(path: Path) -> dict:
+    """The checkpoint's training_state.json; a checkpoint written before there was one gives its step by its
+    name alone."""
+    file = path / CHECKPOINT_RECORD
+    if file.is_file():
+        try:
+            return json.loads(file.read_text())
+        except (ValueError, OSError) as error:
+            raise UserError(f"could not read {str(file)!r}: {error}; resume from another checkpoint-N") from None
+    digits = path.name.rpartition("-")[2]
+    if not digits.isdigit():
+        raise UserError(f"--resume_from_checkpoint {str(path)!r}: a checkpoint folder is named checkpoint-STEP")
+    return {"step": int(digits)}
+
+
+def resume_differences(config: TrainConfig, record: dict, step: int, total_steps: int, processes: int) -> list[str]:
+    """Why continuing from a checkpoint with this config cannot equal an uninterrupted run of it: the
+    settings that follow the run's length, when the checkpoint's run had another, and another process
+    count (another sharding of the data, and processes without a saved random state)."""
+    differences = []
+    written_total = record.get("total_steps", total_steps)
+    if written_total != total_steps and step < total_steps:
+        changed = []
+        if config.lr_scheduler not in ("constant", "constant_with_warmup"):
+            changed.append(f"--lr_scheduler {config.lr_scheduler} runs over all the steps")
+        for on, name, fraction in (
+            (config.train_text_encoder_ti, "train_text_encoder_ti_frac", config.train_text_encoder_ti_frac),
+            (config.train_text_encoder, "train_text_encoder_frac", config.train_text_encoder_frac),
+        ):
+            # the steps before the checkpoint trained this part up to the old run's end of it, not the new one's
+            if on and min(int(fraction * written_total), step) != min(int(fraction * total_steps), step):
+                changed.append(f"--{name} {fraction} ends at another step")
+        if changed:
+            length = f"written by a run of {written_total} steps, this one has {total_steps}"
+            differences.append(f"{length}: {'; '.join(changed)}")
+    written_processes = record.get("processes", processes)
+    if written_processes != processes:
+        differences.append(f"written by {written_processes} process(es), this run has {processes}")
+    return differences
+
+
+def restore_checkpoint(accelerator, path: Path) -> None:
+    """accelerate's load_state, with any file it cannot read refused in one line. It passes over a random
+    state it cannot read without a word, which would quietly end the bit-identical continuation, so that
+    file is read here first."""
+    import pickle
+
+    import torch
+
+    unreadable = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)
+    random_state = path / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        if random_state.is_file():
+            torch.load(random_state, weights_only=False)  # as accelerate does next
+    except unreadable as error:
+        raise UserError(
+            f"could not read checkpoint file {str(random_state)!r}: {str(error) or type(error).__name__}; "
+            "resume from another checkpoint-N"
+        ) from None
+    try:
+        accelerator.load_state(str(path))
+    except unreadable as error:
+        raise UserError(
+            f"could not restore checkpoint {str(path)!r}: {str(error) or type(error).__name__}; "
+            "resume from another checkpoint-N"
+        ) from None
+
+
+def read_checkpoint_file(path: Path) -> dict:
+    """The tensors of a checkpoint's safetensors file; one cut short or damaged is refused in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise UserError(
+            f"could not read checkpoint file {str(path)!r}: {error}; resume from another checkpoint-N"
+        ) from None
+
+
+def weights_mismatch(found: dict, expected: dict) -> str | None:
+    """How a checkpoint's weights (name -> shape) differ from those a run trains; None when they match."""
+    unknown = sorted(set(found) - set(expected))
+    if unknown:
+        return f"has {len(unknown)} weights this run does not train, e.g. {unknown[0]}"
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        return f"lacks {len(missing)} weights this run trains, e.g. {missing[0]}"
+    for name in sorted(found):
+        if found[name] != expected[name]:
+            return f"has {name} of shape {list(found[name])}, this run's is {list(expected[name])}"
+    return None
+
+
+class CtrlC:
+    """Ctrl-C (SIGINT) during the loop asks for a stop at the next step boundary, where the state is whole
+    and can be saved: stopping mid-step would save half a step's random state under the last step's name.
+    The handler that was there before comes back with the first Ctrl-C, so a second one stops at once.
+    In a run of several processes, a request in any of them stops all at the same step."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.requested, self.previous = accelerator, False, None
+
+    def __enter__(self) -> CtrlC:
+        current = signal.getsignal(signal.SIGINT)
+        # handlers can be set from the main thread only; an ignored SIGINT (a background job's) stays ignored
+        if threading.current_thread() is threading.main_thread() and current not in (None, signal.SIG_IGN):
+            self.previous = current
+            signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()
+
+    def _restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def pressed(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        flag = torch.tensor([float(self.requested)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="max").item())
 
 
 class Progress:

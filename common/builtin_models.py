@@ -242,7 +242,7 @@ def write_builtin_model(name: str, folder: str | os.PathLike, dtype: torch.dtype
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from common.files import atomic_folder, make_readable
+    from common.files import atomic_folder
 
     folder = Path(folder)
     diffusers_logging.disable_progress_bar()
@@ -253,7 +253,6 @@ def write_builtin_model(name: str, folder: str | os.PathLike, dtype: torch.dtype
             _link_twin(twin, name, staging)
         else:
             build_pipeline(name, dtype).save_pretrained(staging, safe_serialization=True)
-        make_readable(staging)
     return folder
 
 

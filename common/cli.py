@@ -19,6 +19,13 @@ class UserError(Exception):
     """
 
 
+class Interrupted(UserError):
+    """The user stopped the run (Ctrl-C); exit status 130, as a shell reports SIGINT."""
+
+
+INTERRUPTED_EXIT_STATUS = 130
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a Typer app so that every input error is one line on stderr and a non-zero exit.
 
@@ -28,14 +35,27 @@ def run_app(app: typer.Typer) -> None:
     """
     try:
         exit_code = app(standalone_mode=False)
+    except Interrupted as error:
+        _fail(str(error), code=INTERRUPTED_EXIT_STATUS)
     except UserError as error:
         _fail(str(error))
     except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted", code=130)
+        _fail("interrupted", code=INTERRUPTED_EXIT_STATUS)
     except typer.TyperException as error:  # typer's vendored click: usage errors, bad parameters
         _fail(error.format_message(), code=getattr(error, "exit_code", 2))
+    except OSError as error:  # the file system's refusals (no space, no permission, a file where a folder goes)
+        _fail(describe_os_error(error))
+    if exit_code == INTERRUPTED_EXIT_STATUS:  # typer turns KeyboardInterrupt into this status, silently
+        _fail("interrupted", code=INTERRUPTED_EXIT_STATUS)
     if isinstance(exit_code, int) and exit_code != 0:
         sys.exit(exit_code)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system error: what the system said and the path it said it about."""
+    reason = error.strerror or str(error)
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    return f"{reason}: {' -> '.join(repr(p) for p in paths)}" if paths else reason
 
 
 def _fail(message: str, code: int = 2) -> None:

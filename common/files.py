@@ -8,18 +8,21 @@ import shutil
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
+LARGE_FILE_BYTES = 2**30  # an output above this is announced, with what makes it smaller, before it is written
 # The images every script reads (training data, class images, ZipLoRA examples): what PIL opens without plugins.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; it replaces `path` only when the block finishes without error."""
+    """Yield a temporary path beside `path`; it replaces `path` only when the block finishes without error,
+    with the permissions the user's umask gives a new file (safetensors writes 0600 files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         yield temporary
+        make_readable(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -45,6 +48,7 @@ def atomic_folder(path: str | os.PathLike, *, is_main_process: bool | None = Non
     temporary.mkdir(parents=True)
     try:
         yield temporary
+        make_readable(temporary)
         if path.exists():
             shutil.rmtree(path)
         os.replace(temporary, path)
@@ -52,11 +56,69 @@ def atomic_folder(path: str | os.PathLike, *, is_main_process: bool | None = Non
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def remove_leftover_partials(folder: Path, pattern: str) -> None:
-    """Delete the temporary files of atomic_path that a killed process left in the folders matching
-    `pattern` under `folder`. Only safe while no live process writes there."""
-    for partial in Path(folder).glob(f"{pattern}/.*{PARTIAL_SUFFIX}"):
-        partial.unlink(missing_ok=True)
+def remove_leftover_partials(folder: Path, pattern: str = "") -> None:
+    """Delete the temporary files of atomic_path that killed processes left in `folder` (or in its folders
+    matching `pattern`); a file whose writer (the pid in its name) still runs on this machine is kept."""
+    for partial in Path(folder).glob(f"{pattern}/.*{PARTIAL_SUFFIX}" if pattern else f".*{PARTIAL_SUFFIX}"):
+        writer = partial.name.removesuffix(PARTIAL_SUFFIX).rpartition(".")[2]
+        if not (writer.isdigit() and process_is_alive(int(writer))):
+            partial.unlink(missing_ok=True)
+
+
+def process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def writable_folder(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a folder this process can write into, made if missing; checked before any work starts, so a
+    wrong path costs seconds, not a run. Refused in one line naming the option and the path."""
+    import tempfile
+
+    from common.cli import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"{option} {str(path)!r} cannot be written: {error.strerror or error}") from None
+    return path
+
+
+def writable_file(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a file this process can create or replace: not a folder, in a writable folder."""
+    from common.cli import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a folder; give a file name")
+    writable_folder(path.parent, f"the folder of {option}")
+    return path
+
+
+def claim_free_name(finished: Path, name_for, first: int) -> Path:
+    """Give the finished file `finished` the first name `name_for(n)`, n >= first, that no file has yet.
+    The name is claimed atomically (a hard link fails where the name exists), so processes saving into one
+    folder at once never replace each other's files; `finished` itself is left for the caller to remove."""
+    number = first
+    while True:
+        target = name_for(number)
+        try:
+            os.link(finished, target)
+            return target
+        except FileExistsError:
+            number += 1
 
 
 def user_umask() -> int:
@@ -82,3 +144,27 @@ CACHE_ENV = "SDXL_PERSONALIZE_CACHE"
 def cache_root() -> Path:
     """The toolkit's cache folder: $SDXL_PERSONALIZE_CACHE, else ~/.cache/sdxl_personalize."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sdxl_personalize")
+
+
+def lock_folder(folder: str | os.PathLike, option: str):
+    """Hold an exclusive lock on `folder` for as long as the returned file stays open (the process's life).
+    The lock is the kernel's (flock), so a killed run leaves none behind; a second run is refused in one line."""
+    import fcntl
+
+    from common.cli import UserError
+
+    path = Path(folder) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{option} {str(folder)!r} is in use by another run (pid {holder}); wait for it to end or choose "
+                        "another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

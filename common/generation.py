@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-from common.files import IMAGE_SUFFIXES, atomic_path
+from common.files import IMAGE_SUFFIXES, PARTIAL_SUFFIX, atomic_path
 
 
 @dataclass(frozen=True)
@@ -127,20 +127,44 @@ def image_path(output_dir: Path, job: ImageJob) -> Path:
 
 
 def save_png(image, path: Path, parameters: str) -> None:
+    with atomic_path(path) as partial:
+        _write_png(image, partial, parameters)
+
+
+def _write_png(image, path: Path, parameters: str) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters)
-    with atomic_path(path) as partial:
-        image.save(partial, format="PNG", pnginfo=info)
+    image.save(path, format="PNG", pnginfo=info)
+
+
+def save_numbered_png(image, output_dir: Path, job: ImageJob, parameters: str) -> Path:
+    """Save as `NNNNN-SEED.png` under the first number from the job's on that is free when the image is done
+    (the folder is read again for each image), claimed atomically: runs saving into one folder at once
+    keep all their images."""
+    import dataclasses
+    import os
+
+    from common.files import claim_free_name, make_readable
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    finished = output_dir / f".{job.index:05d}-{job.seed}.{os.getpid()}{PARTIAL_SUFFIX}"
+    try:
+        _write_png(image, finished, parameters)
+        make_readable(finished)
+        return claim_free_name(finished, lambda number: image_path(output_dir, dataclasses.replace(job, index=number)),
+                               max(job.index, next_free_index(output_dir)))
+    finally:
+        finished.unlink(missing_ok=True)
 
 
 def generate_images(
-    pipe, jobs: list[ImageJob], settings: SamplingSettings, *, output_dir: Path, batch_size: int, path_for=image_path,
+    pipe, jobs: list[ImageJob], settings: SamplingSettings, *, output_dir: Path, batch_size: int, path_for=None,
     batches: list[list[ImageJob]] | None = None, show_progress: bool = True,
 ) -> list[Path]:
     """Run the pipeline over `jobs` in batches (or the given `batches`) and save each image as soon as
-    its batch is done, at `path_for(output_dir, job)`."""
+    its batch is done, at `path_for(output_dir, job)`, or numbered after the images already there."""
     from tqdm.auto import tqdm
 
     from common.tokens import warn_about_long_prompts
@@ -155,9 +179,11 @@ def generate_images(
         for batch in batches:
             images = run_batch(pipe, batch, settings)
             for job, image in zip(batch, images):
-                path = path_for(output_dir, job)
-                save_png(image, path, webui_parameters(job, settings))
-                saved.append(path)
+                if path_for is None:
+                    saved.append(save_numbered_png(image, output_dir, job, webui_parameters(job, settings)))
+                else:
+                    saved.append(path_for(output_dir, job))
+                    save_png(image, saved[-1], webui_parameters(job, settings))
             progress.update(len(batch))
     return saved
 

@@ -13,7 +13,7 @@ import typer
 
 from common.cli import REQUIRED, UserError, option
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
-from common.models import parse_dtype
+from common.models import BASE_FORMULATIONS, parse_dtype
 from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
 from common.tokens import EmbeddingSpec, parse_embedding_spec
 
@@ -29,6 +29,8 @@ class GenerationOptions:
                         help="tiny-sdxl, tiny-edm, full-sdxl, full-edm, a diffusers pipeline folder, or a hub id")
     dtype: str = option("auto", panel=MODEL, help="auto (bf16 on a GPU, fp32 on the CPU), fp32, fp16 or bf16")
     device: str = option("auto", panel=MODEL, help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    base_formulation: str = option("auto", panel=MODEL,
+                                   help="auto (read from the scheduler config), edm-native or discrete: how the model was trained")
     negative_prompt: Optional[str] = option(None, panel=SAMPLING, help="what to steer away from")
     num_inference_steps: int = option(30, panel=SAMPLING, help="sampling steps")
     guidance_scale: float = option(5.0, panel=SAMPLING, help="classifier-free guidance scale (1 disables it)")
@@ -63,6 +65,8 @@ class GenerationOptions:
             raise UserError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        if self.base_formulation not in BASE_FORMULATIONS:
+            raise UserError(f"--base_formulation {self.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
         object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
         self.loras, self.embeddings  # parsed now: a bad spec is reported before any model loads
 
@@ -96,12 +100,15 @@ def prepare_pipeline(config: GenerationOptions, device_name: str | None = None):
     """Load the model with its scheduler and adapters on its device; (pipeline, sampling settings).
     `device_name` overrides config.device (a distributed launch gives each process its own)."""
     from common.generation import sampling_settings
-    from common.models import load_sdxl_pipeline
+    from common.models import decide_base_formulation, load_sdxl_pipeline
     from common.schedulers import make_scheduler
 
     device, dtype = resolve_device_and_dtype(config, device_name)
     pipe = load_sdxl_pipeline(config.model, dtype)
-    pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler)
+    edm, note = decide_base_formulation(pipe.scheduler.config, config.base_formulation)
+    if note:
+        typer.echo(note)
+    pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler, model_is_edm=edm)
     load_adapters(pipe, config)
     move_to_device(pipe, device, config)
     return pipe, sampling_settings(pipe, config)

@@ -11,6 +11,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,19 +40,38 @@ class LoraSpec:
 
 
 def parse_weighted_path(spec: str, what: str = "LoRA") -> tuple[Path, float]:
-    """`PATH[:WEIGHT]` -> (path, weight); a path may itself contain ':' (only a numeric tail is a weight)."""
-    path_text, weight = spec, 1.0
+    """`PATH[:WEIGHT]` -> (path, weight); a path may itself contain ':' (a tail after the last ':' is a
+    weight when the whole spec is not an existing path). The weight must be a finite number."""
+    import math
+
+    path_text, weight_text = spec, None
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-            path_text = head
-        except ValueError:
-            pass
+    if sep and head and not Path(spec).expanduser().exists():
+        path_text, weight_text = head, tail
     path = Path(path_text).expanduser()
     if not path.exists():
         raise UserError(f"{what} file {path_text!r} not found; expected PATH or PATH:WEIGHT, e.g. my_lora.safetensors:0.8")
+    if weight_text is None:
+        return path, 1.0
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        raise UserError(f"{what} weight {weight_text!r} in {spec!r} is not a number; expected PATH:WEIGHT, e.g. {path_text}:0.8") from None
+    if not math.isfinite(weight):
+        raise UserError(f"{what} weight {weight_text!r} in {spec!r} is not a finite number; expected e.g. {path_text}:0.8")
     return path, weight
+
+
+def safetensors_keys(path: Path, what: str) -> list[str]:
+    """The tensor names of a safetensors file; a file that is not one (truncated, random bytes, another
+    format) is refused in one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"could not read {what} {str(path)!r} as a safetensors file: {_first_line(error)}") from None
 
 
 def lora_file(path: Path) -> Path:
@@ -287,9 +307,6 @@ def peft_lora_to_kohya(states: dict[str, dict], *, alphas: dict | None = None, l
     return kohya
 
 
-DORA_NATIVE_SHAPES = ("comfyui",)
-
-
 def kohya_module_name(component: str, module: str, layers_per_block: int = 2) -> str:
     """The kohya name this toolkit writes for a diffusers module path: `lora_unet_<SGM path>` for the UNet,
     `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` for the text encoders (WebUI names CLIP's
@@ -318,19 +335,72 @@ def kohya_metadata(*, rank: int | None = None, alpha: float | None = None, **fie
     return metadata | {f"ss_{name}": value for name, value in fields.items()}
 
 
-def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, dora_native: str | None = None) -> tuple[dict, dict]:
+BaseWeight = Callable[[str, str], torch.Tensor]  # (component, peft module path) -> the base model's weight
+
+
+def base_weight_reader(pipe) -> BaseWeight:
+    """Reads a base weight of a loaded pipeline by component and peft module path (transformers 5's
+    CLIPTextModel has no `text_model` level, which peft paths of older files carry)."""
+
+    def read(component: str, module: str) -> torch.Tensor:
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise UserError(f"no {component} is loaded to read the base weight of {module} from")
+        for path in (module, module.removeprefix("text_model.")):
+            try:
+                return model.get_submodule(path).weight.detach()
+            except AttributeError:
+                continue
+        raise UserError(f"the base model has no layer {component}.{module}; is this LoRA for another model?")
+
+    return read
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.double().reshape(weight.shape[0], -1).norm(dim=1)
+
+
+def comfyui_dora_scale(magnitude: torch.Tensor, base: torch.Tensor, scaled_delta: torch.Tensor) -> torch.Tensor:
+    """The output-axis `dora_scale` d with which ComfyUI computes peft's DoRA weight.
+
+    peft (Liu et al. 2024, "DoRA", Eq. 5): W' = m (W + s dW) / ||W + s dW||, norms over output rows.
+    ComfyUI (comfy/weight_adapter/base.py, `weight_decompose`), for a dora_scale whose first axis has the
+    weight's output size: W' = (W + s dW) d / (||W|| + eps), the row norms of the *base* weight W and
+    eps = finfo(float32).eps (ComfyUI patches in float32). Equal when d = m (||W|| + eps) / ||W + s dW||.
+    Shape (out, 1, ...): it broadcasts over W's rows as ComfyUI's norm does."""
+    eps = torch.finfo(torch.float32).eps
+    adapted_norms = _row_norms(base.double() + scaled_delta.double())
+    scale = magnitude.double().reshape(-1) * (_row_norms(base) + eps) / adapted_norms
+    return scale.reshape(base.shape[0], *[1] * (base.ndim - 1)).float().contiguous()
+
+
+def magnitude_from_comfyui_dora_scale(dora_scale: torch.Tensor, base: torch.Tensor, scaled_delta: torch.Tensor) -> torch.Tensor:
+    """peft's DoRA magnitude m of a layer that ComfyUI adapts with an output-axis `dora_scale` d: the
+    inverse of `comfyui_dora_scale`, m = d ||W + s dW|| / (||W|| + eps)."""
+    eps = torch.finfo(torch.float32).eps
+    adapted_norms = _row_norms(base.double() + scaled_delta.double())
+    return (dora_scale.double().reshape(-1) * adapted_norms / (_row_norms(base) + eps)).float()
+
+
+def _scaled_delta(state: dict, module: str, alpha: float) -> torch.Tensor:
+    down, up = state[f"{module}.lora_A.weight"].double(), state[f"{module}.lora_B.weight"].double()
+    return (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+
+
+def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, base_weight: BaseWeight | None = None) -> tuple[dict, dict]:
     """A diffusers/peft SDXL LoRA file (UNet and text encoders) in kohya format, each layer's alpha taken
     from the file's adapter metadata (lora_alpha, alpha_pattern; alpha = rank when there is none), and
     a summary {component: (rank, alpha)} for the file's metadata.
 
-    DoRA magnitudes are written natively only in ComfyUI's shape, `dora_scale` (out, 1): peft's
-    per-output-row magnitude reshaped. WebUI's (1, in) scale normalises the other axis, which no
-    reshape of a peft DoRA reproduces; for WebUI a DoRA is baked into a plain LoRA instead."""
+    A DoRA's magnitudes are written for ComfyUI, as the `dora_scale` (out, 1) of `comfyui_dora_scale`,
+    which needs the base weights (`base_weight`). WebUI normalises input columns instead, which no
+    peft DoRA (output rows) maps onto exactly; for WebUI a DoRA is baked into a plain LoRA."""
     states, alphas = read_peft_lora(file)
     magnitudes = {(component, key): state.pop(key) for component, state in states.items()
                   for key in [k for k in state if k.endswith(DORA_MAGNITUDE_SUFFIX)]}
-    if magnitudes and dora_native not in DORA_NATIVE_SHAPES:
-        raise UserError(f"{str(file)!r} is a DoRA: bake it (give --model) or write it natively for ComfyUI (--dora_native comfyui)")
+    if magnitudes and base_weight is None:
+        raise UserError(f"{str(file)!r} is a DoRA: bake it (give --model) or write it natively for ComfyUI "
+                        "(--dora_native comfyui, with --model)")
     kohya = peft_lora_to_kohya(states, alphas={c: alphas[c].__getitem__ for c in states}, layers_per_block=layers_per_block)
     summary = {}
     for component, part in states.items():
@@ -338,7 +408,9 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, dora_native: 
         summary[component] = (part[f"{some_module}.lora_A.weight"].shape[0], alphas[component][some_module])
     for (component, key), magnitude in magnitudes.items():
         module = key.removesuffix(DORA_MAGNITUDE_SUFFIX)
-        kohya[kohya_module_name(component, module, layers_per_block) + ".dora_scale"] = magnitude.reshape(-1, 1).contiguous()
+        base = base_weight(component, module)
+        delta = _scaled_delta(states[component], module, alphas[component][module]).reshape(base.shape)
+        kohya[kohya_module_name(component, module, layers_per_block) + ".dora_scale"] = comfyui_dora_scale(magnitude, base, delta)
     return kohya, summary
 
 
@@ -367,10 +439,11 @@ def svd_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, to
     return up.float().contiguous(), basis.T.float().contiguous(), error
 
 
-def kohya_to_peft(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+def kohya_to_peft(file: Path, base_weight: BaseWeight | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
     """A kohya/WebUI SDXL LoRA as peft state dicts per component and each module's alpha, through
     diffusers' own kohya conversion (SGM or diffusers block names), one layer at a time so that every
-    alpha stays with its module."""
+    alpha stays with its module. ComfyUI `dora_scale`s become peft magnitudes with the base weights
+    (`attach_dora_scales`)."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.configuration_utils import FrozenDict
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
@@ -399,28 +472,35 @@ def kohya_to_peft(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
         states.setdefault(component, {}).update(converted)
         module = next(k for k in converted if k.endswith("lora_A.weight")).removesuffix(".lora_A.weight")
         module_alphas.setdefault(component, {})[module] = float(alphas.get(f"{key}.alpha", state[key].shape[0]))
-    attach_dora_scales(file, states)
+    attach_dora_scales(file, states, module_alphas, base_weight)
     return states, module_alphas
 
 
-def attach_dora_scales(file: Path, states: dict[str, dict]) -> None:
-    """diffusers drops `dora_scale` from kohya files; put (out, 1) scales back as peft magnitudes, or
-    refuse when one cannot be placed (never drop a magnitude silently)."""
+def attach_dora_scales(file: Path, states: dict[str, dict], alphas: dict[str, dict], base_weight: BaseWeight | None) -> None:
+    """diffusers drops `dora_scale` from kohya files; put output-axis (out, 1) scales back as the peft magnitudes
+    that give the weights ComfyUI computes (`magnitude_from_comfyui_dora_scale`), or refuse when one cannot
+    be placed (never drop a magnitude silently)."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as handle:
         scales = {k.removesuffix(".dora_scale"): handle.get_tensor(k) for k in handle.keys() if k.endswith(".dora_scale")}
     if not scales:
         return
+    if base_weight is None:
+        raise UserError(f"{str(file)!r} is a DoRA with ComfyUI dora_scale tensors: reading them needs the base model (--model)")
     for component, state in states.items():
         for key in [k for k in state if k.endswith(".lora_A.weight")]:
             module = key.removesuffix(".lora_A.weight")
             name = kohya_module_name(component, module)
             if name in scales:
                 scale = scales.pop(name)
-                if scale.shape != (state[f"{module}.lora_B.weight"].shape[0], 1):
-                    raise UserError(f"{name}.dora_scale has shape {tuple(scale.shape)}; only ComfyUI's (out, 1) form is read")
-                state[module + DORA_MAGNITUDE_SUFFIX] = scale.reshape(-1)
+                out_features = state[f"{module}.lora_B.weight"].shape[0]
+                if scale.shape[0] != out_features or scale[0].numel() != 1:
+                    raise UserError(f"{name}.dora_scale has shape {tuple(scale.shape)}; only the output-axis form "
+                                    f"({out_features}, 1) is read (an input-axis WebUI/kohya scale has no peft equivalent)")
+                base = base_weight(component, module)
+                delta = _scaled_delta(state, module, alphas[component][module]).reshape(base.shape)
+                state[module + DORA_MAGNITUDE_SUFFIX] = magnitude_from_comfyui_dora_scale(scale, base, delta)
     if scales:
         raise UserError(f"{len(scales)} dora_scale tensor(s) match no layer, e.g. {next(iter(scales))}; refusing to drop them")
 
@@ -441,43 +521,89 @@ def kohya_names_for_sdxl() -> set[str]:
     return names
 
 
-def check_kohya_keys(state: dict) -> list[str]:
-    """Problems a UI would skip silently: keys that map to no SDXL module, factors without their pair, and
-    text-encoder attention layers with some of q, k, v, out_proj missing (WebUI patches none of such a layer)."""
+FACTOR_SUFFIXES = ("lora_down.weight", "lora_up.weight")
+KNOWN_SUFFIXES = (*FACTOR_SUFFIXES, "alpha", "dora_scale")
+
+
+@dataclass(frozen=True)
+class UiFinding:
+    """What one UI does with a part of a kohya file: `refuses` the whole file, `skips` a layer or key, or
+    `misapplies` it (loads it without an error into weights the file does not mean)."""
+
+    effect: str
+    what: str
+
+
+def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
+    """Per UI, what its loader does with a kohya SDXL LoRA, reproduced from the loaders' source:
+
+    - a key naming no SDXL module, or with a suffix no LoRA type reads: both skip it (WebUI's "failed to
+      match keys", ComfyUI's "lora key not loaded");
+    - a layer without both factors: WebUI's `load_network` finds no module type for it and refuses the
+      whole file; ComfyUI raises on lora_up without lora_down (the node fails) and skips lora_down alone;
+    - a second-encoder (lora_te2_) attention layer without all of q/k/v/out_proj: WebUI patches OpenCLIP's
+      fused MultiheadAttention only with all four and otherwise skips the layer whole; the first encoder
+      (HF CLIP, separate Linear layers) and ComfyUI (separate layers for both) patch each projection;
+    - `dora_scale`: WebUI always normalises input columns (shape (1, in)) and broadcasts any other shape,
+      so an output-axis (out, 1) scale is applied wrongly without an error; ComfyUI (`weight_decompose`)
+      reads (out, 1) on the output axis and (1, in) on the input axis; other shapes fail in both.
+    """
     known = kohya_names_for_sdxl()
-    problems = []
-    names = {}
-    for key in state:
+    webui: list[UiFinding] = []
+    comfyui: list[UiFinding] = []
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
         name, _, suffix = key.partition(".")
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale"):
-            problems.append(f"{key}: unknown suffix {suffix!r}")
+        if suffix not in KNOWN_SUFFIXES:
+            for findings in (webui, comfyui):
+                findings.append(UiFinding("skips", f"{key}: unknown suffix {suffix!r}"))
         elif name not in known:
-            problems.append(f"{key}: no SDXL module is named {name!r}")
-        names.setdefault(name, set()).add(suffix)
-    for name, suffixes in names.items():
-        if {"lora_down.weight", "lora_up.weight"} - suffixes:
-            problems.append(f"{name}: lora_down/lora_up pair incomplete")
-    attention = {}
-    for name in names:
-        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            if kohya_part(name) in ("te1", "te2") and name.endswith("self_attn_" + projection):
-                attention.setdefault(name.removesuffix(projection), set()).add(projection)
+            for findings in (webui, comfyui):
+                findings.append(UiFinding("skips", f"{key}: no SDXL module is named {name!r}"))
+        else:
+            layers.setdefault(name, {})[suffix] = value
+    for name, parts in layers.items():
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None or up is None:
+            present = ", ".join(sorted(parts))
+            webui.append(UiFinding("refuses", f"{name}: has {present} but not both lora_down and lora_up"))
+            comfyui.append(UiFinding("refuses", f"{name}: lora_up without lora_down") if up is not None
+                           else UiFinding("skips", f"{name}: has {present} but no lora_up"))
+            continue
+        scale = parts.get("dora_scale")
+        if scale is not None:
+            out_features, in_features = up.shape[0], down[0].numel()
+            output_axis = scale.shape[0] == out_features and scale[0].numel() == 1
+            input_axis = scale.shape[0] == 1 and scale.numel() == in_features
+            if not input_axis:
+                webui.append(UiFinding("misapplies" if output_axis else "skips",
+                                       f"{name}.dora_scale {tuple(scale.shape)}: WebUI reads ({1}, {in_features}) input-axis scales"))
+            if not (input_axis or output_axis):
+                comfyui.append(UiFinding("skips", f"{name}.dora_scale {tuple(scale.shape)} fits neither axis of the layer"))
+    attention: dict[str, set[str]] = {}
+    for name in layers:
+        if kohya_part(name) == "te2":
+            for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                if name.endswith("self_attn_" + projection):
+                    attention.setdefault(name.removesuffix(projection), set()).add(projection)
     for layer, present in attention.items():
         if len(present) < 4:
-            problems.append(f"{layer}*: only {', '.join(sorted(present))} of q/k/v/out_proj (WebUI skips the whole layer)")
-    return problems
+            webui.append(UiFinding("skips", f"{layer}*: only {', '.join(sorted(present))} of q/k/v/out_proj "
+                                            "(OpenCLIP's fused attention is patched with all four or not at all)"))
+    return {"WebUI": webui, "ComfyUI": comfyui}
 
 
-def read_peft_lora(file: Path) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Any SDXL LoRA file (kohya or diffusers/peft) as peft state dicts per component and each module's alpha."""
+def read_peft_lora(file: Path, base_weight: BaseWeight | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Any SDXL LoRA file (kohya or diffusers/peft) as peft state dicts per component and each module's alpha
+    (a kohya DoRA's magnitudes need the base weights, `base_weight`)."""
     import json
 
     from safetensors import safe_open
 
+    keys = safetensors_keys(file, "LoRA")
+    if any(k.startswith("lora_") for k in keys):
+        return kohya_to_peft(file, base_weight)
     with safe_open(str(file), "pt") as handle:
-        keys = list(handle.keys())
-        if any(k.startswith("lora_") for k in keys):
-            return kohya_to_peft(file)
         state = {k: handle.get_tensor(k) for k in keys}
         metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
     states: dict[str, dict] = {}

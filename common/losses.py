@@ -7,6 +7,7 @@ family: sigma_t = sqrt((1 - abar_t) / abar_t) and x_t = x / sqrt(1 + sigma_t^2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,20 +54,58 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
 # ---------------------------------------------------------------- EDM formulas (Karras et al. 2022)
 
 
-def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_edm_prediction_type(prediction_type: str) -> None:
+    """EDM preconditioning is defined for these outputs only (diffusers' EDM schedulers refuse others too)."""
+    if prediction_type not in EDM_PREDICTION_TYPES:
+        raise ValueError(f"EDM preconditioning is defined for {' and '.join(EDM_PREDICTION_TYPES)} models, not {prediction_type!r}")
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float, prediction_type: str = "epsilon"):
     """(c_skip, c_out, c_in, c_noise) of EDM, Karras et al. 2022, Table 1 ("Ours" column):
 
     c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
     c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4; D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+    A v_prediction network's F is the negative of that one, so c_out changes sign (k-diffusion's
+    VDenoiser, diffusers' EDM schedulers' `precondition_outputs`).
     """
+    check_edm_prediction_type(prediction_type)
     total = sigma**2 + sigma_data**2
-    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4
+    c_out = sigma * sigma_data / total.sqrt()
+    return sigma_data**2 / total, c_out if prediction_type == "epsilon" else -c_out, 1 / total.sqrt(), sigma.log() / 4
+
+
+def vp_preconditioning(sigma: torch.Tensor, prediction_type: str = "epsilon"):
+    """(c_skip, c_out, c_in) of a discrete VP model seen through sigma_t = sqrt((1 - abar_t) / abar_t), whose
+    input is x / sqrt(sigma^2 + 1) = x_t: Karras et al. 2022, Table 1 "VP" column for an epsilon network
+    (c_skip 1, c_out -sigma); for a v network (Salimans & Ho 2022, x0 = alpha x_t - s v) c_skip =
+    1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1), k-diffusion's VDenoiser with sigma_data 1."""
+    check_edm_prediction_type(prediction_type)
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    if prediction_type == "epsilon":
+        return torch.ones_like(sigma), -sigma, c_in
+    return c_in**2, -sigma * c_in, c_in
 
 
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, Karras et al. 2022, Table 1: equals 1 / c_out^2,
-    so the loss on the network output F is unit-weighted at every sigma."""
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, Karras et al. 2022, Table 1: equals 1 / c_out^2
+    of that column, so the loss on its network output F is unit-weighted at every sigma."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def unit_output_weight(c_out: torch.Tensor) -> torch.Tensor:
+    """lambda(sigma) = 1 / c_out(sigma)^2, Karras et al. 2022, Sec. 5 and Eq. 8: the weight that makes the
+    loss on the network's own output unit-weighted, whatever the preconditioning. With VP preconditioning
+    (c_out = -sigma) it is Table 1's VP weight 1 / sigma^2, i.e. the plain epsilon MSE."""
+    return 1 / c_out**2
+
+
+def default_p_mean(sigma_data: float) -> float:
+    """The mean of ln(sigma) that keeps Karras et al. 2022's choice (P_mean -1.2 for sigma_data 0.5 pixels,
+    Table 1, i.e. a median sigma of 0.6 sigma_data) in units of the base's sigma_data: -1.2 + ln(sd / 0.5)."""
+    return -1.2 + math.log(sigma_data / 0.5)
 
 
 def edm_snr(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -154,38 +193,50 @@ class DiscreteFormulation:
         return losses
 
 
+EDM_WEIGHTINGS = ("table1", "unit-output")
+
+
 @dataclass
 class EDMFormulation:
     """EDM training (Karras et al. 2022): log-normal sigmas, preconditioning, lambda(sigma) or Min-SNR weights.
 
     On an EDM-native base (Playground v2.5) the network is F of Table 1, fed c_in x and
-    c_noise = ln(sigma)/4. On a discrete epsilon base (SDXL) the network is its epsilon predictor:
-    D = x - sigma eps_hat(x / sqrt(sigma^2 + 1), t(sigma)) with t(sigma) from `sigma_to_timestep`.
+    c_noise = ln(sigma)/4. On a discrete base (SDXL) the network is its epsilon (or v) predictor seen
+    through VP preconditioning, fed x / sqrt(sigma^2 + 1) and t(sigma) from `sigma_to_timestep`.
+    `weighting`: "table1" is Table 1's lambda(sigma) on ||D - x0||^2; "unit-output" is 1 / c_out^2 of the
+    preconditioning in use. They agree on EDM-native and v bases; on an epsilon base, table1 weights the
+    epsilon error by 1 + sigma^2 / sd^2 and unit-output by 1 (the plain epsilon MSE).
     """
 
     sigma_data: float
     p_mean: float = -1.2
     p_std: float = 1.2
     schedule_sigmas: torch.Tensor | None = None  # set for a discrete base; None for an EDM-native one
+    prediction_type: str = "epsilon"
+    weighting: str = "table1"
     snr_gamma: float | None = None
     soft_min_snr: bool = False
     noise_offset: float = 0.0
 
+    def preconditioning(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, network time): Table 1 "Ours" and c_noise on an EDM-native base, VP and
+        the fractional timestep on a discrete one."""
+        if self.schedule_sigmas is None:
+            return edm_preconditioning(sigma, self.sigma_data, self.prediction_type)
+        return *vp_preconditioning(sigma, self.prediction_type), sigma_to_timestep(sigma, self.schedule_sigmas)
+
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.snr_gamma:
             return edm_min_snr_weight(sigma, self.sigma_data, self.snr_gamma, soft=self.soft_min_snr)
+        if self.weighting == "unit-output":
+            return unit_output_weight(self.preconditioning(sigma)[1])
         return edm_loss_weight(sigma, self.sigma_data)
 
     def denoise(self, network: Denoiser, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma), the model's estimate of x0 from x = x0 + sigma n."""
-        s = _broadcast(sigma, noisy)
-        if self.schedule_sigmas is None:
-            c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
-            output = network(_broadcast(c_in, noisy) * noisy, c_noise)
-            return _broadcast(c_skip, noisy) * noisy + _broadcast(c_out, noisy) * output.to(noisy.dtype)
-        timesteps = sigma_to_timestep(sigma, self.schedule_sigmas)
-        epsilon = network(noisy / (s**2 + 1).sqrt(), timesteps)
-        return noisy - s * epsilon.to(noisy.dtype)
+        c_skip, c_out, c_in, time = self.preconditioning(sigma)
+        output = network(_broadcast(c_in, noisy) * noisy, time)
+        return _broadcast(c_skip, noisy) * noisy + _broadcast(c_out, noisy) * output.to(noisy.dtype)
 
     def loss(
         self, network: Denoiser, x0: torch.Tensor, generator=None, sigma: torch.Tensor | None = None, noise=None
@@ -211,25 +262,37 @@ def prior_preservation_loss(instance_losses: torch.Tensor, class_losses: torch.T
 
 
 def formulation_for_scheduler(scheduler_config, *, edm: bool = False, prediction_type: str | None = None,
-                              p_mean: float = -1.2, p_std: float = 1.2, snr_gamma: float | None = None,
-                              soft_min_snr: bool = False, noise_offset: float = 0.0) -> DiscreteFormulation | EDMFormulation:
+                              p_mean: float | None = None, p_std: float = 1.2, snr_gamma: float | None = None,
+                              soft_min_snr: bool = False, noise_offset: float = 0.0, base_formulation: str = "auto",
+                              weighting: str = "table1") -> DiscreteFormulation | EDMFormulation:
     """The formulation a model trains with, chosen once from its scheduler config: EDM on an EDM-native base
-    (Playground v2.5) or when asked (`edm`, a discrete epsilon base seen through its sigmas), else DDPM."""
+    (`decide_base_formulation`, overridden by `base_formulation`) or when asked (`edm`, a discrete base seen
+    through its sigmas), else DDPM. The prediction type is the scheduler's; on a discrete base
+    `prediction_type` may change the training target, on an EDM-native base it may only repeat the
+    scheduler's, which decides how the sampler reads the output. p_mean None: `default_p_mean(sigma_data)`."""
     from diffusers import DDPMScheduler
 
     from common.cli import UserError
-    from common.models import is_edm_scheduler_config
+    from common.models import decide_base_formulation
 
-    if is_edm_scheduler_config(scheduler_config):
-        sigma_data, schedule_sigmas = float(scheduler_config["sigma_data"]), None
+    scheduler_type = scheduler_config.get("prediction_type") or "epsilon"
+    accepted = " or ".join(EDM_PREDICTION_TYPES)
+    if decide_base_formulation(scheduler_config, base_formulation)[0]:
+        if prediction_type not in (None, scheduler_type):
+            raise UserError(f"--prediction_type {prediction_type} contradicts this EDM base's scheduler ({scheduler_type}), "
+                            f"which decides how its output is read when sampling; leave --prediction_type out")
+        if scheduler_type not in EDM_PREDICTION_TYPES:
+            raise UserError(f"this EDM base's scheduler has prediction_type {scheduler_type!r}; EDM preconditioning is defined for {accepted}")
+        sigma_data, schedule_sigmas, prediction_type = float(scheduler_config.get("sigma_data") or 0.5), None, scheduler_type
     else:
+        prediction_type = prediction_type or scheduler_type
+        if prediction_type not in EDM_PREDICTION_TYPES:
+            raise UserError(f"prediction_type {prediction_type!r} is not supported for training; use {accepted}")
         alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(torch.float32)
-        prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
         if not edm:
             return DiscreteFormulation(alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset)
-        if prediction_type != "epsilon":
-            raise UserError(f"--edm on a discrete base needs an epsilon model; this one predicts {prediction_type}")
         # a discrete VP model's latents are scaled to unit variance, its implicit sigma_data (k-diffusion)
         sigma_data, schedule_sigmas = 1.0, discrete_sigmas(alphas_cumprod)
-    return EDMFormulation(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std, schedule_sigmas=schedule_sigmas,
+    return EDMFormulation(sigma_data=sigma_data, p_mean=default_p_mean(sigma_data) if p_mean is None else p_mean, p_std=p_std,
+                          schedule_sigmas=schedule_sigmas, prediction_type=prediction_type, weighting=weighting,
                           snr_gamma=snr_gamma, soft_min_snr=soft_min_snr, noise_offset=noise_offset)

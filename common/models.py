@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -43,13 +44,46 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
-def is_edm_scheduler_config(scheduler_config) -> bool:
-    """Whether a model was trained with the EDM formulation, read from its scheduler config.
+BASE_FORMULATIONS = ("auto", "edm-native", "discrete")
+BETA_SCHEDULE_KEYS = ("trained_betas", "beta_schedule", "beta_start", "beta_end")
 
-    EDM bases (Playground v2.5) ship an EDM scheduler, whose config alone carries `sigma_data`.
+
+def decide_base_formulation(scheduler_config, choice: str = "auto") -> tuple[bool, str]:
+    """(edm_native, note): whether a base was trained with the EDM formulation, from its scheduler config.
+
+    EDM-native (Playground v2.5) means an EDM scheduler (its class, or its sigma_data) and no discrete beta
+    schedule. A config with both is ambiguous: diffusers' `from_config` keeps a discrete scheduler's betas
+    when an EDM sampler is swapped in and saved (and an EDM one's sigma_data the other way round), while
+    EDM-native configs never carry betas; the base is then taken as discrete, trained on those betas, and
+    `note` says so in one line. `choice` ("edm-native", "discrete") overrides the reading; a choice the
+    config cannot support (no sigma_data, no betas) is refused.
     """
-    class_name = scheduler_config.get("_class_name", "")
-    return class_name.startswith("EDM") or "sigma_data" in scheduler_config
+    if choice not in BASE_FORMULATIONS:
+        raise UserError(f"--base_formulation {choice!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
+    class_name = scheduler_config.get("_class_name") or "scheduler"
+    edm_scheduler = class_name.startswith("EDM") or "sigma_data" in scheduler_config
+    betas = [key for key in BETA_SCHEDULE_KEYS if scheduler_config.get(key) is not None]
+    if choice == "edm-native":
+        if not edm_scheduler:
+            raise UserError(f"--base_formulation edm-native needs an EDM scheduler config (with sigma_data); this {class_name} config has none")
+        return True, "" if not betas else f"{class_name} config with {', '.join(betas)} read as EDM-native, as --base_formulation says"
+    if choice == "discrete":
+        if edm_scheduler and not betas:
+            raise UserError(f"--base_formulation discrete needs the base's beta schedule; its {class_name} config has no {', '.join(BETA_SCHEDULE_KEYS)}")
+        return False, "" if not edm_scheduler else f"{class_name} config read as discrete (its {', '.join(betas)}), as --base_formulation says"
+    if edm_scheduler and betas:
+        return False, (
+            f"{class_name} config with EDM settings and a discrete beta schedule ({', '.join(betas)}): treating the base as a "
+            f"discrete DDPM model with an EDM sampler swapped in (EDM-native configs carry no betas); if it was trained "
+            f"with EDM, pass --base_formulation edm-native"
+        )
+    return edm_scheduler, ""
+
+
+def is_edm_scheduler_config(scheduler_config) -> bool:
+    """Whether a model was trained with the EDM formulation, read from its scheduler config
+    (`decide_base_formulation` without an override)."""
+    return decide_base_formulation(scheduler_config)[0]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -177,6 +211,37 @@ def cpu_processes_requested() -> bool:
     """Several processes on a machine without a GPU (torchrun on a CPU box): accelerate uses gloo
     multi-CPU only when it is told that the CPU is the device."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def launcher_asked_processes() -> int | None:
+    """The --num_processes of an `accelerate launch` that started this process, read from the parent's command
+    line (Linux /proc); None when there is none or it cannot be read."""
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return accelerate_launch_processes(words)
+
+
+def accelerate_launch_processes(words: list[str]) -> int | None:
+    """--num_processes N (or --num-processes=N) of an `accelerate launch` command line; None for another command."""
+    if "launch" not in words or not any(Path(w).name == "accelerate" for w in words):
+        return None
+    for position, word in enumerate(words):
+        match = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", word)
+        if match:
+            value = match.group(1) or (words[position + 1] if position + 1 < len(words) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def warn_about_lost_processes(num_processes: int) -> None:
+    """accelerate launch --cpu --num_processes N starts one process and says nothing; say it, and what works."""
+    asked = launcher_asked_processes()
+    if asked and asked > num_processes:
+        print(f"warning: accelerate launch asked for {asked} processes but this run has {num_processes}: with --cpu, "
+              f"accelerate starts one. On a CPU use torchrun --nproc_per_node {asked} SCRIPT ..., or accelerate launch "
+              f"--multi_gpu --num_processes {asked} SCRIPT ...", file=sys.stderr)
 
 
 def normalise_latents(raw, vae_config):

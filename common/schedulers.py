@@ -65,20 +65,36 @@ def check_scheduler_name(name: str) -> str:
     return name
 
 
-def make_scheduler(name: str, model_scheduler):
+def counterpart_sampler(class_name: str, edm: bool) -> str:
+    """Our sampler of kind `edm` closest to a scheduler class of the other kind (DPM++ 2M for DPM-Solver,
+    Euler otherwise; the discrete DPM++ 2M on Karras sigmas, as EDM schedulers space theirs)."""
+    dpm = "DPMSolver" in class_name
+    if edm:
+        return "edm-dpmpp-2m" if dpm else "edm-euler"
+    return "dpmpp-2m-karras" if dpm else "euler"
+
+
+def make_scheduler(name: str, model_scheduler, *, model_is_edm: bool | None = None):
     """Scheduler `name` configured from the model's own scheduler (its betas or its sigma range).
 
     Discrete schedulers step through the DDPM timestep table the UNet was trained on; EDM
     schedulers feed it the preconditioned input c_in(sigma)*x and c_noise = ln(sigma)/4 (Karras
     et al. 2022, Table 1). Each is meaningless on a model of the other kind, so a mismatch is refused.
+    `model_is_edm` is the model's kind as decided (`decide_base_formulation`; read from the config when
+    None). When the model's own scheduler is of the other kind (an EDM sampler saved with a discrete
+    model's betas), "default" is its counterpart of the model's kind.
     """
     import diffusers
 
     check_scheduler_name(name)
+    if model_is_edm is None:
+        model_is_edm = is_edm_scheduler_config(model_scheduler.config)
+    own_class = type(model_scheduler).__name__
     if name == "default":
-        return model_scheduler
+        if own_class.startswith("EDM") == model_is_edm:
+            return model_scheduler
+        name = counterpart_sampler(own_class, model_is_edm)
     choice = SCHEDULERS[name]
-    model_is_edm = is_edm_scheduler_config(model_scheduler.config)
     if choice.edm != model_is_edm:
         model_kind = "an EDM model (continuous sigma, EDM preconditioning)" if model_is_edm else (
             "a discrete DDPM model (trained on 1000 timesteps)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,3 +174,17 @@ def save_embedding(path, clip_l_rows: torch.Tensor, clip_g_rows: torch.Tensor, t
     tensors = {CLIP_L_KEY: clip_l_rows.detach().float().cpu().contiguous(), CLIP_G_KEY: clip_g_rows.detach().float().cpu().contiguous()}
     with atomic_path(path) as partial:
         save_file(tensors, str(partial), metadata={"tokens": ",".join(tokens)})
+
+
+def is_clip_word(text: str) -> bool:
+    """Whether `text` is one whole word of CLIP's vocabulary (lower-cased, as CLIP's tokenizer reads it):
+    a single token that ordinary prompts use."""
+    return f"{text.lower()}</w>" in clip_tokens()
+
+
+@functools.cache
+def clip_tokens() -> frozenset[str]:
+    """The 49,408 tokens of CLIP's tokenizer (SDXL's two tokenizers share them)."""
+    from common.builtin_models import clip_merges, clip_vocabulary
+
+    return frozenset(clip_vocabulary(clip_merges()))

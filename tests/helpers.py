@@ -17,7 +17,8 @@ def load_pipe(path: str):
 
 
 def run_cli(app, argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run a script's Typer app in-process exactly as `python script.py ARGV` would; (exit code, stdout, stderr)."""
+    """Run a script's Typer app in-process exactly as `python script.py ARGV` would; (exit code, stdout, stderr).
+    With capsys None (a fixture wider than one test has none) the output is left to pytest and comes back empty."""
     from common.cli import run_app
 
     saved_argv = sys.argv
@@ -29,6 +30,8 @@ def run_cli(app, argv: list[str], capsys) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = saved_argv
+    if capsys is None:
+        return code, "", ""
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -87,7 +90,8 @@ def generate_array(pipe, prompt: str = "a photo of a dog", seed: int = 0, steps:
 
 
 def make_dora_lora(model_path: str, out_dir: Path, rank: int = 4, alpha: float = 4, seed: int = 0) -> Path:
-    """A diffusers-format UNet DoRA with random non-zero factors and magnitudes from the base weights."""
+    """A diffusers-format UNet DoRA with random non-zero factors and, as after training, magnitudes that
+    differ from the adapted rows' norms (peft initialises them equal, which would make m / ||W + dW|| = 1)."""
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
@@ -95,6 +99,10 @@ def make_dora_lora(model_path: str, out_dir: Path, rank: int = 4, alpha: float =
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=UNET_TARGETS, use_dora=True, init_lora_weights=False)
     pipe.unet.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.2 * torch.randn_like(parameter))
     StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                                 unet_lora_adapter_metadata=config.to_dict())
     return out_dir / "pytorch_lora_weights.safetensors"

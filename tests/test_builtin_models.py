@@ -182,3 +182,56 @@ def test_flavour_comes_from_the_scheduler_config_not_the_name(tiny_sdxl_path, ti
     assert not is_edm_scheduler_config(load_pipe(str(misnamed_discrete)).scheduler.config)
     config = json.loads((misnamed_edm / "scheduler" / "scheduler_config.json").read_text())
     assert is_edm_scheduler_config(config)
+
+
+def saved_scheduler_config(scheduler, folder: Path) -> dict:
+    scheduler.save_config(folder)
+    return json.loads((folder / "scheduler_config.json").read_text())
+
+
+def published_sdxl_config() -> dict:
+    """SDXL base 1.0's scheduler config as published (saved before EulerDiscreteScheduler had sigma_min/max)."""
+    from common.builtin_models import _scheduler
+
+    return {key: value for key, value in _scheduler(False).config.items() if value is not None}
+
+
+def test_an_edm_sampler_saved_with_betas_is_read_as_discrete_with_one_line_saying_why(tmp_path):
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    from common.builtin_models import _scheduler
+    from common.cli import UserError
+    from common.models import decide_base_formulation
+
+    playground, sdxl = (saved_scheduler_config(_scheduler(edm), tmp_path / str(edm)) for edm in (True, False))
+    swapped = saved_scheduler_config(EDMDPMSolverMultistepScheduler.from_config(published_sdxl_config()), tmp_path / "swapped")
+    assert decide_base_formulation(playground) == (True, "") and decide_base_formulation(sdxl) == (False, "")
+    edm, note = decide_base_formulation(swapped)
+    assert not edm and "\n" not in note
+    assert "EDMDPMSolverMultistepScheduler" in note and "beta_schedule" in note and "--base_formulation edm-native" in note, note
+    assert decide_base_formulation(swapped, "edm-native")[0] and not decide_base_formulation(swapped, "discrete")[0]
+    with pytest.raises(UserError, match="--base_formulation discrete needs the base's beta schedule"):
+        decide_base_formulation(playground, "discrete")
+    with pytest.raises(UserError, match="--base_formulation edm-native needs an EDM scheduler config"):
+        decide_base_formulation(sdxl, "edm-native")
+    with pytest.raises(UserError, match="--base_formulation 'edm'; choose one of auto, edm-native, discrete"):
+        decide_base_formulation(sdxl, "edm")
+
+
+def test_sampling_follows_the_same_reading_of_an_ambiguous_config():
+    from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from common.builtin_models import _scheduler
+    from common.cli import UserError
+    from common.schedulers import make_scheduler
+
+    swapped = EDMDPMSolverMultistepScheduler.from_config(published_sdxl_config())
+    default = make_scheduler("default", swapped)
+    assert isinstance(default, DPMSolverMultistepScheduler) and default.config.use_karras_sigmas
+    assert (default.config.beta_schedule, default.config.beta_start, default.config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert isinstance(make_scheduler("euler", swapped), EulerDiscreteScheduler)
+    with pytest.raises(UserError, match="scheduler 'edm-euler' is an EDM sampler, but this is a discrete DDPM model"):
+        make_scheduler("edm-euler", swapped)
+    assert make_scheduler("default", swapped, model_is_edm=True) is swapped
+    playground = _scheduler(True)
+    assert make_scheduler("default", playground) is playground

@@ -41,7 +41,7 @@ def fused_weights(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_exported_file_fuses_to_the_same_weights_as_the_diffusers_file(trained, tiny_sdxl_path, tmp_path, capsys):
-    code, out, err = run_convert(capsys, trained, "--out", tmp_path / "export")
+    code, out, err = run_convert(capsys, trained, "--out", tmp_path / "export", "--save_precision", "fp32")
     assert code == 0, err
     original, exported = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
     original.load_lora_weights(str(trained))
@@ -144,7 +144,7 @@ def test_installs_into_webui_and_comfyui_trees_and_never_overwrites_without_forc
 
 
 def test_round_trip_diffusers_kohya_diffusers_is_bit_identical(trained, tiny_sdxl_path, tmp_path, capsys):
-    assert run_convert(capsys, trained, "--out", tmp_path / "kohya")[0] == 0
+    assert run_convert(capsys, trained, "--out", tmp_path / "kohya", "--save_precision", "fp32")[0] == 0
     code, _, err = run_convert(capsys, tmp_path / "kohya" / "my_dog.safetensors", "--to", "diffusers", "--out", tmp_path / "back")
     assert code == 0, err
     original = load_file(trained / "pytorch_lora_weights.safetensors")
@@ -162,7 +162,8 @@ def test_a_dora_is_baked_into_a_plain_lora_equal_to_the_dora_adapted_weights(tin
     make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=8, seed=0)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--out", tmp_path / "x")
     assert code == 2 and "needs the base model, --model MODEL" in err
-    code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", tmp_path / "out")
+    code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", tmp_path / "out",
+                                 "--rank", "full", "--save_precision", "fp32")
     assert code == 0, err
     assert "DoRA baked into a plain LoRA (rank full)" in out
     dora, baked = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
@@ -203,18 +204,150 @@ def test_diffusers_converter_writes_alpha_equal_to_rank_where_ours_keeps_the_tra
     assert {float(v) for k, v in ours.items() if k.endswith(".alpha")} == {8.0}
 
 
-def test_dora_written_natively_for_comfyui_round_trips_bit_identically(tiny_sdxl_path, tmp_path, capsys):
+def comfyui_patched_weight(weight, up, down, alpha, dora_scale) -> torch.Tensor:
+    """One weight as ComfyUI patches it at strength 1, reproduced from its source: LoRAAdapter.calculate_weight
+    (comfy/weight_adapter/lora.py) and weight_decompose (comfy/weight_adapter/base.py), in float32 as
+    ModelPatcher casts weights before patching."""
+    weight = weight.float().clone()
+    lora_diff = torch.mm(up.float().flatten(start_dim=1), down.float().flatten(start_dim=1)).reshape(weight.shape)
+    alpha = alpha / down.shape[0] if alpha is not None else 1.0
+    if dora_scale is None:
+        return weight + alpha * lora_diff
+    weight_calc = weight + lora_diff * alpha
+    if dora_scale.shape[0] == weight_calc.shape[0]:  # wd_on_output_axis: the norm of the base weight's rows
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = (weight_calc.transpose(0, 1).reshape(weight_calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1)).transpose(0, 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    return weight_calc * (dora_scale.float() / norm)
+
+
+def test_native_comfyui_dora_gives_peft_weights_through_comfyuis_arithmetic(tiny_sdxl_path, tmp_path, capsys):
+    from common.lora_formats import kohya_module_name
+
+    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=8, seed=1)
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--out", tmp_path / "k")
+    assert code == 2 and "needs the base model (--model MODEL)" in err
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--model", tiny_sdxl_path,
+                               "--name", "native", "--out", tmp_path / "k", "--save_precision", "fp32")
+    assert code == 0, err
+    kohya = load_file(tmp_path / "k" / "native.safetensors")
+    peft_pipe, base = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
+    peft_pipe.load_lora_weights(str(tmp_path / "dora"))
+    peft_weights = fused_weights(peft_pipe)
+    original = load_file(tmp_path / "dora" / "pytorch_lora_weights.safetensors")
+    modules = sorted(k.removeprefix("unet.").removesuffix(".lora_magnitude_vector") for k in original if k.endswith("lora_magnitude_vector"))
+    assert modules
+    worst, worst_naive = 0.0, 0.0
+    for module in modules:
+        name = kohya_module_name("unet", module)
+        weight = base.unet.get_submodule(module).weight.detach()
+        expected = peft_weights[f"unet.{module}.weight"]
+        parts = [kohya[f"{name}.{p}"] for p in ("lora_up.weight", "lora_down.weight")]
+        ours = comfyui_patched_weight(weight, *parts, float(kohya[f"{name}.alpha"]), kohya[f"{name}.dora_scale"])
+        worst = max(worst, float((ours - expected).norm() / expected.norm()))
+        # peft's magnitudes written as they are (the export before this fix): off by a part of the change itself
+        magnitude = original[f"unet.{module}.lora_magnitude_vector"].reshape(-1, 1)
+        naive = comfyui_patched_weight(weight, *parts, float(kohya[f"{name}.alpha"]), magnitude)
+        worst_naive = max(worst_naive, float((naive - expected).norm() / (expected - weight).norm()))
+    assert worst <= 1e-5, f"largest relative difference from peft's merged weights {worst}"
+    assert worst_naive > 0.1, "peft's magnitudes as dora_scale must be visibly wrong in ComfyUI for this test to mean anything"
+    webui = tmp_path / "webui"
+    (webui / "models" / "Stable-diffusion").mkdir(parents=True)
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--model", tiny_sdxl_path, "--webui_dir", webui)
+    assert code == 2 and "WebUI would apply it to the other axis" in err and not (webui / "models" / "Lora").exists()
+
+
+def test_dora_written_natively_for_comfyui_round_trips_through_diffusers(tiny_sdxl_path, tmp_path, capsys):
     make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=4, seed=1)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "webui", "--out", tmp_path / "w")
     assert code == 2 and "only comfyui" in err
-    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--name", "native", "--out", tmp_path / "k")
+    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--model", tiny_sdxl_path,
+                               "--name", "native", "--out", tmp_path / "k", "--save_precision", "fp32")
     assert code == 0, err
     kohya = load_file(tmp_path / "k" / "native.safetensors")
     scales = {k: v for k, v in kohya.items() if k.endswith(".dora_scale")}
     assert scales and all(v.ndim == 2 and v.shape[1] == 1 for v in scales.values())
     code, _, err = run_convert(capsys, tmp_path / "k" / "native.safetensors", "--to", "diffusers", "--out", tmp_path / "back")
+    assert code == 2 and "needs the base model (--model)" in err
+    code, _, err = run_convert(capsys, tmp_path / "k" / "native.safetensors", "--to", "diffusers", "--out", tmp_path / "back",
+                               "--model", tiny_sdxl_path)
     assert code == 0, err
     original = load_file(tmp_path / "dora" / "pytorch_lora_weights.safetensors")
     back = load_file(tmp_path / "back" / "pytorch_lora_weights.safetensors")
     assert original.keys() == back.keys()
-    assert all(torch.equal(original[k], back[k]) for k in original)
+    factors = [k for k in original if not k.endswith("lora_magnitude_vector")]
+    assert all(torch.equal(original[k], back[k]) for k in factors)
+    worst = max(float(((original[k] - back[k]) / original[k]).abs().max()) for k in original if k not in factors)
+    assert worst <= 1e-6, f"magnitudes come back within float32 rounding, not {worst}"
+
+
+def test_check_gives_each_uis_verdict_on_planted_faults(trained, tmp_path, capsys):
+    assert run_convert(capsys, trained, "--out", tmp_path)[0] == 0
+    clean = load_file(tmp_path / "my_dog.safetensors")
+
+    def check(state: dict) -> tuple[int, str]:
+        save_file(state, tmp_path / "planted.safetensors")
+        code, out, _ = run_convert(capsys, tmp_path / "planted.safetensors", "--check")
+        return code, out
+
+    def layer_of(prefix: str, projection: str) -> str:
+        return next(k for k in clean if k.startswith(prefix) and f"{projection}.lora_down" in k).split(".")[0]
+
+    def without(state: dict, *keys: str) -> dict:
+        return {k: v for k, v in state.items() if k not in keys and k.split(".")[0] not in keys}
+
+    code, out = check(without(clean, layer_of("lora_te1_", "q_proj")))  # HF CLIP: k/v/out are patched without q
+    assert code == 0 and "WebUI: every key maps onto SDXL" in out and "ComfyUI: every key maps onto SDXL" in out
+    code, out = check(without(clean, layer_of("lora_te2_", "q_proj")))  # OpenCLIP's fused attention in WebUI
+    assert code == 1 and "WebUI skips: " in out and "only k_proj, out_proj, v_proj of q/k/v/out_proj" in out
+    assert "ComfyUI: every key maps onto SDXL" in out
+    layer = next(k for k in clean if k.startswith("lora_unet_")).split(".")[0]
+    code, out = check(without(clean, f"{layer}.lora_down.weight"))
+    assert code == 1 and "WebUI: refuses the whole file" in out and "ComfyUI: refuses the whole file" in out
+    code, out = check(without(clean, f"{layer}.lora_up.weight"))
+    assert "WebUI: refuses the whole file" in out and f"ComfyUI skips: {layer}" in out
+    out_features, in_features = clean[f"{layer}.lora_up.weight"].shape[0], clean[f"{layer}.lora_down.weight"].shape[1]
+    code, out = check(clean | {f"{layer}.dora_scale": torch.ones(out_features, 1)})
+    assert code == 1 and f"WebUI misapplies: {layer}.dora_scale ({out_features}, 1)" in out
+    assert "ComfyUI: every key maps onto SDXL" in out
+    code, out = check(clean | {f"{layer}.dora_scale": torch.ones(1, in_features)})
+    assert code == 0, out
+    code, out = check(clean | {f"{layer}.dora_scale": torch.ones(3)})
+    assert code == 1 and "WebUI skips" in out and "ComfyUI skips" in out and "fits neither axis" in out
+
+
+def test_check_recognises_an_embedding_file_and_its_widths(trained, tmp_path, capsys):
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, tmp_path / "sdxl_emb.safetensors")
+    code, out, _ = run_convert(capsys, tmp_path / "sdxl_emb.safetensors", "--check")
+    assert code == 0 and "an SDXL embedding with both tables" in out
+    code, out, _ = run_convert(capsys, trained / "my_dog_emb.safetensors", "--check")  # the tiny model's 32/64 widths
+    assert code == 1 and "clip_l is (2, 32); SDXL's first text encoder takes (tokens, 768)" in out and "(tokens, 1280)" in out
+    save_file({"clip_l": torch.randn(2, 768)}, tmp_path / "half.safetensors")
+    code, out, _ = run_convert(capsys, tmp_path / "half.safetensors", "--check")
+    assert code == 1 and "no clip_g table" in out
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_convert(capsys, tmp_path / "junk.safetensors", "--check")
+    assert code == 2 and "could not read" in err and "Traceback" not in err
+
+
+def test_an_embedding_named_like_a_word_is_warned_about(trained, tmp_path, capsys):
+    code, _, err = run_convert(capsys, trained, "--out", tmp_path / "a", "--name", "dog")
+    assert code == 0 and "'dog', an ordinary word of CLIP's vocabulary" in err and "--name dog_emb" in err
+    code, _, err = run_convert(capsys, trained, "--out", tmp_path / "b", "--name", "my_dog")
+    assert code == 0 and "ordinary word" not in err
+
+
+def test_default_dora_bake_has_twice_the_rank_in_fp16_and_reports_its_error(tiny_sdxl_path, tmp_path, capsys):
+    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=2, alpha=2, seed=0)
+    code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", tmp_path / "out")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "out" / "baked.safetensors"), "pt") as handle:
+        ranks = {handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.endswith("lora_down.weight")}
+        dtypes = {handle.get_slice(k).get_dtype() for k in handle.keys() if k.endswith("weight")}
+        errors = json.loads(handle.metadata()["bake_truncation_errors"])
+    assert ranks == {4} and dtypes == {"F16"}
+    dora_layers = [k for k in load_file(tmp_path / "dora" / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
+    assert len(errors) == len(dora_layers) and all(0 < e < 1 for e in errors.values())
+    assert "relative truncation error" in out and f"largest {max(errors.values()):.2e}" in out

@@ -247,9 +247,8 @@ def test_the_edm_base_trains_with_the_edm_formulation(full_models, work):
 
 
 def test_ties_merge_keeps_every_layer_of_either_input(plain_lora, pivotal_lora, work):
-    """TIES re-factorised at the inputs' rank. (Stored at full rank, TIES's default, an SDXL merge is 1.2 G
-    factor values: the run was stopped after 17 min at 19 GB of memory; issue #12 makes practical files the
-    default.)"""
+    """TIES re-factorised at the inputs' rank. (Stored at full rank, TIES's default before issue #12 and now
+    --rank full, an SDXL merge is 1.2 G factor values: the run was stopped after 17 min at 19 GB of memory.)"""
     out = work / "ties"
     run_script("merge_lora.py ties_svd, full-sdxl", "merge_lora.py", "--model", "full-sdxl", "--lora", plain_lora, "--lora",
                f"{pivotal_lora}:0.8", "--method", "ties_svd", "--density", 0.5, "--kohya", "--out", out)

@@ -139,6 +139,8 @@ BAD_INPUTS = {
     "size not a multiple of 8": (["--width", "60"], "--width 60 is not a positive multiple of 8"),
     "unknown scheduler": (["--scheduler", "heun"], "unknown scheduler 'heun'; choose one of default"),
     "EDM scheduler on a discrete model": (["--scheduler", "edm-euler"], "'edm-euler' is an EDM sampler"),
+    "unknown base formulation": (["--base_formulation", "edm"], "--base_formulation 'edm'; choose one of auto, edm-native, discrete"),
+    "EDM-native stated for a discrete config": (["--base_formulation", "edm-native"], "--base_formulation edm-native needs an EDM scheduler config"),
     "LoRA for another base": (["--lora", "MISMATCHED"], "does not match this model"),
     "embedding of the wrong width": (["--embedding", "NARROW"], "rows are 768 wide but this model's text encoder takes 32"),
     "missing LoRA file": (["--lora", "/no/lora.safetensors:0.5"], "LoRA file '/no/lora.safetensors' not found"),

@@ -7,13 +7,16 @@ import math
 import pytest
 import torch
 
+from common.cli import UserError
 from common.losses import (
     DiscreteFormulation,
     EDMFormulation,
+    default_p_mean,
     discrete_sigmas,
     edm_loss_weight,
     edm_min_snr_weight,
     edm_preconditioning,
+    formulation_for_scheduler,
     min_snr_weight,
     sample_lognormal_sigmas,
     sigma_to_timestep,
@@ -124,6 +127,8 @@ def test_reference_edm_style_loss_on_sdxl_is_the_plain_epsilon_loss_and_ours_is_
     # same sigmas and noise: our weight on the epsilon error is lambda * sigma^2 = 1 + sigma^2 / sigma_data^2
     torch.testing.assert_close(ours, (1 + table[timesteps] ** 2) * plain_epsilon, rtol=1e-4, atol=1e-6)
     assert (ours / plain_epsilon).max() > 10, "on SDXL our --edm reweights noise levels; the reference cannot"
+    unit_output = EDMFormulation(sigma_data=1.0, schedule_sigmas=table, weighting="unit-output")
+    torch.testing.assert_close(unit_output.loss(network, x0, sigma=table[timesteps], noise=noise), plain_epsilon, rtol=1e-4, atol=1e-6)
 
 
 def test_edm_min_snr_on_a_vp_model_reduces_to_epsilon_space_min_snr(sdxl_scheduler):
@@ -171,3 +176,132 @@ def test_discrete_formulation_min_snr_changes_only_the_weights(sdxl_scheduler):
     weighted = DiscreteFormulation(sdxl_scheduler.alphas_cumprod, snr_gamma=5.0).loss(network, x0, torch.Generator().manual_seed(5))
     ratio = weighted / plain
     assert bool((ratio <= 1 + 1e-6).all()) and bool((ratio < 0.999).any())
+
+
+# ---------------------------------------------------------------- prediction types, base formulations, defaults
+
+
+def recording_network(output: torch.Tensor):
+    """A fake network with a fixed output that keeps what it was fed."""
+    fed = {}
+
+    def network(model_input, time):
+        fed["input"], fed["time"] = model_input, time
+        return output
+
+    return network, fed
+
+
+@pytest.mark.parametrize("scheduler_name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_edm_denoiser_equals_the_schedulers_preconditioning_in_float64(scheduler_name, prediction_type, sigma_data):
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_name)(sigma_data=sigma_data, prediction_type=prediction_type)
+    formulation = formulation_for_scheduler(scheduler.config)
+    assert (formulation.prediction_type, formulation.sigma_data, formulation.schedule_sigmas) == (prediction_type, sigma_data, None)
+    generator = torch.Generator().manual_seed(3)
+    sigma = torch.tensor([0.002, 0.05, 0.7, 12.0, 80.0], dtype=torch.float64)
+    x, output = (torch.randn(5, 4, 2, 2, generator=generator, dtype=torch.float64) for _ in range(2))
+    network, fed = recording_network(output)
+    ours = formulation.denoise(network, x, sigma)
+    column = sigma.view(-1, 1, 1, 1)
+    expected = {
+        "D": scheduler.precondition_outputs(x, output, column),
+        "network input": scheduler.precondition_inputs(x, column),
+        "network time": scheduler.precondition_noise(sigma),
+    }
+    for name, got in (("D", ours), ("network input", fed["input"]), ("network time", fed["time"])):
+        difference = (got - expected[name]).abs().max().item()
+        assert difference <= 1e-12, f"{name}: largest difference {difference} ({prediction_type}, sigma_data {sigma_data})"
+
+
+def test_edm_prediction_types_diffusers_does_not_define_are_refused_in_one_line():
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    scheduler = EDMDPMSolverMultistepScheduler(prediction_type="sample")  # its signature lists "sample"...
+    with pytest.raises(ValueError, match="sample"):  # ...but its preconditioning refuses it
+        scheduler.precondition_outputs(torch.zeros(1), torch.zeros(1), torch.ones(1))
+    with pytest.raises(UserError) as refused:
+        formulation_for_scheduler(scheduler.config)
+    message = str(refused.value)
+    assert "\n" not in message and "'sample'" in message and "epsilon or v_prediction" in message, message
+
+
+def test_prediction_type_flag_may_only_repeat_an_edm_bases_own():
+    from diffusers import EDMEulerScheduler
+
+    config = EDMEulerScheduler(prediction_type="v_prediction").config
+    assert formulation_for_scheduler(config, prediction_type="v_prediction").prediction_type == "v_prediction"
+    with pytest.raises(UserError, match="--prediction_type epsilon contradicts this EDM base's scheduler \\(v_prediction\\)"):
+        formulation_for_scheduler(config, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_on_a_discrete_base_recovers_x0_as_the_ddpm_formulas_do(sdxl_scheduler, prediction_type):
+    """At the schedule's own sigmas, D from VP preconditioning is the x0 estimate of DDPM (Ho et al. 2020,
+    Eq. 15) or of v-prediction (Salimans & Ho 2022: x0 = alpha x_t - s v), written from alphas_cumprod."""
+    config = {**sdxl_scheduler.config, "prediction_type": prediction_type}
+    formulation = formulation_for_scheduler(config, edm=True)
+    assert formulation.prediction_type == prediction_type and formulation.schedule_sigmas is not None
+    formulation.schedule_sigmas = discrete_sigmas(sdxl_scheduler.alphas_cumprod)  # float64 for this check
+    timesteps = torch.tensor([0, 120, 500, 999])
+    sigma = formulation.schedule_sigmas[timesteps]
+    generator = torch.Generator().manual_seed(4)
+    x, output = (torch.randn(4, 4, 2, 2, generator=generator, dtype=torch.float64) for _ in range(2))
+    network, fed = recording_network(output)
+    ours = formulation.denoise(network, x, sigma)
+    abar = sdxl_scheduler.alphas_cumprod[timesteps].double().view(-1, 1, 1, 1)
+    x_t = x * abar.sqrt()  # x = x0 + sigma n is x_t / sqrt(abar)
+    if prediction_type == "epsilon":
+        x0 = (x_t - (1 - abar).sqrt() * output) / abar.sqrt()
+    else:
+        x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * output
+    torch.testing.assert_close(fed["input"], x_t, rtol=1e-12, atol=1e-12)
+    assert torch.equal(fed["time"], timesteps.double())
+    torch.testing.assert_close(ours, x0, rtol=1e-10, atol=1e-10)
+
+
+def test_the_two_weightings_differ_only_on_epsilon_bases(sdxl_scheduler):
+    sigma = torch.logspace(-1.5, 1.1, 30, dtype=torch.float64)
+    table = discrete_sigmas(sdxl_scheduler.alphas_cumprod)
+    for kind in ({"sigma_data": 0.5}, {"sigma_data": 1.0, "prediction_type": "v_prediction"},
+                 {"sigma_data": 1.0, "schedule_sigmas": table, "prediction_type": "v_prediction"}):
+        table1, unit = (EDMFormulation(**kind, weighting=w).weight(sigma) for w in ("table1", "unit-output"))
+        torch.testing.assert_close(table1, unit, rtol=1e-12, atol=0, msg=f"{kind.keys()}")
+    on_epsilon = [EDMFormulation(sigma_data=1.0, schedule_sigmas=table, weighting=w).weight(sigma) * sigma**2 for w in ("table1", "unit-output")]
+    torch.testing.assert_close(on_epsilon[0], 1 + sigma**2)
+    torch.testing.assert_close(on_epsilon[1], torch.ones_like(sigma))
+
+
+def test_default_p_mean_keeps_the_papers_sigma_over_sigma_data(sdxl_scheduler):
+    assert default_p_mean(0.5) == -1.2
+    for sigma_data in (0.25, 1.0, 2.0):  # the median sigma, exp(P_mean), is the paper's 0.60 sigma_data
+        assert math.exp(default_p_mean(sigma_data)) / sigma_data == pytest.approx(math.exp(-1.2) / 0.5, rel=1e-12)
+    on_sdxl = formulation_for_scheduler(sdxl_scheduler.config, edm=True)
+    assert (on_sdxl.p_mean, on_sdxl.p_std, on_sdxl.weighting) == (pytest.approx(-1.2 + math.log(2), abs=1e-15), 1.2, "table1")
+    assert formulation_for_scheduler(sdxl_scheduler.config, edm=True, p_mean=-1.2).p_mean == -1.2
+
+
+def edm_sampler_config_with_betas(folder) -> dict:
+    """What a discrete SDXL model's scheduler_config.json holds after an EDM sampler was swapped in and saved."""
+    import json
+
+    from diffusers import EDMDPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    sdxl = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    EDMDPMSolverMultistepScheduler.from_config(sdxl.config).save_config(folder)
+    return json.loads((folder / "scheduler_config.json").read_text())
+
+
+def test_an_edm_sampler_config_with_betas_trains_as_the_discrete_model_it_is(sdxl_scheduler, tmp_path):
+    config = edm_sampler_config_with_betas(tmp_path)
+    assert config["_class_name"] == "EDMDPMSolverMultistepScheduler" and config["beta_schedule"] == "scaled_linear"
+    ddpm = formulation_for_scheduler(config)
+    assert isinstance(ddpm, DiscreteFormulation)
+    torch.testing.assert_close(ddpm.alphas_cumprod, sdxl_scheduler.alphas_cumprod.float(), rtol=0, atol=0)
+    edm = formulation_for_scheduler(config, edm=True)
+    assert edm.schedule_sigmas is not None and edm.sigma_data == 1.0
+    native = formulation_for_scheduler(config, base_formulation="edm-native")
+    assert native.schedule_sigmas is None and native.sigma_data == 0.5 and native.p_mean == -1.2

@@ -75,16 +75,29 @@ def ties_reference(a: torch.Tensor, b: torch.Tensor, wa: float, wb: float, densi
     return total / (agree_a + agree_b).clamp(min=1)
 
 
-@pytest.mark.parametrize("method", ["linear", "cat", "svd", "ties", "magnitude_prune", "dare_linear", "dare_ties", "ties_svd"])
-def test_every_method_equals_its_float64_reference_on_delta_weights(method, two_loras, tiny_sdxl_path, tmp_path, capsys):
+# method, its --rank (None: the default), and the rank it truncates each layer to (None: exact), from the ranks
+# of the inputs that have the layer
+METHOD_CASES = {
+    "linear": ("linear", None, None), "cat": ("cat", None, None), "svd": ("svd", None, max),
+    "ties": ("ties", None, sum), "ties --rank full": ("ties", "full", None), "ties_svd": ("ties_svd", None, max),
+    "magnitude_prune --rank full": ("magnitude_prune", "full", None), "dare_linear --rank full": ("dare_linear", "full", None),
+    "dare_ties --rank full": ("dare_ties", "full", None), "dare_linear --rank 3": ("dare_linear", "3", lambda ranks: 3),
+}
+
+
+@pytest.mark.parametrize("case", METHOD_CASES)
+def test_every_method_equals_its_float64_reference_on_delta_weights(case, two_loras, tiny_sdxl_path, tmp_path, capsys):
+    method, rank, truncation = METHOD_CASES[case]
     first, second = two_loras
     wa, wb = 0.7, 0.4
     code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{first}:{wa}", "--lora", f"{second}:{wb}",
-                             "--method", method, "--density", 0.5, "--seed", 3, "--out", tmp_path / "merged")
+                             "--method", method, "--density", 0.5, "--seed", 3, *(["--rank", rank] if rank else []),
+                             "--save_precision", "fp32", "--out", tmp_path / "merged")
     assert code == 0, err
     names, a, b = references(first, second)
     got = merged_deltas(tmp_path / "merged")
     assert sorted(got) == names
+    in_second = set(full_deltas(second))
     torch.manual_seed(3)  # the same random drops as the merge, layer by layer in sorted order
     worst = 0.0
     for name in names:
@@ -99,16 +112,18 @@ def test_every_method_equals_its_float64_reference_on_delta_weights(method, two_
             keep_b = torch.bernoulli(torch.full_like(b[name], 0.5))
             da, db = a[name] * keep_a / 0.5, b[name] * keep_b / 0.5
             expected = wa * da + wb * db if method == "dare_linear" else ties_reference(da, db, wa, wb, 1.0)
-        if method in ("svd", "ties_svd"):  # rank 4 (the largest input rank): the truncated SVD's optimum
+        if truncation is not None:  # the truncated SVD's optimum at the layer's rank
+            r = truncation([4, 2] if name in in_second else [4])
             u, s, vh = torch.linalg.svd(expected, full_matrices=False)
-            expected = (u[:, :4] * s[:4]) @ vh[:4]
+            expected = (u[:, :r] * s[:r]) @ vh[:r]
         worst = max(worst, float((got[name] - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
-    assert worst < 1e-5, f"{method}: largest relative difference {worst}"
+    assert worst < 1e-5, f"{case}: largest relative difference {worst}"
 
 
 def test_linear_with_weights_one_and_zero_reproduces_the_first_lora(two_loras, tiny_sdxl_path, tmp_path, capsys):
     first, second = two_loras
-    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{first}:1", "--lora", f"{second}:0", "--out", tmp_path)
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{first}:1", "--lora", f"{second}:0", "--save_precision", "fp32",
+                             "--out", tmp_path)
     assert code == 0, err
     names, a, _ = references(first, second)
     got = merged_deltas(tmp_path)
@@ -151,7 +166,7 @@ def test_merged_lora_loads_with_load_lora_weights_and_kohya_gives_the_same_image
 def test_blora_keeps_only_the_named_blocks_scaled_linearly(two_loras, tiny_sdxl_path, tmp_path, capsys):
     first, second = two_loras
     code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "blora",
-                             "--content_alpha", 0.5, "--style_alpha", 2.0, "--out", tmp_path)
+                             "--content_alpha", 0.5, "--style_alpha", 2.0, "--save_precision", "fp32", "--out", tmp_path)
     assert code == 0, err
     _, a, b = references(first, second)
     got = merged_deltas(tmp_path)
@@ -195,9 +210,13 @@ def test_colliding_embedding_tokens_are_renamed_and_load(two_loras, tiny_sdxl_pa
 
 BAD = {
     "one LoRA": (["--method", "linear"], "merging needs two or more --lora, got 1", 1),
-    "weight that does not parse": (["--lora", "SECOND:heavy"], ":heavy' not found; expected PATH or PATH:WEIGHT", 1),
+    "weight that does not parse": (["--lora", "SECOND:heavy"], "weight 'heavy' in ", 1),
+    "weight that is not finite": (["--lora", "SECOND:nan"], "is not a finite number", 1),
     "density out of range": (["--density", "1.5"], "--density must be in (0, 1], got 1.5", 2),
     "rank larger than the layer": (["--method", "svd", "--rank", "4096"], "is larger than layer", 2),
+    "rank that is no rule": (["--method", "ties", "--rank", "half"], "--rank must be a positive integer, sum, max, full; got 'half'", 2),
+    "rank for an exact method": (["--method", "linear", "--rank", "4"], "--rank applies to svd, ties", 2),
+    "unknown precision": (["--save_precision", "fp8"], "--save_precision must be fp32, fp16, bf16, got 'fp8'", 2),
     "unknown method": (["--method", "average"], "unknown --method 'average'", 2),
 }
 
@@ -245,8 +264,9 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
     inputs = [merge_lora.read_input(loras[c], 1.0) for c in ("content", "style")]
     zipped = merge_lora.install_zip_layers(pipe.unet, *inputs)
     generator = torch.Generator().manual_seed(7)
-    examples = [merge_lora.zip_example(pipe, zipped, mode=mode, folder=None, prompt=f"a photo of sks {mode}", size=64, generator=generator)
-                for mode in ("content", "style")]
+    examples = [example for mode in ("content", "style")
+                for example in merge_lora.zip_examples(pipe, zipped, mode=mode, folder=None, prompt=f"a photo of sks {mode}", size=64,
+                                                       generator=generator)]
     formulation = formulation_for_scheduler(pipe.scheduler.config)
     probes = [(example, *merge_lora.noisy_input(formulation, example["latents"], generator)) for example in examples for _ in range(4)]
 
@@ -297,16 +317,19 @@ def test_dora_inputs_and_disjoint_loras_are_refused(two_loras, tiny_sdxl_path, t
 
 
 def test_ziplora_takes_example_images_from_folders(two_loras, tiny_sdxl_path, tmp_path, capsys):
-    """The merge is trained on the folders' images: the same images give the same merger vectors, another
-    content image gives other vectors (everything else, seed included, unchanged)."""
+    """The merge is trained on every image of the folders, one per step in turn: the same images give the same
+    merger vectors, another first or another second content image gives other vectors (everything else, seed
+    included, unchanged)."""
+    import shutil
+
     from PIL import Image
     from training_helpers import write_images
 
     first, second = two_loras
-    content, style = write_images(tmp_path / "content", 1), write_images(tmp_path / "style", 1)
-    other_content = tmp_path / "other_content"
-    other_content.mkdir()
-    Image.new("RGB", (64, 64), (30, 30, 200)).save(other_content / "plain_blue.png")
+    content, style = write_images(tmp_path / "content", 2), write_images(tmp_path / "style", 1)
+    other_first, other_second = (shutil.copytree(content, tmp_path / name) for name in ("other_first", "other_second"))
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(other_first / "image_0.png")
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(other_second / "image_1.png")
 
     def merger_vectors(content_folder: Path, out: Path) -> dict[str, torch.Tensor]:
         code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ziplora",
@@ -316,11 +339,15 @@ def test_ziplora_takes_example_images_from_folders(two_loras, tiny_sdxl_path, tm
         assert code == 0, err
         return load_file(out / "ziplora_merger_vectors.safetensors")
 
-    vectors, again, other = (merger_vectors(folder, tmp_path / name)
-                             for folder, name in ((content, "zipped"), (content, "again"), (other_content, "other")))
+    vectors, again, first_changed, second_changed = (
+        merger_vectors(folder, tmp_path / name)
+        for folder, name in ((content, "zipped"), (content, "again"), (other_first, "first"), (other_second, "second")))
     assert all(torch.equal(vectors[k], again[k]) for k in vectors), "the same images and seed must give the same merge"
-    moved = max(float((vectors[k] - other[k]).abs().max()) for k in vectors)
-    assert moved > 1e-4, f"another content image changed the merger vectors by only {moved}"
+    for which, other in (("first", first_changed), ("second", second_changed)):
+        moved = max(float((vectors[k] - other[k]).abs().max()) for k in vectors)
+        assert moved > 1e-4, f"another {which} content image changed the merger vectors by only {moved}"
+    report = __import__("json").loads((tmp_path / "zipped" / "merge_report.json").read_text())
+    assert report["ziplora"]["examples"] == {"content": 2, "style": 1}, report["ziplora"]["examples"]
     state = load_file(tmp_path / "zipped" / "pytorch_lora_weights.safetensors")
     ranks = {v.shape[0] for k, v in state.items() if k.startswith("unet.") and k.endswith("lora_A.weight")}
     assert ranks == {4 + 2}, "ZipLoRA layers have rank r_content + r_style"
@@ -350,3 +377,136 @@ def test_svd_factors_of_a_large_layer_reach_the_truncated_svds_error_without_a_f
         assert error == pytest.approx(measured, rel=1e-4), "the reported error is the factors' error"
         assert optimal * (1 - 1e-9) <= error <= 1.001 * optimal, (rank, error, optimal)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def report_of(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "merge_report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune"])
+def test_a_default_merge_that_changes_entries_stores_the_inputs_ranks_added_with_each_layers_error(method, two_loras, tiny_sdxl_path,
+                                                                                                   tmp_path, capsys):
+    """TIES, DARE and magnitude pruning make a full-rank dW; by default it is stored at the inputs' ranks added
+    (rank 4 + 2 where both inputs have the layer, 4 where only the first does), in fp16, and the report and the
+    last line carry the relative error of the factors as written, against a float64 evaluation of the method."""
+    first, second = two_loras
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{first}:0.7", "--lora", f"{second}:0.4", "--method", method,
+                               "--out", tmp_path)
+    assert code == 0, err
+    state = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    in_second = set(full_deltas(second))
+    ranks = {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    assert ranks == {name: 6 if name in in_second else 4 for name in ranks}
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    report = report_of(tmp_path)
+    assert report["rank"] == "sum" and report["save_precision"] == "fp16"
+    errors = {name: layer["relative_error"] for name, layer in report["layers"].items()}
+    assert set(errors) == set(ranks) and all(0 < e < 1 for e in errors.values()), errors
+    assert 0 < report["relative_error"] <= max(errors.values())
+    assert f"relative error {report['relative_error']:.2e} overall" in out, out
+    if method == "ties":  # the reported error is the written factors' error against TIES's dW, measured independently
+        names, a, b = references(first, second)
+        got = merged_deltas(tmp_path)
+        for name in names:
+            expected = ties_reference(a[name], b[name], 0.7, 0.4, 0.5)
+            measured = float(torch.linalg.norm(got[name] - expected) / torch.linalg.norm(expected))
+            assert errors[name] == pytest.approx(measured, rel=1e-6, abs=1e-9), name
+
+
+def test_fp16_output_loads_with_diffusers_and_equals_the_fp32_merge_within_fp16_rounding(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    for precision in ("fp16", "fp32"):
+        code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ties",
+                                 "--save_precision", precision, "--kohya", "--out", tmp_path / precision)
+        assert code == 0, err
+    assert {v.dtype for v in load_file(tmp_path / "fp16" / "fp16.safetensors").values() if v.dim() == 2} == {torch.float16}
+    half, full = merged_deltas(tmp_path / "fp16"), merged_deltas(tmp_path / "fp32")
+    rounding = max(float(torch.linalg.norm(half[n] - full[n]) / torch.linalg.norm(full[n])) for n in full)
+    assert rounding < 2e-3, f"fp16 factors differ from fp32's by {rounding} (relative, worst layer)"
+    errors = [report_of(tmp_path / p)["relative_error"] for p in ("fp16", "fp32")]
+    assert abs(errors[0] - errors[1]) < 2e-3, f"overall error fp16 {errors[0]}, fp32 {errors[1]}"
+    images = []
+    for precision, name in (("fp16", "pytorch_lora_weights.safetensors"), ("fp16", "fp16.safetensors"), ("fp32", "pytorch_lora_weights.safetensors")):
+        pipe = load_pipe(tiny_sdxl_path)
+        pipe.load_lora_weights(str(tmp_path / precision), weight_name=name)
+        images.append(generate_array(pipe))
+    assert np.abs(images[0] - images[1]).max() <= 1e-5, "the diffusers and kohya fp16 files give the same image"
+    difference = np.abs(images[0] - images[2]).max()
+    assert difference < 1e-2, f"the fp16 and fp32 merges' images differ by {difference}"
+
+
+def test_stored_factors_are_balanced_so_fp16_keeps_weak_directions_and_their_error_is_measured():
+    """An SVD puts all of s_k in up (U S, V^T): at a LoRA's singular values of 1e-4 and below, up's entries
+    s_k u_ik fall under fp16's normal range (6e-5). Balanced (||up_k|| = ||down_k||) they do not, and rounding
+    loses 10x less. The error stored() reports equals a direct float64 evaluation."""
+    generator = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(64, 8, generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(96, 8, generator=generator, dtype=torch.float64))[0]
+    strengths = torch.logspace(-4, -6, 8, dtype=torch.float64)
+    layer = merge_lora.MergedLayer(v.T, u * strengths)
+    delta = layer.up @ layer.down
+    unbalanced = float(torch.linalg.norm(delta - layer.up.half().double() @ layer.down.half().double()) / torch.linalg.norm(delta))
+    for reference in (None, delta):
+        kept = merge_lora.stored(layer, torch.float16, reference)
+        direct = float(torch.linalg.norm(delta - kept.up.double() @ kept.down.double()) / torch.linalg.norm(delta))
+        assert kept.relative_error == pytest.approx(direct, rel=1e-6), (kept.relative_error, direct)
+        assert kept.relative_error < 1e-3 < unbalanced, f"fp16 error balanced {kept.relative_error}, unbalanced {unbalanced}"
+        torch.testing.assert_close(kept.up.double().norm(dim=0), kept.down.double().norm(dim=1), rtol=2e-3, atol=0)
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    """A safetensors file's tensor bytes: its size less the 8-byte header length and the JSON header."""
+    with open(path, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
+def test_the_size_announced_before_writing_is_what_the_files_hold(two_loras, tiny_sdxl_path, tmp_path, capsys, monkeypatch):
+    first, second = two_loras
+    monkeypatch.setattr(merge_lora, "LARGE_FILE_BYTES", 1)  # every output counts as large
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ties",
+                               "--save_precision", "fp32", "--kohya", "--out", tmp_path / "merged")
+    assert code == 0, err
+    layers = len(report_of(tmp_path / "merged")["layers"])
+    diffusers_bytes = safetensors_data_bytes(tmp_path / "merged" / "pytorch_lora_weights.safetensors")
+    kohya_bytes = safetensors_data_bytes(tmp_path / "merged" / "merged.safetensors") - 4 * layers  # an fp32 alpha per layer
+    announced = f"note: the merged LoRA takes {(diffusers_bytes + kohya_bytes) / 2**30:.2f} GiB of fp32 factors; a lower --rank"
+    assert diffusers_bytes == kohya_bytes and announced in out and "--save_precision fp16" in out, out
+    assert out.index("note: the merged LoRA takes") < out.index("merged 2 LoRAs"), out
+
+
+def test_a_default_ties_merge_of_sdxl_shaped_loras_is_as_large_as_the_inputs_with_its_error_reported():
+    """SDXL's own layer shapes, without its weights. Two rank-32 LoRAs on every attention projection: the default
+    (rank sum, fp16) output is the two inputs' size together, where full rank would be GBs; and a TIES merge of one
+    layer of each distinct shape stores rank 64 with its measured error."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
+    from helpers import TEXT_TARGETS, UNET_TARGETS
+
+    with torch.device("meta"):
+        models = {"unet": (UNet2DConditionModel(**SDXL_UNET_CONFIG), UNET_TARGETS),
+                  "text_encoder": (CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIGS[0])), TEXT_TARGETS),
+                  "text_encoder_2": (CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIGS[1])), TEXT_TARGETS)}
+    shapes = {f"{component}.{name}": (module.out_features, module.in_features)
+              for component, (model, targets) in models.items() for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + t for t in targets))}
+    input_bytes = sum(2 * 32 * (out_f + in_f) for out_f, in_f in shapes.values())  # one rank-32 fp16 LoRA
+    default_bytes = sum(2 * merge_lora.layer_rank("sum", [32, 32], s) * sum(s) for s in shapes.values())
+    full_bytes = sum(4 * merge_lora.layer_rank("full", [32, 32], s) * sum(s) for s in shapes.values())
+    assert default_bytes == 2 * input_bytes < merge_lora.LARGE_FILE_BYTES < full_bytes, (len(shapes), input_bytes, full_bytes)
+
+    generator = torch.Generator().manual_seed(0)
+    one_per_shape = {shape: name for name, shape in sorted(shapes.items())}
+    inputs = [merge_lora.InputLoRA(Path(f"lora_{k}"), 1.0, {
+        name: merge_lora.LayerLoRA(torch.randn(32, in_f, generator=generator) / in_f**0.5, torch.randn(out_f, 32, generator=generator) * 1e-2, 1.0)
+        for (out_f, in_f), name in one_per_shape.items()}) for k in range(2)]
+    merged, _ = merge_lora.merge_layers(inputs, "ties", density=0.5, sign="total", rank=merge_lora.parse_rank(None, "ties"), seed=0,
+                                        precision=torch.float16)
+    assert merge_lora.stored_bytes(merged, kohya=False) == sum(2 * 64 * sum(shape) for shape in one_per_shape)
+    report = merge_lora.error_report(merged)
+    assert all(layer["rank"] == 64 and 0 < layer["relative_error"] < 1 for layer in report["layers"].values()), report["layers"]
+    assert 0 < report["relative_error"] <= report["largest_relative_error"]["value"]

@@ -259,6 +259,12 @@ def test_resuming_with_other_settings_is_refused_before_mixing_two_runs(tiny_sdx
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "animals/an0.png was made with other settings ('CFG scale: 5.0' there, 'CFG scale: 3.0' now)" in err
     assert not (gen / "animals" / "an2.png").exists()
+    code, _, err = run_cli(mjhq_fid.app, generate_args(tiny_sdxl_path, meta, gen), capsys)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in gen.rglob("*.png")}
+    code, _, err = run_cli(mjhq_fid.app, [*generate_args(tiny_sdxl_path, meta, gen), "--guidance_scale", 3], capsys)
+    assert code == 2 and "was made with other settings" in err, "nothing missing is no reason to skip the check"
+    assert {p: p.read_bytes() for p in gen.rglob("*.png")} == before
 
 
 def test_a_killed_generation_resumes_and_makes_only_the_missing_images(tiny_sdxl_path, tmp_path):
