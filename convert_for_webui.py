@@ -177,18 +177,24 @@ def export_lora(source: Path, target: Path, *, name: str, training_args: dict, m
 
 
 def cast_factors(kohya: dict, dtype) -> dict:
-    """The lora_up/lora_down factors in `dtype`; refused in one line where a value does not fit it."""
+    """The lora_up/lora_down factors in `dtype` (for fp16 each pair balanced first, `balanced_factors`: the same
+    product, no factor below fp16's normal range); refused in one line where a value does not fit it."""
     import torch
+
+    from common.lora_formats import balanced_factors
 
     if dtype is None or dtype == torch.float32:
         return kohya
-    cast = {}
-    for key, value in kohya.items():
-        if key.endswith(("lora_up.weight", "lora_down.weight")):
-            value = value.to(dtype)
-            if not torch.isfinite(value).all():
+    cast = dict(kohya)
+    for up_key in [k for k in kohya if k.endswith(".lora_up.weight")]:
+        down_key = up_key.removesuffix("lora_up.weight") + "lora_down.weight"
+        up, down = kohya[up_key], kohya[down_key]
+        if dtype == torch.float16:
+            up, down = balanced_factors(up.flatten(1), down.flatten(1))
+        for key, value, shape in ((up_key, up, kohya[up_key].shape), (down_key, down, kohya[down_key].shape)):
+            cast[key] = value.reshape(shape).to(dtype).contiguous()
+            if not torch.isfinite(cast[key]).all():
                 raise UserError(f"{key} does not fit {str(dtype).removeprefix('torch.')}; use --save_precision fp32")
-        cast[key] = value.contiguous()
     return cast
 
 

@@ -27,6 +27,7 @@ import typer
 
 from common.cli import UserError, flags, run_app
 from common.files import IMAGE_SUFFIXES, LARGE_FILE_BYTES
+from common.lora_formats import balanced_factors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -100,16 +101,6 @@ def factorise(delta: torch.Tensor, rank: int) -> MergedLayer:
     return MergedLayer(torch.eye(in_features, dtype=delta.dtype), delta)
 
 
-def balanced(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same product in float64 with each rank-one term's factors of equal norm: up_k / c_k and c_k down_k,
-    c_k = sqrt(||up_k|| / ||down_k||). SVD factors carry all of s_k in up (U S, V^T), and fp16's normal range
-    ends at 6e-5, where the weak terms' up columns would become subnormals and lose their digits."""
-    up, down = up.double(), down.double()
-    up_norms, down_norms = up.norm(dim=0), down.norm(dim=1)
-    c = torch.where((up_norms > 0) & (down_norms > 0), (up_norms / down_norms.clamp_min(1e-300)).sqrt(), 1.0)
-    return up / c, down * c[:, None]
-
-
 def product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
     """||up @ down||_F from the r x r Gram matrices, tr((up^T up)(down down^T)), in float64 and without forming
     the out x in product."""
@@ -121,7 +112,7 @@ def stored(layer: MergedLayer, dtype: torch.dtype, delta: torch.Tensor | None = 
     """The layer as written: factors rounded to `dtype` (balanced first for fp16, the one format whose range is
     narrow; fp32 keeps exact factors bit for bit), with their relative Frobenius error in float64 against the
     method's dW, `delta` (None: the layer's own factors are dW exactly, as in linear merges)."""
-    up, down = balanced(layer.up, layer.down) if dtype == torch.float16 else (layer.up.double(), layer.down.double())
+    up, down = balanced_factors(layer.up, layer.down) if dtype == torch.float16 else (layer.up.double(), layer.down.double())
     up_out, down_out = up.to(dtype).contiguous(), down.to(dtype).contiguous()
     if delta is None:  # the residual up down - up' down' is itself a product: [up | up'] [down; -down']
         norm = product_norm(up, down)

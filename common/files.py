@@ -146,25 +146,31 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sdxl_personalize")
 
 
-def lock_folder(folder: str | os.PathLike, option: str):
-    """Hold an exclusive lock on `folder` for as long as the returned file stays open (the process's life).
-    The lock is the kernel's (flock), so a killed run leaves none behind; a second run is refused in one line."""
-    import fcntl
+class FolderLock:
+    """An exclusive flock on a folder itself (no lock file is left in it); released by `close`, when the object
+    is collected, or by the kernel when the process ends, however it ends."""
 
-    from common.cli import UserError
+    def __init__(self, folder: Path, option: str):
+        import fcntl
 
-    path = Path(folder) / ".lock"
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise UserError(f"{option} {str(folder)!r} is in use by another run (pid {holder}); wait for it to end or choose "
-                        "another folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+        from common.cli import UserError
+
+        self.descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise UserError(f"{option} {str(folder)!r} is in use by another run; wait for it to end or choose another "
+                            "folder") from None
+
+    def close(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+    __del__ = close
+
+
+def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
+    """Hold an exclusive lock on `folder` while the returned lock lives; a second run is refused in one line."""
+    return FolderLock(Path(folder), option)

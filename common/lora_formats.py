@@ -414,6 +414,16 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, base_weight: 
     return kohya, summary
 
 
+def balanced_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product in float64 with each rank-one term's factors of equal norm: up_k / c_k and c_k down_k,
+    c_k = sqrt(||up_k|| / ||down_k||). SVD factors carry all of s_k in up (U S, V^T), and fp16's normal range
+    ends at 6e-5, where the weak terms' up columns would become subnormals and lose their digits."""
+    up, down = up.double(), down.double()
+    up_norms, down_norms = up.norm(dim=0), down.norm(dim=1)
+    c = torch.where((up_norms > 0) & (down_norms > 0), (up_norms / down_norms.clamp_min(1e-300)).sqrt(), 1.0)
+    return up / c, down * c[:, None]
+
+
 def svd_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """dW ~= up @ down: down = V_r^T, the top-`rank` right singular vectors of dW, up = dW V_r (= U_r S_r), the
     best rank-r approximation (Eckart-Young), and its relative Frobenius error ||dW - up down|| / ||dW||;

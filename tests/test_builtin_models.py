@@ -20,6 +20,7 @@ from helpers import load_pipe
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy
 def test_python_m_common_builtin_models_writes_a_folder_that_stable_diffusion_xl_pipeline_loads(tmp_path):
     from diffusers import EDMDPMSolverMultistepScheduler, StableDiffusionXLPipeline
 

@@ -223,16 +223,21 @@ def comfyui_patched_weight(weight, up, down, alpha, dora_scale) -> torch.Tensor:
     return weight_calc * (dora_scale.float() / norm)
 
 
-def test_native_comfyui_dora_gives_peft_weights_through_comfyuis_arithmetic(tiny_sdxl_path, tmp_path, capsys):
-    from common.lora_formats import kohya_module_name
-
-    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=8, seed=1)
+def native_comfyui_export(capsys, tiny_sdxl_path: str, tmp_path: Path, *, alpha: float) -> dict:
+    """A rank-4 DoRA in tmp_path/dora written natively for ComfyUI in fp32 (which needs --model) as tmp_path/k/native."""
+    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=alpha, seed=1)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--out", tmp_path / "k")
     assert code == 2 and "needs the base model (--model MODEL)" in err
     code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--model", tiny_sdxl_path,
                                "--name", "native", "--out", tmp_path / "k", "--save_precision", "fp32")
     assert code == 0, err
-    kohya = load_file(tmp_path / "k" / "native.safetensors")
+    return load_file(tmp_path / "k" / "native.safetensors")
+
+
+def test_native_comfyui_dora_gives_peft_weights_through_comfyuis_arithmetic(tiny_sdxl_path, tmp_path, capsys):
+    from common.lora_formats import kohya_module_name
+
+    kohya = native_comfyui_export(capsys, tiny_sdxl_path, tmp_path, alpha=8)
     peft_pipe, base = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
     peft_pipe.load_lora_weights(str(tmp_path / "dora"))
     peft_weights = fused_weights(peft_pipe)
@@ -260,13 +265,9 @@ def test_native_comfyui_dora_gives_peft_weights_through_comfyuis_arithmetic(tiny
 
 
 def test_dora_written_natively_for_comfyui_round_trips_through_diffusers(tiny_sdxl_path, tmp_path, capsys):
-    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=4, seed=1)
+    kohya = native_comfyui_export(capsys, tiny_sdxl_path, tmp_path, alpha=4)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "webui", "--out", tmp_path / "w")
     assert code == 2 and "only comfyui" in err
-    code, _, err = run_convert(capsys, tmp_path / "dora", "--dora_native", "comfyui", "--model", tiny_sdxl_path,
-                               "--name", "native", "--out", tmp_path / "k", "--save_precision", "fp32")
-    assert code == 0, err
-    kohya = load_file(tmp_path / "k" / "native.safetensors")
     scales = {k: v for k, v in kohya.items() if k.endswith(".dora_scale")}
     assert scales and all(v.ndim == 2 and v.shape[1] == 1 for v in scales.values())
     code, _, err = run_convert(capsys, tmp_path / "k" / "native.safetensors", "--to", "diffusers", "--out", tmp_path / "back")

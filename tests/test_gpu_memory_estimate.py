@@ -19,6 +19,7 @@ import gpu_memory  # noqa: E402
 from common.builtin_models import TINY_UNET_CONFIG  # noqa: E402
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fake_tensor_accounting_of_a_training_step_equals_the_allocators_on_real_tensors(tiny_sdxl_path, checkpointing):
     from diffusers import UNet2DConditionModel

@@ -50,6 +50,7 @@ def test_loaded_delta_w_equals_alpha_over_rank_times_b_a_from_the_file(tiny_sdxl
         torch.testing.assert_close(layer.get_delta_weight("lora_0"), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sdxl_path, peft_lora, tmp_path):
     save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
     images = []

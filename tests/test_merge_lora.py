@@ -232,6 +232,7 @@ def test_bad_merge_input_gives_one_clear_line(case, two_loras, tiny_sdxl_path, t
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
+@pytest.mark.heavy
 def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(tiny_sdxl_path, tmp_path, capsys):
     from training_helpers import train_cli, write_images
 
@@ -288,6 +289,7 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
     assert zip_distance[0] < linear_distance[0] and zip_distance[1] < linear_distance[1], message
 
 
+@pytest.mark.heavy
 def test_fused_pipeline_equals_the_merged_lora_loaded_on_the_base(two_loras, tiny_sdxl_path, tmp_path, capsys):
     first, second = two_loras
     code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--out", tmp_path / "merged",
@@ -316,6 +318,7 @@ def test_dora_inputs_and_disjoint_loras_are_refused(two_loras, tiny_sdxl_path, t
     assert code == 2 and "the LoRAs share no layer" in err and "unet.down_blocks" in err and "unet.up_blocks" in err, err
 
 
+@pytest.mark.heavy
 def test_ziplora_takes_example_images_from_folders(two_loras, tiny_sdxl_path, tmp_path, capsys):
     """The merge is trained on every image of the folders, one per step in turn: the same images give the same
     merger vectors, another first or another second content image gives other vectors (everything else, seed
@@ -415,6 +418,7 @@ def test_a_default_merge_that_changes_entries_stores_the_inputs_ranks_added_with
             assert errors[name] == pytest.approx(measured, rel=1e-6, abs=1e-9), name
 
 
+@pytest.mark.heavy
 def test_fp16_output_loads_with_diffusers_and_equals_the_fp32_merge_within_fp16_rounding(two_loras, tiny_sdxl_path, tmp_path, capsys):
     first, second = two_loras
     for precision in ("fp16", "fp32"):

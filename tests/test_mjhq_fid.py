@@ -267,6 +267,7 @@ def test_resuming_with_other_settings_is_refused_before_mixing_two_runs(tiny_sdx
     assert {p: p.read_bytes() for p in gen.rglob("*.png")} == before
 
 
+@pytest.mark.heavy
 def test_a_killed_generation_resumes_and_makes_only_the_missing_images(tiny_sdxl_path, tmp_path):
     import time
 
@@ -298,6 +299,7 @@ def test_per_category_picks_the_same_ids_whatever_the_order_of_the_file(tmp_path
     assert set(chosen) < {e.image_id for e in mjhq_fid.select_entries(forward, 3)}
 
 
+@pytest.mark.heavy
 def test_two_processes_make_exactly_the_files_of_one(tiny_sdxl_path, tmp_path):
     meta = write_meta(tmp_path / "meta_data.json", MJHQ_LIKE)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same kernels in both runs
@@ -325,6 +327,7 @@ def test_a_png_cut_short_or_not_a_png_counts_as_missing(tmp_path):
 
 # ---------------------------------------------------------------- command line and reports
 
+@pytest.mark.heavy
 def test_all_runs_generation_scoring_and_the_report_through_a_local_inception_file(tiny_sdxl_path, tmp_path, capsys):
     meta = write_meta(tmp_path / "meta_data.json", MJHQ_LIKE)
     rng = np.random.default_rng(0)
@@ -383,6 +386,7 @@ def test_without_inception_weights_or_network_the_error_says_what_to_download_an
     assert "--inception_weights" in err and fid.INCEPTION_WEIGHTS_ENV in err
 
 
+@pytest.mark.heavy
 def test_the_environment_variable_names_the_inception_file(fixture, monkeypatch, capsys):
     monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, str(write_fake_inception(fixture / "fake.pt")))
     code, out, err = run_cli(mjhq_fid.app, ["score", "--meta_data", fixture / "meta_data.json", "--gen_dir", fixture / "gen",
@@ -392,6 +396,7 @@ def test_the_environment_variable_names_the_inception_file(fixture, monkeypatch,
     assert json.loads((fixture / "r" / "scores.json").read_text())["feature_extractor"].startswith("clean-")
 
 
+@pytest.mark.heavy
 def test_a_changed_weights_file_or_mode_does_not_reuse_cached_features(fixture, image_reads):
     """Features are cached under the extractor's identity, its mode and its weights file's digest: other
     weights written to the same path, and another mode, each read every image again."""
@@ -423,6 +428,7 @@ def test_a_changed_weights_file_or_mode_does_not_reuse_cached_features(fixture, 
     assert other_mode["features"]["generated"] == {"computed": generated, "cached": 0}
 
 
+@pytest.mark.heavy
 def test_legacy_tensorflow_mode_resizes_inside_the_network_and_gives_other_numbers(fixture):
     weights = write_fake_inception(fixture / "fake.pt")
     clean = fid.score(score_config(fixture, inception_weights=weights))

@@ -94,6 +94,7 @@ def test_resuming_in_the_middle_of_an_epoch_gives_the_straight_runs_lora(tiny_sd
     assert_same_lora(tmp_path, straight)
 
 
+@pytest.mark.heavy
 def test_ctrl_c_mid_step_saves_that_step_and_resuming_gives_the_straight_runs_lora(tiny_sdxl_path, images, straight, tmp_path, capsys):
     child = run_signalled(run_args(tiny_sdxl_path, images, tmp_path, STEPS), signal.SIGINT, at_batch=5)
     errors = [line for line in child.stderr.splitlines() if line.startswith("error:")]
@@ -106,6 +107,7 @@ def test_ctrl_c_mid_step_saves_that_step_and_resuming_gives_the_straight_runs_lo
     assert_same_lora(tmp_path, straight)
 
 
+@pytest.mark.heavy
 def test_kill_9_mid_step_then_resuming_latest_gives_the_straight_runs_lora(tiny_sdxl_path, images, straight, tmp_path, capsys):
     child = run_signalled(run_args(tiny_sdxl_path, images, tmp_path, STEPS), signal.SIGKILL, at_batch=5)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]

@@ -103,6 +103,7 @@ def test_pivotal_tuning_writes_an_embedding_that_diffusers_loads_to_the_trained_
     assert "`TOK` -> `<s0><s1>`" in card and "load_textual_inversion" in card and "<lora:icons:1>" in card
 
 
+@pytest.mark.heavy
 def test_text_encoder_lora_is_saved_and_loads_with_load_lora_weights(tiny_sdxl_path, images, tmp_path, capsys):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -192,6 +193,7 @@ def gen_args(model: str, folder: Path, count: int) -> list:
             "--num_inference_steps", 3, "--sample_batch_size", 2, "--seed", 11]
 
 
+@pytest.mark.heavy
 def test_two_processes_make_the_same_class_images_as_one(tiny_sdxl_path, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same kernels in both runs
     for processes, folder in ((1, "one"), (2, "two")):
@@ -229,6 +231,7 @@ def test_a_larger_count_adds_images_and_a_truncated_one_is_made_again(tiny_sdxl_
     assert np.abs(remade - original).max() <= 1
 
 
+@pytest.mark.heavy
 def test_everything_at_once_in_bf16_on_an_edm_base(tiny_edm_path, images, tmp_path, capsys):
     """bf16 autocast with pivotal rows, text LoRA, DoRA, cached latents, class images made by the bf16 UNet
     beside the fp32 VAE, soft Min-SNR under EDM, and validation images."""

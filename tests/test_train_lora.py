@@ -30,6 +30,7 @@ def images(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("instance"))
 
 
+@pytest.mark.heavy
 def test_lora_lowers_the_denoising_loss_of_its_images_on_tiny_sdxl(tiny_sdxl_path, images, tmp_path, capsys):
     code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path, 200, "--train_batch_size", 4,
                                                 "--rank", 8, "--learning_rate", 5e-3, "--checkpointing_steps", 1000))
@@ -41,6 +42,7 @@ def test_lora_lowers_the_denoising_loss_of_its_images_on_tiny_sdxl(tiny_sdxl_pat
     assert max(ratios) < 0.95, f"epsilon MSE at t={timesteps}: base {before}, LoRA {after}"
 
 
+@pytest.mark.heavy
 def test_edm_lora_lowers_the_loss_on_tiny_edm_at_low_sigmas_too(tiny_edm_path, images, tmp_path, capsys):
     code, out, err = train_cli(capsys, *base_args(tiny_edm_path, images, tmp_path, 200, "--train_batch_size", 4,
                                                   "--rank", 8, "--learning_rate", 5e-3, "--checkpointing_steps", 1000))
@@ -202,6 +204,7 @@ def test_bad_training_input_gives_one_clear_line(case, tiny_sdxl_path, images, t
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.heavy
 def test_torchrun_with_two_processes_shards_the_data_and_saves_once(tiny_sdxl_path, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "train_lora.py",
@@ -270,6 +273,7 @@ def test_dataset_captions_are_used_per_image_and_bad_images_can_be_skipped(tiny_
     assert "skipping unreadable image broken.png" in caplog.text and "2 images x 1 repeats" in out
 
 
+@pytest.mark.heavy
 def test_formulation_is_chosen_from_the_scheduler_config(tiny_sdxl_path, tiny_edm_path, tmp_path, capsys):
     import math
 
@@ -361,6 +365,7 @@ def test_torch_compile_wraps_the_lora_unet(tiny_sdxl_path, images, tmp_path, cap
     assert len(compiled) == 1 and hasattr(compiled[0], "peft_config")
 
 
+@pytest.mark.heavy
 def test_init_lora_continues_from_a_diffusers_or_kohya_lora(tiny_sdxl_path, images, tmp_path, capsys):
     code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, tmp_path / "first", 5, "--rank", 4,
                                                 "--lora_alpha", 8, "--learning_rate", 1e-2))
