@@ -96,5 +96,5 @@ for png in sorted(Path(sys.argv[1]).rglob("*.png")):
 PY
 
 echo "== export for WebUI and ComfyUI (kohya LoRA + embedding), with the prompts to use"
-$python convert_for_webui.py "$out/icons" --name icons --out "$out/webui-export" --force
-$python convert_for_webui.py "$out/webui-export/icons.safetensors" --check
+$python convert_for_webui.py "$out/icons" --name my_icons --out "$out/webui-export" --force
+$python convert_for_webui.py "$out/webui-export/my_icons.safetensors" --check
