@@ -103,12 +103,11 @@ def parse_rank(text: str | None) -> int | str | None:
 
 
 def parse_save_precision(text: str):
-    import torch
+    from common.models import DTYPES
 
-    choices = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if text not in choices:
-        raise UserError(f"--save_precision {text!r}; choose one of {', '.join(choices)}")
-    return choices[text]
+    if text not in DTYPES:
+        raise UserError(f"--save_precision {text!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[text]
 
 
 def warn_if_ordinary_word(name: str) -> None:
@@ -269,18 +268,12 @@ def overall_relative_error(errors: dict[str, float], squared_norms: dict[str, fl
 def check_file(path: Path) -> int:
     """What WebUI and ComfyUI do with a kohya LoRA file or an SDXL embedding file, one verdict per UI;
     1 when either would refuse, skip or misapply anything."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from common.lora_formats import kohya_part, ui_findings
+    from common.lora_formats import kohya_part, read_safetensors, ui_findings
     from common.tokens import CLIP_G_KEY, CLIP_L_KEY
 
     if not path.is_file():
         raise UserError(f"--check takes a kohya LoRA or an embedding .safetensors file; {str(path)!r} is not a file")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"could not read {str(path)!r} as a safetensors file: {error}") from None
+    state = read_safetensors(path, "--check file")
     if state and set(state) <= {CLIP_L_KEY, CLIP_G_KEY}:
         return check_embedding(state)
     findings = ui_findings(state)

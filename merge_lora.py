@@ -37,7 +37,6 @@ DELTA_METHODS = ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  
 SVD_ALIASES = {f"{name}_svd": name for name in DELTA_METHODS if name != "svd"}
 METHODS = (*EXACT_METHODS, *DELTA_METHODS, *SVD_ALIASES, "ziplora", "blora")
 RANK_CHOICES = ("sum", "max", "full")
-SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -231,14 +230,14 @@ def main(
     """Merge two or more SDXL LoRAs into one file that loads anywhere."""
     from common.lora_formats import parse_weighted_path
 
-    from common.models import device_and_dtype, model_modules_on_meta
+    from common.models import DTYPES, device_and_dtype, model_modules_on_meta
 
     specs = [parse_weighted_path(spec) for spec in lora]
     validate(method, specs, density=density, sign=majority_sign_method, save_precision=save_precision, penalty=ziplora_penalty,
              fuse_into=fuse_into, save_pipeline=save_pipeline, steps=ziplora_steps)
     rank_choice = parse_rank(rank, method)
     check_outputs(out, save_pipeline, [path for path, _ in specs], force=force)
-    precision = SAVE_PRECISIONS[save_precision]
+    precision = DTYPES[save_precision]
     modules = model_modules_on_meta(model)
     inputs = [read_input(path, weight) for path, weight in specs]
     for lora_input in inputs:
@@ -285,10 +284,12 @@ def check_outputs(out: Path, save_pipeline: Path | None, inputs: list[Path], *, 
 
 
 def validate(method, specs, *, density, sign, save_precision, penalty, fuse_into, save_pipeline, steps) -> None:
+    from common.models import DTYPES
+
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if save_precision not in SAVE_PRECISIONS:
-        raise UserError(f"--save_precision must be {', '.join(SAVE_PRECISIONS)}, got {save_precision!r}")
+    if save_precision not in DTYPES:
+        raise UserError(f"--save_precision must be {', '.join(DTYPES)}, got {save_precision!r}")
     if len(specs) < 2:
         raise UserError(f"merging needs two or more --lora, got {len(specs)}")
     if method in ("ziplora", "blora") and len(specs) != 2:

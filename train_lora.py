@@ -470,7 +470,7 @@ def claim_output_dir(config: TrainConfig, accelerator):
 
     folder = writable_folder(config.output_dir, "--output_dir")
     lock = lock_folder(folder, "--output_dir") if accelerator.is_main_process else None
-    earlier = [p for p in [folder / DIFFUSERS_LORA_FILE] if p.exists()] + checkpoints(config.output_dir)
+    earlier = [p for p in (folder / DIFFUSERS_LORA_FILE, *checkpoints(config.output_dir)) if p.exists()]
     if earlier and not config.resume_from_checkpoint:
         if not config.force:
             raise UserError(
@@ -1084,6 +1084,7 @@ def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder)
     into a run that trains the same weights with the same shapes."""
     from safetensors.torch import save_file
 
+    from common.lora_formats import read_safetensors
     from common.tokens import save_embedding
 
     def save_hook(models, weights, output_dir):
@@ -1109,7 +1110,7 @@ def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder)
             file = Path(input_dir) / name
             if not file.is_file():  # a checkpoint of a run that left the text encoders alone
                 raise does_not_fit(f"it has no {name}")
-            state = read_checkpoint_file(file)
+            state = read_safetensors(file, "checkpoint file", hint="; resume from another checkpoint-N")
             trained = trained_state(accelerator.unwrap_model(model))
             mismatch = weights_mismatch(
                 {n: tuple(t.shape) for n, t in state.items()}, {n: tuple(t.shape) for n, t in trained.items()}
@@ -1251,19 +1252,6 @@ def restore_checkpoint(accelerator, path: Path) -> None:
         raise UserError(
             f"could not restore checkpoint {str(path)!r}: {str(error) or type(error).__name__}; "
             "resume from another checkpoint-N"
-        ) from None
-
-
-def read_checkpoint_file(path: Path) -> dict:
-    """The tensors of a checkpoint's safetensors file; one cut short or damaged is refused in one line."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise UserError(
-            f"could not read checkpoint file {str(path)!r}: {error}; resume from another checkpoint-N"
         ) from None
 
 

@@ -7,6 +7,7 @@ landed in the model with the file's weights.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import dataclass
@@ -63,15 +64,32 @@ def parse_weighted_path(spec: str, what: str = "LoRA") -> tuple[Path, float]:
 
 
 def safetensors_keys(path: Path, what: str) -> list[str]:
-    """The tensor names of a safetensors file; a file that is not one (truncated, random bytes, another
-    format) is refused in one line naming it."""
-    from safetensors import SafetensorError, safe_open
+    """The tensor names of a safetensors file, read without its tensors; a file that is not one (truncated,
+    random bytes, another format) is refused in one line naming it."""
+    from safetensors import safe_open
 
-    try:
+    with _readable_safetensors(path, what):
         with safe_open(str(path), "pt") as handle:
             return list(handle.keys())
+
+
+def read_safetensors(path: Path, what: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, refused in one line as `safetensors_keys` refuses it (`hint`: what to
+    do instead)."""
+    from safetensors.torch import load_file
+
+    with _readable_safetensors(path, what, hint):
+        return load_file(str(path))
+
+
+@contextlib.contextmanager
+def _readable_safetensors(path: Path, what: str, hint: str = ""):
+    from safetensors import SafetensorError
+
+    try:
+        yield
     except (SafetensorError, OSError) as error:
-        raise UserError(f"could not read {what} {str(path)!r} as a safetensors file: {_first_line(error)}") from None
+        raise UserError(f"could not read {what} {str(path)!r} as a safetensors file: {_first_line(error)}{hint}") from None
 
 
 def lora_file(path: Path) -> Path:

@@ -67,13 +67,9 @@ def parse_embedding_spec(spec: str) -> EmbeddingSpec:
 
 def read_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(clip_l rows, clip_g rows) of an embedding file, checked to be a matching pair of 2-D tables."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from common.lora_formats import read_safetensors
 
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"could not read embedding {str(path)!r}: {error}") from None
+    tensors = read_safetensors(path, "embedding")
     missing = [key for key in (CLIP_L_KEY, CLIP_G_KEY) if key not in tensors]
     if missing:
         raise UserError(
