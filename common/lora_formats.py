@@ -562,6 +562,21 @@ class UiFinding:
     what: str
 
 
+def dora_scale_effects(shape: tuple, out_features: int, in_features: int) -> tuple[str | None, str | None]:
+    """What WebUI and ComfyUI do with a `dora_scale` of this shape on a Linear layer (None: what it means).
+    WebUI (`apply_weight_decompose`) divides it by the (1, in) column norms and broadcasts: (in,) and (1, in)
+    are right, (out, 1) broadcasts to (out, in) without an error, anything else fails. ComfyUI
+    (`weight_decompose`) takes a first axis of the output size as output rows ((out, 1) right; a 1-D (out,)
+    fails, or on a square layer broadcasts wrongly) and anything else as input columns ((in,), (1, in))."""
+    along_inputs = shape in ((in_features,), (1, in_features))
+    webui = None if along_inputs else "misapplies" if shape == (out_features, 1) and out_features > 1 else "skips"
+    if shape[0] == out_features:
+        comfyui = None if shape == (out_features, 1) else "misapplies" if shape == (in_features,) else "skips"
+    else:
+        comfyui = None if along_inputs else "skips"
+    return webui, comfyui
+
+
 def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
     """Per UI, what its loader does with a kohya SDXL LoRA, reproduced from the loaders' source:
 
@@ -601,13 +616,15 @@ def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
         scale = parts.get("dora_scale")
         if scale is not None:
             out_features, in_features = up.shape[0], down[0].numel()
-            output_axis = scale.shape[0] == out_features and scale[0].numel() == 1
-            input_axis = scale.shape[0] == 1 and scale.numel() == in_features
-            if not input_axis:
-                webui.append(UiFinding("misapplies" if output_axis else "skips",
-                                       f"{name}.dora_scale {tuple(scale.shape)}: WebUI reads ({1}, {in_features}) input-axis scales"))
-            if not (input_axis or output_axis):
-                comfyui.append(UiFinding("skips", f"{name}.dora_scale {tuple(scale.shape)} fits neither axis of the layer"))
+            webui_effect, comfyui_effect = dora_scale_effects(tuple(scale.shape), out_features, in_features)
+            described = f"{name}.dora_scale {tuple(scale.shape)} on a ({out_features}, {in_features}) layer"
+            if webui_effect:
+                webui.append(UiFinding(webui_effect, f"{described}: WebUI normalises input columns, (1, {in_features})"))
+            if comfyui_effect == "skips":
+                comfyui.append(UiFinding(comfyui_effect, f"{described} fits neither axis of the layer"))
+            elif comfyui_effect:
+                comfyui.append(UiFinding(comfyui_effect, f"{described}: ComfyUI reads a first axis of the output size "
+                                                         "as output rows and broadcasts it wrongly"))
     attention: dict[str, set[str]] = {}
     for name in layers:
         if kohya_part(name) == "te2":

@@ -352,3 +352,46 @@ def test_default_dora_bake_has_twice_the_rank_in_fp16_and_reports_its_error(tiny
     dora_layers = [k for k in load_file(tmp_path / "dora" / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
     assert len(errors) == len(dora_layers) and all(0 < e < 1 for e in errors.values())
     assert "relative truncation error" in out and f"largest {max(errors.values()):.2e}" in out
+
+
+def webui_weight_decompose(orig_weight, updown, dora_scale):
+    """WebUI's NetworkModule.apply_weight_decompose (extensions-builtin/Lora/network.py), reproduced: the
+    adapted weight minus the original, with the merged weight's input-column norms."""
+    merged = updown + orig_weight
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    norm = norm.reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+    return merged * (dora_scale / norm) - orig_weight
+
+
+@pytest.mark.parametrize("out_features, in_features", [(6, 6), (6, 4)])
+def test_dora_scale_verdicts_are_what_each_uis_own_arithmetic_does(out_features, in_features):
+    """For each shape a dora_scale is found in, run WebUI's and ComfyUI's reproduced arithmetic: an exception is
+    a layer skipped, a result other than the scale's meaning (rows for (out, 1), columns otherwise) misapplied."""
+    from common.lora_formats import dora_scale_effects
+
+    torch.manual_seed(0)
+    weight, up, down = torch.randn(out_features, in_features), torch.randn(out_features, 2), torch.randn(2, in_features)
+    delta = up @ down
+    adapted = weight + delta
+    rows, columns = torch.rand(out_features, 1) + 0.5, torch.rand(1, in_features) + 0.5
+    meaning = {"rows": adapted * rows / adapted.norm(dim=1, keepdim=True), "columns": adapted * columns / adapted.norm(dim=0, keepdim=True)}
+    # on a square layer (out,) is (in,): a 1-D scale then means columns, as WebUI reads it
+    shapes = {(out_features, 1): rows, (1, in_features): columns, (out_features,): rows.reshape(-1),
+              (in_features,): columns.reshape(-1), (3,): torch.rand(3) + 0.5}
+
+    def effect(apply, scale, meant) -> str | None:
+        try:
+            result = apply(scale)
+        except RuntimeError:
+            return "skips"
+        return None if result.shape == meant.shape and torch.allclose(result, meant, atol=1e-5) else "misapplies"
+
+    for shape, scale in shapes.items():
+        meant = meaning["rows" if shape == (out_features, 1) else "columns"]
+        # comfyui_patched_weight (above) works on a base weight whose rows' norms it uses for an output-axis scale;
+        # an output-axis scale meaning m / ||W + dW|| rows is written for it as m (||W|| + eps) / ||W + dW||
+        comfy_scale = scale * (weight.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps) / adapted.norm(dim=1, keepdim=True) \
+            if shape == (out_features, 1) else scale
+        found = (effect(lambda s: webui_weight_decompose(weight, delta, s) + weight, scale, meant),
+                 effect(lambda s: comfyui_patched_weight(weight, up, down, 2.0, s), comfy_scale, meant))
+        assert dora_scale_effects(shape, out_features, in_features) == found, shape
