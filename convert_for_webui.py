@@ -103,11 +103,11 @@ def parse_rank(text: str | None) -> int | str | None:
 
 
 def parse_save_precision(text: str):
-    from common.models import DTYPES
+    from common.models import DTYPES, parse_dtype
 
     if text not in DTYPES:
         raise UserError(f"--save_precision {text!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[text]
+    return parse_dtype(text)
 
 
 def warn_if_ordinary_word(name: str) -> None:

@@ -44,16 +44,16 @@ def main(**options) -> None:
     """Fill --class_data_dir up to --num_class_images images of --class_prompt."""
     wanted = config_from_options(ClassImages, options)
     generation = config_from_options(GenerationOptions, options)
-    made = fill_class_folder(wanted, generation)
+    made = make_missing_images(wanted, generation)
     typer.echo(f"{wanted.class_data_dir}/: made {made} image(s) in this process")
 
 
-def fill_class_folder(wanted: ClassImages, generation: GenerationOptions) -> int:
-    """List what is missing (every process the same list), then make this process's share of it."""
+def make_missing_images(wanted: ClassImages, generation: GenerationOptions) -> int:
+    """Every process lists what is missing (the same list), then makes its share of it."""
     from accelerate import PartialState
 
-    from common.files import remove_leftover_partials, writable_folder
-    from common.generation import class_image_batches, make_class_images
+    from common.files import writable_folder
+    from common.generation import fill_class_folder, make_class_images
     from common.generation_options import prepare_pipeline
     from common.models import cpu_processes_requested, warn_about_lost_processes
 
@@ -61,21 +61,14 @@ def fill_class_folder(wanted: ClassImages, generation: GenerationOptions) -> int
     if state.is_main_process:
         warn_about_lost_processes(state.num_processes)
     writable_folder(wanted.class_data_dir, "--class_data_dir")
-    if state.is_main_process:
-        remove_leftover_partials(wanted.class_data_dir)  # of a killed run; their images are made again
-    state.wait_for_everyone()
-    batches = class_image_batches(
-        wanted.class_data_dir, wanted=wanted.num_class_images, prompt=wanted.class_prompt,
-        negative_prompt=generation.negative_prompt, seed=wanted.seed, batch_size=generation.batch_size,
-        process_index=state.process_index, num_processes=state.num_processes,
-    )
-    state.wait_for_everyone()  # nobody writes before everybody has listed the folder
-    made = 0
-    if batches:
+
+    def make(batches) -> int:
         pipe, settings = prepare_pipeline(generation, str(state.device) if state.num_processes > 1 else None)
-        made = make_class_images(pipe, batches, settings, wanted.class_data_dir, show_progress=state.is_local_main_process)
-    state.wait_for_everyone()
-    return made
+        return make_class_images(pipe, batches, settings, wanted.class_data_dir, show_progress=state.is_local_main_process)
+
+    return fill_class_folder(state, wanted.class_data_dir, wanted=wanted.num_class_images, prompt=wanted.class_prompt,
+                             negative_prompt=generation.negative_prompt, seed=wanted.seed, batch_size=generation.batch_size,
+                             make=make)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
+if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
+    import torch
+
 import typer
 
 from common.cli import UserError, flags, run_app
 from common.files import IMAGE_SUFFIXES, LARGE_FILE_BYTES
-from common.lora_formats import balanced_factors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -72,6 +73,8 @@ class MergedLayer:
 
 def linear_merge_factors(layers: list[LayerLoRA | None], weights: list[float]) -> MergedLayer:
     """sum_i w_i dW_i stored exactly: up = [w_1 s_1 B_1 | w_2 s_2 B_2 ...], down = [A_1; A_2; ...] (scale 1)."""
+    import torch
+
     present = [(layer, w) for layer, w in zip(layers, weights) if layer is not None]
     up = torch.cat([w * layer.scale * layer.up.float() for layer, w in present], dim=1)
     down = torch.cat([layer.down.float() for layer, _ in present], dim=0)
@@ -89,6 +92,8 @@ def factorise(delta: torch.Tensor, rank: int) -> MergedLayer:
     """dW = up @ down at `rank`: the truncated SVD (the best rank-r approximation) below min(out, in); at it, dW
     itself against the identity on its smaller side, exact without an SVD (one float64 SVD per SDXL layer
     takes most of an hour for a LoRA)."""
+    import torch
+
     from common.lora_formats import svd_factors
 
     out_features, in_features = delta.shape
@@ -111,6 +116,10 @@ def stored(layer: MergedLayer, dtype: torch.dtype, delta: torch.Tensor | None = 
     """The layer as written: factors rounded to `dtype` (balanced first for fp16, the one format whose range is
     narrow; fp32 keeps exact factors bit for bit), with their relative Frobenius error in float64 against the
     method's dW, `delta` (None: the layer's own factors are dW exactly, as in linear merges)."""
+    import torch
+
+    from common.lora_formats import balanced_factors
+
     up, down = balanced_factors(layer.up, layer.down) if dtype == torch.float16 else (layer.up.double(), layer.down.double())
     up_out, down_out = up.to(dtype).contiguous(), down.to(dtype).contiguous()
     if delta is None:  # the residual up down - up' down' is itself a product: [up | up'] [down; -down']
@@ -138,6 +147,7 @@ def stored_bytes(merged: dict[str, MergedLayer], *, kohya: bool) -> int:
 def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023, Alg. 1) on dW: trim each to its top-`density` magnitudes, elect the
     sign of largest total mass per entry, average the weighted entries that agree with it."""
+    import torch
     from peft.utils.merge_utils import ties
 
     return ties(deltas, torch.tensor(weights, dtype=deltas[0].dtype), density, majority_sign_method)
@@ -146,6 +156,7 @@ def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float,
 def dare_delta(deltas: list[torch.Tensor], weights: list[float], density: float, majority_sign_method: str | None) -> torch.Tensor:
     """DARE (Yu et al. 2024, Eq. 3): drop each entry with probability 1 - density, rescale the rest by
     1/density, then add (dare_linear) or TIES-merge (dare_ties) the weighted results."""
+    import torch
     from peft.utils.merge_utils import dare_linear, dare_ties
 
     weights_tensor = torch.tensor(weights, dtype=deltas[0].dtype)
@@ -156,6 +167,7 @@ def dare_delta(deltas: list[torch.Tensor], weights: list[float], density: float,
 
 def magnitude_prune_delta(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
     """Keep each dW's top-`density` entries by magnitude, then add them with their weights."""
+    import torch
     from peft.utils.merge_utils import magnitude_prune
 
     return magnitude_prune(deltas, torch.tensor(weights, dtype=deltas[0].dtype), density)
@@ -179,6 +191,8 @@ def zip_lora_factors(content: LayerLoRA, style: LayerLoRA, m_content: torch.Tens
     """ZipLoRA's merged layer (Shah et al. 2023, Eq. 3) as an ordinary LoRA of rank r_c + r_s: scaling the
     columns of dW = s B A by m equals s B (A diag(m)), so up = [s_c B_c | s_s B_s] and
     down = [A_c diag(m_c); A_s diag(m_s)]."""
+    import torch
+
     up = torch.cat([content.scale * content.up.float(), style.scale * style.up.float()], dim=1)
     down = torch.cat([content.down.float() * m_content.float(), style.down.float() * m_style.float()], dim=0)
     return MergedLayer(down, up)
@@ -186,6 +200,8 @@ def zip_lora_factors(content: LayerLoRA, style: LayerLoRA, m_content: torch.Tens
 
 def cosine_penalty(m_content: torch.Tensor, m_style: torch.Tensor) -> torch.Tensor:
     """|cos(m_c, m_s)|, ZipLoRA's orthogonality term (Shah et al. 2023, Eq. 5)."""
+    import torch
+
     return torch.nn.functional.cosine_similarity(m_content, m_style, dim=0).abs()
 
 
@@ -230,14 +246,14 @@ def main(
     """Merge two or more SDXL LoRAs into one file that loads anywhere."""
     from common.lora_formats import parse_weighted_path
 
-    from common.models import DTYPES, device_and_dtype, model_modules_on_meta
+    from common.models import device_and_dtype, model_modules_on_meta, parse_dtype
 
     specs = [parse_weighted_path(spec) for spec in lora]
     validate(method, specs, density=density, sign=majority_sign_method, save_precision=save_precision, penalty=ziplora_penalty,
              fuse_into=fuse_into, save_pipeline=save_pipeline, steps=ziplora_steps)
     rank_choice = parse_rank(rank, method)
     check_outputs(out, save_pipeline, [path for path, _ in specs], force=force)
-    precision = DTYPES[save_precision]
+    precision = parse_dtype(save_precision)
     modules = model_modules_on_meta(model)
     inputs = [read_input(path, weight) for path, weight in specs]
     for lora_input in inputs:
@@ -324,11 +340,13 @@ def parse_rank(text: str | None, method: str) -> int | str | None:
     return int(text)
 
 
-def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
-    """The base pipeline, for what needs its weights: ZipLoRA's training and --fuse_into."""
+def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """The base pipeline, for what needs its weights: ZipLoRA's training and --fuse_into (fp32 unless `dtype`)."""
+    import torch
+
     from common.models import load_sdxl_pipeline
 
-    pipe = load_sdxl_pipeline(model, dtype)
+    pipe = load_sdxl_pipeline(model, dtype or torch.float32)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -360,6 +378,8 @@ def read_input(path: Path, weight: float) -> InputLoRA:
 def check_fits(lora: InputLoRA, modules: dict, model: str) -> None:
     """Every layer of the LoRA is a Linear of the base model with the LoRA's shapes: a LoRA for another base is
     refused with the first layer that does not fit, never merged partially."""
+    import torch
+
     named = {component: dict(model.named_modules()) for component, model in modules.items()}
     for name, layer in lora.layers.items():
         component, module_name = name.split(".", 1)
@@ -382,6 +402,8 @@ def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: 
                  precision: torch.dtype):
     """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0): linear and cat stored
     exactly, the rest re-factorised at `rank` (a number, or the rule of layer_rank) with their error against dW."""
+    import torch
+
     torch.manual_seed(seed)  # DARE's random drops
     weights = [i.weight for i in inputs]
     merged = {}
@@ -440,27 +462,29 @@ def block_merge(inputs: list[InputLoRA], *, blocks: str | None, content_alpha: f
 # ---------------------------------------------------------------- ZipLoRA
 
 
-class ZipLinear(torch.nn.Module):
-    """A frozen Linear with a content and a style LoRA whose dW columns are scaled by trainable vectors.
+class ZipLayer:
+    """A content and a style LoRA on one frozen Linear, whose dW columns are scaled by trainable vectors; their
+    output is added to the Linear's by a forward hook, so the UNet's own modules stay in place.
 
     mode "merged": W x + s_c B_c A_c (m_c * x) + s_s B_s A_s (m_s * x); "content"/"style": that LoRA alone.
     """
 
-    def __init__(self, base: torch.nn.Linear, content: LayerLoRA, style: LayerLoRA):
-        super().__init__()
+    def __init__(self, base, content: LayerLoRA, style: LayerLoRA):
+        import torch
+
         device = base.weight.device
-        self.base = base
         self.content, self.style = (LayerLoRA(l.down.to(device), l.up.to(device), l.scale) for l in (content, style))
         self.m_content = torch.nn.Parameter(torch.ones(base.in_features, device=device))
         self.m_style = torch.nn.Parameter(torch.ones(base.in_features, device=device))
         self.mode = "merged"
+        base.register_forward_hook(self._add_loras)
 
     @staticmethod
     def _apply(layer: LayerLoRA, x: torch.Tensor) -> torch.Tensor:
         return layer.scale * ((x.float() @ layer.down.T) @ layer.up.T)  # fp32 over a bf16 base: this is what trains
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def _add_loras(self, module, inputs, y: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
         if self.mode == "content":
             return y + self._apply(self.content, x).to(y.dtype)
         if self.mode == "style":
@@ -468,20 +492,17 @@ class ZipLinear(torch.nn.Module):
         return y + (self._apply(self.content, x * self.m_content) + self._apply(self.style, x * self.m_style)).to(y.dtype)
 
 
-def install_zip_layers(unet, content: InputLoRA, style: InputLoRA) -> dict[str, ZipLinear]:
+def install_zip_layers(unet, content: InputLoRA, style: InputLoRA) -> dict[str, ZipLayer]:
+    import torch
+
     layers = {}
     for name in sorted(set(content.layers) & set(style.layers)):
         if not name.startswith("unet."):
             continue
-        module_path = name.removeprefix("unet.")
-        parent_path, _, child = module_path.rpartition(".")
-        parent = unet.get_submodule(parent_path)
-        base = getattr(parent, child)
+        base = unet.get_submodule(name.removeprefix("unet."))
         if not isinstance(base, torch.nn.Linear):
             raise UserError(f"ZipLoRA merges Linear layers; {name} is a {type(base).__name__}")
-        zipped = ZipLinear(base, content.layers[name], style.layers[name])
-        setattr(parent, child, zipped)
-        layers[name] = zipped
+        layers[name] = ZipLayer(base, content.layers[name], style.layers[name])
     return layers
 
 
@@ -492,6 +513,7 @@ def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, conte
     reproduces the content LoRA on content examples and the style LoRA on style examples, while the two
     vectors of each layer stay near-orthogonal. Only the vectors train. Each step takes one example of each
     LoRA, going through each folder's images in turn (step k: image k mod n)."""
+    import torch
     from tqdm.auto import tqdm
 
     from common.losses import formulation_for_scheduler
@@ -508,7 +530,7 @@ def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, conte
     generator = torch.Generator().manual_seed(seed)
     examples = [zip_examples(pipe, zipped, mode="content", folder=content_data, prompt=content_prompt, size=size, generator=generator),
                 zip_examples(pipe, zipped, mode="style", folder=style_data, prompt=style_prompt, size=size, generator=generator)]
-    formulation = formulation_for_scheduler(pipe.scheduler.config)  # the base's own: EDM or DDPM, with paper defaults
+    formulation, _ = formulation_for_scheduler(pipe.scheduler.config)  # the base's own: EDM or DDPM, with paper defaults
     penalty = cosine_penalty if penalty_name == "cosine" else product_penalty
     parameters = [p for layer in zipped.values() for p in (layer.m_content, layer.m_style)]
     optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -517,7 +539,9 @@ def zip_merge(pipe, inputs: list[InputLoRA], *, content_data: Path | None, conte
         for step in bar:
             terms = []
             for example in (own[step % len(own)] for own in examples):
-                model_input, timestep = noisy_input(formulation, example["latents"], generator)
+                # ZipLoRA compares two UNets' outputs at the same input, drawn as training draws it
+                noised = formulation.noised_input(example["latents"], generator)
+                model_input, timestep = noised.model_input, noised.time
                 set_mode(zipped, example["mode"])
                 with torch.no_grad():
                     target = unet_output(pipe, model_input, timestep, example)
@@ -551,6 +575,8 @@ def zip_examples(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, s
     to size x size as training crops, or, without a folder, one image the LoRA makes from its prompt."""
     import random
 
+    import torch
+
     from common.data import Augment, Example, find_examples, open_rgb, place_image
     from common.models import normalise_latents
 
@@ -581,21 +607,6 @@ def zip_examples(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, s
     return examples
 
 
-def noisy_input(formulation, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A noised UNet input and its timestep condition, drawn as `formulation` draws them for training.
-
-    ZipLoRA compares two UNets' outputs at the same input rather than one output against the formulation's
-    target, so the input is taken from the formulation's own loss and the loss itself is dropped."""
-    drawn = []
-
-    def record(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        drawn.append((model_input, timestep))
-        return torch.zeros_like(model_input)
-
-    formulation.loss(record, latents, generator)
-    return drawn[0]
-
-
 def unet_output(pipe, model_input, timestep, example) -> torch.Tensor:
     """The UNet's output in fp32 for a (CPU) noisy input, run on the UNet's device in its dtype."""
     unet = pipe.unet
@@ -622,6 +633,8 @@ def save_merger_vectors(zipped: dict, out: Path) -> None:
 
 def merged_embeddings(inputs: list[InputLoRA]):
     """One embedding for all inputs: colliding tokens renamed (<s0><s1> and <s2><s3>), rows concatenated."""
+    import torch
+
     from common.tokens import default_tokens, read_embedding
 
     clip_l, clip_g, tokens, lines, start = [], [], [], [], 0

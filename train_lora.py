@@ -569,13 +569,9 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
     sampler (validation images) is made to agree with the base's reading, and EDM defaults taken from the base
     are written into the config, so training_args.json records what ran."""
     from common.losses import EDMFormulation, formulation_for_scheduler
-    from common.models import decide_base_formulation
     from common.schedulers import make_scheduler
 
-    edm_native, note = decide_base_formulation(pipe.scheduler.config, config.base_formulation)
-    if note:
-        accelerator.print(note)
-    formulation = formulation_for_scheduler(
+    formulation, note = formulation_for_scheduler(
         pipe.scheduler.config,
         edm=config.edm,
         prediction_type=config.prediction_type,
@@ -587,6 +583,9 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
         base_formulation=config.base_formulation,
         weighting=config.edm_weighting,
     )
+    if note:
+        accelerator.print(note)
+    edm_native = formulation.base_is_edm
     pipe.scheduler = make_scheduler("default", pipe.scheduler, model_is_edm=edm_native)
     if isinstance(formulation, EDMFormulation):
         config.edm_p_mean = formulation.p_mean
@@ -667,23 +666,13 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
 
 def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
     """Fill --class_data_dir up to --num_class_images with the base model, as gen_class_images.py does."""
-    from common.generation import class_image_batches, make_class_images, sampling_settings
-    from common.generation_options import GenerationOptions
+    from common.generation import fill_class_folder, make_class_images
+    from common.generation_options import GenerationOptions, sampling_settings
     from common.models import load_sdxl_pipeline, parse_dtype
 
     folder = Path(config.class_data_dir)
-    batches = class_image_batches(
-        folder,
-        wanted=config.num_class_images,
-        prompt=config.class_prompt,
-        negative_prompt=None,
-        seed=config.seed,
-        batch_size=config.sample_batch_size,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-    )
-    accelerator.wait_for_everyone()
-    if batches:
+
+    def make(batches) -> int:
         if config.prior_generation_precision not in (None, "no"):
             dtype = parse_dtype(config.prior_generation_precision)
             generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
@@ -697,13 +686,14 @@ def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
             num_inference_steps=25,
             guidance_scale=5.0,
         )
-        settings = sampling_settings(generator_pipe, options)
         with accelerator.autocast():  # a bf16/fp16 UNet beside the fp32 VAE
-            made = make_class_images(
-                generator_pipe, batches, settings, folder, show_progress=accelerator.is_local_main_process
-            )
+            made = make_class_images(generator_pipe, batches, sampling_settings(generator_pipe, options), folder,
+                                     show_progress=accelerator.is_local_main_process)
         accelerator.print(f"made {made} class image(s) in {folder}/")
-    accelerator.wait_for_everyone()
+        return made
+
+    fill_class_folder(accelerator, folder, wanted=config.num_class_images, prompt=config.class_prompt, negative_prompt=None,
+                      seed=config.seed, batch_size=config.sample_batch_size, make=make)
 
 
 def add_pivotal_tokens(pipe, config: TrainConfig) -> dict:

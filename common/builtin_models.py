@@ -25,8 +25,10 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
+    import torch
 
 TINY_MODELS = ("tiny-sdxl", "tiny-edm")
 FULL_MODELS = ("full-sdxl", "full-edm")
@@ -175,6 +177,8 @@ def fill_deterministically(module: torch.nn.Module, seed: int, dtype: torch.dtyp
     numbers, at an offset from a CRC of the parameter's name, scaled to std 1/sqrt(fan_in) (PyTorch's default
     init has the same fan-in scaling); norm scales are 1 and every other vector (biases) 0. A copy per
     parameter instead of a random draw per element: SDXL's 3.5 G values take seconds, not minutes."""
+    import torch
+
     pool = torch.randn(2**24 + 43, generator=torch.Generator().manual_seed(seed))  # a prime length
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm)
     for module_name, child in module.named_modules():
@@ -200,6 +204,7 @@ def _copy_from_pool(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None
 def build_pipeline(name: str, dtype: torch.dtype | None = None):
     """Built-in pipeline `name`. Tiny models: PyTorch's default init from fixed seeds, in fp32. Full models:
     `fill_deterministically`, in `dtype` (bf16 unless asked otherwise)."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -239,6 +244,7 @@ def build_pipeline(name: str, dtype: torch.dtype | None = None):
 
 def write_builtin_model(name: str, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write built-in model `name` as a diffusers pipeline folder, atomically (built aside, then renamed)."""
+    import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -318,7 +324,9 @@ def _main() -> None:
             raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
         if dtype not in ("bf16", "fp32"):
             raise UserError(f"--dtype {dtype!r}; choose bf16 or fp32")
-        print(write_builtin_model(name, folder, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]))
+        from common.models import parse_dtype
+
+        print(write_builtin_model(name, folder, parse_dtype(dtype)))
 
     run_app(app)
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Example:
-    """One training image and its caption; `image` is a path or an in-memory PIL image (datasets)."""
+    """One training image and its caption; `image` is a path, the file's bytes (datasets) or a PIL image."""
 
     image: object
     caption: str
@@ -108,18 +108,25 @@ def _dataset_examples(dataset_name: str, config_name: str | None, image_column: 
         raise UserError(f"--caption_column {caption_column!r} is not in dataset {dataset_name!r}; columns: {', '.join(columns)}")
     if caption_column is None and not instance_prompt:
         raise UserError(f"dataset {dataset_name!r}: give --caption_column (columns: {', '.join(columns)}) or --instance_prompt")
+    # the files themselves, not datasets' decoding (PIL's, which clips 16-bit images): common.images reads them
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return [
-        Example(row[image_column], str(row[caption_column]) if caption_column else instance_prompt, f"{dataset_name}[{i}]")
+        Example(_image_source(row[image_column]), str(row[caption_column]) if caption_column else instance_prompt,
+                f"{dataset_name}[{i}]")
         for i, row in enumerate(dataset)
     ]
 
 
-def open_rgb(example: Example):
-    from PIL import Image, ImageOps
+def _image_source(cell: dict):
+    """An undecoded datasets image: its bytes where the dataset holds them, else its file's path."""
+    return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"])
 
-    image = example.image if not isinstance(example.image, (str, Path)) else Image.open(example.image)
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+
+def open_rgb(example: Example):
+    """The example's image as 8-bit RGB, as a viewer shows it (common.images)."""
+    from common.images import read_image
+
+    return read_image(example.image)
 
 
 def check_images(examples: list[Example], skip_bad: bool) -> list[Example]:

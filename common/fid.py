@@ -3,7 +3,9 @@ category and overall.
 
 It owns
 - the image sets: a folder or a zip of images named `<id>.<suffix>` after the ids of a meta_data.json
-  ({id: {category, prompt}}, MJHQ-30K's layout), read as clean-fid reads them (CLEANFID_IMAGE_SUFFIXES);
+  ({id: {category, prompt}}, MJHQ-30K's layout), the files clean-fid reads (CLEANFID_IMAGE_SUFFIXES), each read as
+  a viewer shows it (common.images: the same pixels as clean-fid's reading for 8-bit RGB, right where it clips
+  16-bit samples or ignores transparency and EXIF orientation), then resized as clean-fid resizes;
 - the feature extractor: clean-fid's Inception for each resizing mode, loaded from a local file
   (`inception_file(mode)` names it) on one device;
 - the caches, under $SDXL_PERSONALIZE_CACHE/fid by extractor: each image's features by (name, size,
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -148,15 +149,13 @@ class ImageSet:
         return {**dict(sorted(groups.items())), OVERALL: every_file}
 
     def rgb_images(self, files: list[ImageFile]) -> Iterator:
-        """The files decoded as RGB PIL images, in order: the folder's files or the zip's members (the zip
-        is opened once for them all)."""
-        from PIL import Image
+        """The files as 8-bit RGB PIL images, as a viewer shows them (common.images), in order: the folder's files
+        or the zip's members (the zip is opened once for them all)."""
+        from common.images import read_image
 
         with (zipfile.ZipFile(self.location) if self.is_zip else contextlib.nullcontext()) as archive:
             for file in files:
-                source = io.BytesIO(archive.read(file.name)) if self.is_zip else self.location / file.name
-                with Image.open(source) as image:
-                    yield image.convert("RGB")
+                yield read_image(archive.read(file.name) if self.is_zip else self.location / file.name)
 
     def cleanfid_inputs(self, files: list[ImageFile]) -> tuple[list[str], str | None]:
         """(files, fdir) as clean-fid's ResizeDataset takes them: member names and the zip, or full paths."""
@@ -221,8 +220,8 @@ def extract_missing_features(image_set: ImageSet, files: list[ImageFile], extrac
     if not todo:
         return 0
     names, fdir = image_set.cleanfid_inputs(todo)
-    loader = torch.utils.data.DataLoader(ResizeDataset(names, mode=extractor.mode, fdir=fdir), batch_size=batch_size,
-                                         shuffle=False, drop_last=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(ViewedResizeDataset(ResizeDataset(names, mode=extractor.mode, fdir=fdir)),
+                                         batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
     done, pending = 0, []
     try:
         with tqdm(total=len(todo), unit="img", desc=f"features of {image_set.option_name}", disable=not show_progress) as bar:
@@ -240,6 +239,32 @@ def extract_missing_features(image_set: ImageSet, files: list[ImageFile], extrac
     finally:
         _flush(cache, todo, done, pending)
     return len(todo)
+
+
+class ViewedResizeDataset:
+    """clean-fid's ResizeDataset reading each file as a viewer shows it (common.images) where clean-fid's own
+    `Image.open(f).convert("RGB")` clips 16-bit images to white and shows transparent pixels' hidden colours;
+    resizing and the tensor it returns are clean-fid's (ResizeDataset.__getitem__). An 8-bit RGB file gives the
+    same pixels either way."""
+
+    def __init__(self, cleanfid_dataset):
+        self.inner = cleanfid_dataset
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+
+        from common.images import read_image
+
+        name = str(self.inner.files[index])
+        zipped = self.inner.fdir is not None and ".zip" in self.inner.fdir
+        pixels = np.array(read_image(self.inner._get_zipfile().read(name) if zipped else name))
+        resized = self.inner.fn_resize(self.inner.custom_image_tranform(pixels))
+        if resized.dtype == "uint8":  # ToTensor scales uint8 to [0, 1]; clean-fid wants [0, 255]
+            return self.inner.transforms(np.array(resized)) * 255
+        return self.inner.transforms(resized)
 
 
 def _flush(cache: FeatureCache, todo: list[ImageFile], done: int, pending: list[np.ndarray]) -> None:

@@ -7,8 +7,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Callable
 
 from common.cli import UserError
 from common.files import IMAGE_SUFFIXES, PARTIAL_SUFFIX, atomic_path
@@ -38,34 +37,6 @@ class SamplingSettings:
     eta: float = 0.0
     model: str = ""
     adapters: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
-
-
-def check_image_size(name: str, value: int | None) -> None:
-    if value is not None and (value <= 0 or value % 8):
-        raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(value / 8) * 8)}")
-
-
-def sampling_settings(pipe, options) -> SamplingSettings:
-    """Settings for the pipeline's current scheduler from a run's GenerationOptions; size defaults to the
-    model's native one (UNet sample size times the VAE factor, 1024 for SDXL)."""
-    from common.generation_options import adapter_description
-    from common.schedulers import SCHEDULERS, scheduler_name_of
-
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    name = scheduler_name_of(pipe.scheduler)
-    choice = SCHEDULERS.get(name)
-    return SamplingSettings(
-        width=options.width or native,
-        height=options.height or native,
-        num_inference_steps=options.num_inference_steps,
-        guidance_scale=options.guidance_scale,
-        scheduler_name=name,
-        webui_sampler=choice.webui_sampler if choice else name,
-        webui_schedule=choice.webui_schedule if choice else "",
-        eta=options.eta if options.eta is not None else (choice.default_eta if choice else 0.0),
-        model=Path(options.model).name or options.model,
-        adapters=adapter_description(options),
-    )
 
 
 def plan_jobs(
@@ -191,6 +162,8 @@ def generate_images(
 def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
     """Images for one batch; each image's noise comes from its own CPU generator seeded with its seed,
     so an image does not depend on its batch, its position or the device."""
+    import torch
+
     from common.models import quiet_libraries
 
     negative = [job.negative_prompt or "" for job in batch] if any(job.negative_prompt for job in batch) else None
@@ -268,3 +241,22 @@ def deal_batches(jobs: list[ImageJob], batch_size: int, process_index: int = 0, 
 def make_class_images(pipe, batches: list[list[ImageJob]], settings: SamplingSettings, folder: Path, show_progress: bool = True) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     return len(generate_images(pipe, [], settings, output_dir=folder, batch_size=1, path_for=class_image_path, batches=batches, show_progress=show_progress))
+
+
+def fill_class_folder(state, folder: Path, *, wanted: int, prompt: str, negative_prompt: str | None, seed: int, batch_size: int,
+                      make: Callable[[list[list[ImageJob]]], int]) -> int:
+    """Fill `folder` up to `wanted` class images in every process of a run (`state`: accelerate's PartialState or
+    Accelerator): the main process removes what killed runs left half-written, every process lists what is
+    missing before any of them writes, then `make(batches)` makes this process's share (loading a model only
+    where there is something to make) and all wait for the last. Returns how many this process made."""
+    from common.files import remove_leftover_partials
+
+    if state.is_main_process:
+        remove_leftover_partials(folder)  # of a killed run; their images are made again
+    state.wait_for_everyone()
+    batches = class_image_batches(folder, wanted=wanted, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                                  batch_size=batch_size, process_index=state.process_index, num_processes=state.num_processes)
+    state.wait_for_everyone()  # nobody writes before everybody has listed the folder
+    made = make(batches) if batches else 0
+    state.wait_for_everyone()
+    return made

@@ -11,11 +11,16 @@ from typing import Optional
 
 import typer
 
+from typing import TYPE_CHECKING
+
 from common.cli import REQUIRED, UserError, option
+from common.generation import SamplingSettings
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
 from common.models import BASE_FORMULATIONS, parse_dtype
 from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
-from common.tokens import EmbeddingSpec, parse_embedding_spec
+
+if TYPE_CHECKING:  # common.tokens needs torch, which option parsing and --help go without
+    from common.tokens import EmbeddingSpec
 
 MODEL, SAMPLING, ADAPTERS, MEMORY = "Model", "Sampling", "LoRA and embeddings", "Memory"
 
@@ -54,8 +59,6 @@ class GenerationOptions:
     compile_unet: bool = option(False, "--compile", panel=MEMORY, help="torch.compile the UNet (slow first batch, faster after)")
 
     def __post_init__(self):
-        from common.generation import check_image_size
-
         check_image_size("width", self.width)
         check_image_size("height", self.height)
         for name in ("batch_size", "num_inference_steps"):
@@ -77,7 +80,14 @@ class GenerationOptions:
 
     @cached_property
     def embeddings(self) -> list[EmbeddingSpec]:
+        from common.tokens import parse_embedding_spec
+
         return [parse_embedding_spec(spec) for spec in self.embedding or []]
+
+
+def check_image_size(name: str, value: int | None) -> None:
+    if value is not None and (value <= 0 or value % 8):
+        raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(value / 8) * 8)}")
 
 
 def lora_specs(
@@ -99,7 +109,6 @@ def lora_specs(
 def prepare_pipeline(config: GenerationOptions, device_name: str | None = None):
     """Load the model with its scheduler and adapters on its device; (pipeline, sampling settings).
     `device_name` overrides config.device (a distributed launch gives each process its own)."""
-    from common.generation import sampling_settings
     from common.models import decide_base_formulation, load_sdxl_pipeline
     from common.schedulers import make_scheduler
 
@@ -112,6 +121,28 @@ def prepare_pipeline(config: GenerationOptions, device_name: str | None = None):
     load_adapters(pipe, config)
     move_to_device(pipe, device, config)
     return pipe, sampling_settings(pipe, config)
+
+
+def sampling_settings(pipe, options: GenerationOptions) -> SamplingSettings:
+    """Settings for the pipeline's current scheduler from a run's GenerationOptions; size defaults to the
+    model's native one (UNet sample size times the VAE factor, 1024 for SDXL)."""
+    from common.schedulers import SCHEDULERS, scheduler_name_of
+
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    name = scheduler_name_of(pipe.scheduler)
+    choice = SCHEDULERS.get(name)
+    return SamplingSettings(
+        width=options.width or native,
+        height=options.height or native,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        scheduler_name=name,
+        webui_sampler=choice.webui_sampler if choice else name,
+        webui_schedule=choice.webui_schedule if choice else "",
+        eta=options.eta if options.eta is not None else (choice.default_eta if choice else 0.0),
+        model=Path(options.model).name or options.model,
+        adapters=adapter_description(options),
+    )
 
 
 def resolve_device_and_dtype(config: GenerationOptions, device_name: str | None = None):
@@ -131,6 +162,9 @@ def load_adapters(pipe, config: GenerationOptions) -> None:
         tokens = load_embedding(pipe, spec)
         typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt")
     load_loras(pipe, config.loras)
+    for spec in config.loras:
+        if spec.weight == 0:
+            typer.echo(f"LoRA {spec.path.name} has weight 0: not loaded, the model is the base model exactly")
 
 
 def move_to_device(pipe, device, config: GenerationOptions) -> None:

@@ -12,9 +12,10 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
+    import torch
 
 from common.cli import UserError
 
@@ -184,15 +185,20 @@ def keep_blocks(state_dict: dict, network_alphas: dict | None, blocks: tuple[str
 
 
 def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
-    """Load each LoRA as its own adapter and activate them together with their weights.
+    """Load each LoRA as its own adapter and activate them together with their weights; the adapters' names.
 
     A weight multiplies that adapter's scaling, so it scales the LoRA's delta W = B A linearly
-    (not B and A each, which would square it).
+    (not B and A each, which would square it). A LoRA of weight 0 is not loaded (its file is only checked
+    to be readable), so the model stays the base model exactly: loaded, it would add exactly zero, but the
+    adapted module tree can take other kernel paths whose rounding differs in the last bits on some CPUs.
     """
     from common.models import quiet_libraries
 
-    names = []
+    names, weights = [], []
     for index, spec in enumerate(specs):
+        if spec.weight == 0:
+            safetensors_keys(lora_file(spec.path), "LoRA")
+            continue
         name = f"lora_{index}"
         state_dict, network_alphas, metadata = read_lora(pipe, spec.path)
         if spec.blocks:
@@ -200,8 +206,9 @@ def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
         with quiet_libraries():
             _load_adapter(pipe, state_dict, network_alphas, metadata, name, spec.path)
         names.append(name)
+        weights.append(spec.weight)
     if names:
-        pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
+        pipe.set_adapters(names, adapter_weights=weights)
     return names
 
 
@@ -302,6 +309,8 @@ def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:
     `<kohya_name(module)>.lora_down.weight`, `.lora_up.weight` and `.alpha`, with alpha the trained
     lora_alpha (a number, or a function of the module) so that alpha / rank reproduces the trained
     scale (diffusers' converter writes the rank)."""
+    import torch
+
     alpha_for = alpha if callable(alpha) else (lambda module: alpha)
     kohya = {}
     for key, value in state.items():
@@ -353,7 +362,7 @@ def kohya_metadata(*, rank: int | None = None, alpha: float | None = None, **fie
     return metadata | {f"ss_{name}": value for name, value in fields.items()}
 
 
-BaseWeight = Callable[[str, str], torch.Tensor]  # (component, peft module path) -> the base model's weight
+BaseWeight = Callable[[str, str], "torch.Tensor"]  # (component, peft module path) -> the base model's weight
 
 
 def base_weight_reader(pipe) -> BaseWeight:
@@ -386,6 +395,8 @@ def comfyui_dora_scale(magnitude: torch.Tensor, base: torch.Tensor, scaled_delta
     weight's output size: W' = (W + s dW) d / (||W|| + eps), the row norms of the *base* weight W and
     eps = finfo(float32).eps (ComfyUI patches in float32). Equal when d = m (||W|| + eps) / ||W + s dW||.
     Shape (out, 1, ...): it broadcasts over W's rows as ComfyUI's norm does."""
+    import torch
+
     eps = torch.finfo(torch.float32).eps
     adapted_norms = _row_norms(base.double() + scaled_delta.double())
     scale = magnitude.double().reshape(-1) * (_row_norms(base) + eps) / adapted_norms
@@ -395,6 +406,8 @@ def comfyui_dora_scale(magnitude: torch.Tensor, base: torch.Tensor, scaled_delta
 def magnitude_from_comfyui_dora_scale(dora_scale: torch.Tensor, base: torch.Tensor, scaled_delta: torch.Tensor) -> torch.Tensor:
     """peft's DoRA magnitude m of a layer that ComfyUI adapts with an output-axis `dora_scale` d: the
     inverse of `comfyui_dora_scale`, m = d ||W + s dW|| / (||W|| + eps)."""
+    import torch
+
     eps = torch.finfo(torch.float32).eps
     adapted_norms = _row_norms(base.double() + scaled_delta.double())
     return (dora_scale.double().reshape(-1) * adapted_norms / (_row_norms(base) + eps)).float()
@@ -436,6 +449,8 @@ def balanced_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor
     """The same product in float64 with each rank-one term's factors of equal norm: up_k / c_k and c_k down_k,
     c_k = sqrt(||up_k|| / ||down_k||). SVD factors carry all of s_k in up (U S, V^T), and fp16's normal range
     ends at 6e-5, where the weak terms' up columns would become subnormals and lose their digits."""
+    import torch
+
     up, down = up.double(), down.double()
     up_norms, down_norms = up.norm(dim=0), down.norm(dim=1)
     c = torch.where((up_norms > 0) & (down_norms > 0), (up_norms / down_norms.clamp_min(1e-300)).sqrt(), 1.0)
@@ -453,6 +468,8 @@ def svd_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, to
     hour. Its subspace is optimal up to a small factor on the discarded energy; the error reported is
     measured, not assumed. Its random start comes from a fixed seed, apart from the global RNG.
     """
+    import torch
+
     delta = delta.double()
     size = min(delta.shape)
     r = size if rank is None else min(rank, size)

@@ -168,6 +168,19 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+@dataclass(frozen=True)
+class NoisedInput:
+    """One draw of a formulation's training noise: what the network is fed (`model_input` at condition `time`)
+    and what its loss compares the output with (`noisy` latents, the `noise` in them and their noise `level`:
+    the timesteps of a discrete model, sigma under EDM)."""
+
+    model_input: torch.Tensor
+    time: torch.Tensor
+    noisy: torch.Tensor
+    noise: torch.Tensor
+    level: torch.Tensor
+
+
 @dataclass
 class DiscreteFormulation:
     """DDPM training of a discrete model: uniform timesteps, epsilon or v target, optional Min-SNR-gamma."""
@@ -176,19 +189,30 @@ class DiscreteFormulation:
     prediction_type: str = "epsilon"
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    base_is_edm = False  # the base itself is a discrete model
+
+    def _signal_and_noise_scales(self, timesteps: torch.Tensor, like: torch.Tensor):
+        abar = self.alphas_cumprod.to(like.device)[timesteps]
+        return _broadcast(abar.sqrt(), like), _broadcast((1 - abar).sqrt(), like)
+
+    def noised_input(self, x0: torch.Tensor, generator=None) -> NoisedInput:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n at uniform timesteps t (Ho et al. 2020, Eq. 4), fed as it is."""
+        noise = offset_noise(torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype), self.noise_offset, generator)
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator, device=x0.device)
+        alpha, sigma = self._signal_and_noise_scales(timesteps, x0)
+        noisy = alpha * x0 + sigma * noise
+        return NoisedInput(model_input=noisy, time=timesteps, noisy=noisy, noise=noise, level=timesteps)
 
     def loss(self, network: Denoiser, x0: torch.Tensor, generator=None) -> torch.Tensor:
         """Per-sample weighted loss; `network(model_input, timestep)` returns the UNet output."""
-        batch = x0.shape[0]
-        noise = offset_noise(torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype), self.noise_offset, generator)
-        timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator, device=x0.device)
-        abar = self.alphas_cumprod.to(x0.device)[timesteps]
-        alpha, sigma = _broadcast(abar.sqrt(), x0), _broadcast((1 - abar).sqrt(), x0)
-        noisy = alpha * x0 + sigma * noise
-        target = noise if self.prediction_type == "epsilon" else v_target(x0, noise, alpha, sigma)
-        losses = _per_sample_mse(network(noisy, timesteps), target)
+        drawn = self.noised_input(x0, generator)
+        if self.prediction_type == "epsilon":
+            target = drawn.noise
+        else:
+            target = v_target(x0, drawn.noise, *self._signal_and_noise_scales(drawn.level, x0))
+        losses = _per_sample_mse(network(drawn.model_input, drawn.time), target)
         if self.snr_gamma:
-            snr = snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
+            snr = snr_from_alphas_cumprod(self.alphas_cumprod, drawn.level)
             losses = losses * min_snr_weight(snr, self.snr_gamma, self.prediction_type)
         return losses
 
@@ -218,6 +242,11 @@ class EDMFormulation:
     soft_min_snr: bool = False
     noise_offset: float = 0.0
 
+    @property
+    def base_is_edm(self) -> bool:
+        """Whether the base itself was trained with EDM (no discrete schedule to map sigma onto)."""
+        return self.schedule_sigmas is None
+
     def preconditioning(self, sigma: torch.Tensor):
         """(c_skip, c_out, c_in, network time): Table 1 "Ours" and c_noise on an EDM-native base, VP and
         the fractional timestep on a discrete one."""
@@ -234,14 +263,18 @@ class EDMFormulation:
 
     def denoise(self, network: Denoiser, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma), the model's estimate of x0 from x = x0 + sigma n."""
-        c_skip, c_out, c_in, time = self.preconditioning(sigma)
-        output = network(_broadcast(c_in, noisy) * noisy, time)
+        _, _, c_in, time = self.preconditioning(sigma)
+        return self._denoised(noisy, sigma, network(_broadcast(c_in, noisy) * noisy, time))
+
+    def _denoised(self, noisy: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma) = c_skip x + c_out F from the network's output F (Karras et al. 2022, Eq. 7)."""
+        c_skip, c_out, _, _ = self.preconditioning(sigma)
         return _broadcast(c_skip, noisy) * noisy + _broadcast(c_out, noisy) * output.to(noisy.dtype)
 
-    def loss(
-        self, network: Denoiser, x0: torch.Tensor, generator=None, sigma: torch.Tensor | None = None, noise=None
-    ) -> torch.Tensor:
-        """Per-sample weighted loss; sigma and noise are drawn unless given (tests and fixed evaluations)."""
+    def noised_input(self, x0: torch.Tensor, generator=None, sigma: torch.Tensor | None = None, noise=None) -> NoisedInput:
+        """x = x0 + sigma n with ln(sigma) ~ N(P_mean, P_std^2), fed to the network as c_in x at its time
+        condition (Karras et al. 2022, Eq. 7 and Table 1); sigma and noise are drawn unless given (tests and
+        fixed evaluations)."""
         if sigma is None:
             sigma = sample_lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, generator, x0.device)
         if self.schedule_sigmas is not None:
@@ -252,7 +285,16 @@ class EDMFormulation:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             noise = offset_noise(noise, self.noise_offset, generator)
         noisy = x0 + _broadcast(sigma, x0) * noise
-        return self.weight(sigma) * _per_sample_mse(self.denoise(network, noisy, sigma), x0)
+        _, _, c_in, time = self.preconditioning(sigma)
+        return NoisedInput(model_input=_broadcast(c_in, noisy) * noisy, time=time, noisy=noisy, noise=noise, level=sigma)
+
+    def loss(
+        self, network: Denoiser, x0: torch.Tensor, generator=None, sigma: torch.Tensor | None = None, noise=None
+    ) -> torch.Tensor:
+        """Per-sample weighted loss lambda(sigma) ||D(x; sigma) - x0||^2 (Karras et al. 2022, Eq. 8)."""
+        drawn = self.noised_input(x0, generator, sigma=sigma, noise=noise)
+        denoised = self._denoised(drawn.noisy, drawn.level, network(drawn.model_input, drawn.time))
+        return self.weight(drawn.level) * _per_sample_mse(denoised, x0)
 
 
 def prior_preservation_loss(instance_losses: torch.Tensor, class_losses: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
@@ -264,9 +306,10 @@ def prior_preservation_loss(instance_losses: torch.Tensor, class_losses: torch.T
 def formulation_for_scheduler(scheduler_config, *, edm: bool = False, prediction_type: str | None = None,
                               p_mean: float | None = None, p_std: float = 1.2, snr_gamma: float | None = None,
                               soft_min_snr: bool = False, noise_offset: float = 0.0, base_formulation: str = "auto",
-                              weighting: str = "table1") -> DiscreteFormulation | EDMFormulation:
-    """The formulation a model trains with, chosen once from its scheduler config: EDM on an EDM-native base
-    (`decide_base_formulation`, overridden by `base_formulation`) or when asked (`edm`, a discrete base seen
+                              weighting: str = "table1") -> tuple[DiscreteFormulation | EDMFormulation, str]:
+    """(formulation, note): the formulation a model trains with, chosen once from its scheduler config, and
+    the one-line reason to show when the config had to be read one way among two (`decide_base_formulation`).
+    EDM on an EDM-native base (overridden by `base_formulation`) or when asked (`edm`, a discrete base seen
     through its sigmas), else DDPM. The prediction type is the scheduler's; on a discrete base
     `prediction_type` may change the training target, on an EDM-native base it may only repeat the
     scheduler's, which decides how the sampler reads the output. p_mean None: `default_p_mean(sigma_data)`."""
@@ -277,7 +320,8 @@ def formulation_for_scheduler(scheduler_config, *, edm: bool = False, prediction
 
     scheduler_type = scheduler_config.get("prediction_type") or "epsilon"
     accepted = " or ".join(EDM_PREDICTION_TYPES)
-    if decide_base_formulation(scheduler_config, base_formulation)[0]:
+    edm_native, note = decide_base_formulation(scheduler_config, base_formulation)
+    if edm_native:
         if prediction_type not in (None, scheduler_type):
             raise UserError(f"--prediction_type {prediction_type} contradicts this EDM base's scheduler ({scheduler_type}), "
                             f"which decides how its output is read when sampling; leave --prediction_type out")
@@ -290,9 +334,10 @@ def formulation_for_scheduler(scheduler_config, *, edm: bool = False, prediction
             raise UserError(f"prediction_type {prediction_type!r} is not supported for training; use {accepted}")
         alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(torch.float32)
         if not edm:
-            return DiscreteFormulation(alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset)
+            return DiscreteFormulation(alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset), note
         # a discrete VP model's latents are scaled to unit variance, its implicit sigma_data (k-diffusion)
         sigma_data, schedule_sigmas = 1.0, discrete_sigmas(alphas_cumprod)
-    return EDMFormulation(sigma_data=sigma_data, p_mean=default_p_mean(sigma_data) if p_mean is None else p_mean, p_std=p_std,
-                          schedule_sigmas=schedule_sigmas, prediction_type=prediction_type, weighting=weighting,
-                          snr_gamma=snr_gamma, soft_min_snr=soft_min_snr, noise_offset=noise_offset)
+    formulation = EDMFormulation(sigma_data=sigma_data, p_mean=default_p_mean(sigma_data) if p_mean is None else p_mean, p_std=p_std,
+                                 schedule_sigmas=schedule_sigmas, prediction_type=prediction_type, weighting=weighting,
+                                 snr_gamma=snr_gamma, soft_min_snr=soft_min_snr, noise_offset=noise_offset)
+    return formulation, note

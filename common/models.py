@@ -9,13 +9,16 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
+    import torch
 
 from common.cli import UserError
 from common.builtin_models import BUILTIN_MODELS, SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, builtin_model_path
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The precisions by their command-line names, as torch's attribute names
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -87,6 +90,8 @@ def is_edm_scheduler_config(scheduler_config) -> bool:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -99,9 +104,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    """torch's dtype for a precision's command-line name (fp32, fp16, bf16)."""
+    import torch
+
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype | dict[str, torch.dtype], **from_pretrained_options):
@@ -178,6 +186,8 @@ def speed_up_unet(unet, device: torch.device, compile_unet: bool = False):
     On a GPU, channels-last convolutions and TF32 matmuls for any fp32 work are free speed;
     torch.compile fuses the many small norm/activation kernels between the big matmuls.
     """
+    import torch
+
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -190,6 +200,8 @@ def speed_up_unet(unet, device: torch.device, compile_unet: bool = False):
 def peak_memory_gib(device: torch.device) -> float:
     """GPU: the peak torch allocated on it; CPU: the process's peak resident size (Linux reports KiB)."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
 
@@ -198,6 +210,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def device_and_dtype(device_name: str = "auto", dtype_name: str = "auto") -> tuple[torch.device, torch.dtype]:
     """The device, and the dtype to run on it: auto means bf16 on a GPU and fp32 on the CPU."""
+    import torch
+
     device = pick_device(device_name)
     if dtype_name == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -210,6 +224,8 @@ def device_and_dtype(device_name: str = "auto", dtype_name: str = "auto") -> tup
 def cpu_processes_requested() -> bool:
     """Several processes on a machine without a GPU (torchrun on a CPU box): accelerate uses gloo
     multi-CPU only when it is told that the CPU is the device."""
+    import torch
+
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
@@ -261,6 +277,7 @@ def normalise_latents(raw, vae_config):
 def model_modules_on_meta(name_or_path: str) -> dict[str, torch.nn.Module]:
     """A model's UNet and text encoders built from its configs on the meta device: every module's name and
     shape, for checking a LoRA against it, without reading (or holding) its weights."""
+    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -279,6 +296,7 @@ def model_modules_on_meta(name_or_path: str) -> dict[str, torch.nn.Module]:
 
 def sdxl_module_names() -> set[str]:
     """Every module name of SDXL's UNet and text encoders, component-prefixed, built on the meta device."""
+    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

@@ -118,6 +118,16 @@ def test_lora_and_embedding_options_are_applied_and_recorded(tiny_sdxl_path, tmp
     assert np.abs(pixels(png) - pixels(only_png(tmp_path / "plain"))).max() > 10
 
 
+def test_a_lora_at_weight_zero_says_it_is_not_loaded_and_gives_the_base_image(tiny_sdxl_path, tmp_path, capsys):
+    lora = make_peft_lora(tiny_sdxl_path, tmp_path / "lora")
+    common = ["-m", tiny_sdxl_path, "-p", "a dog", "--num_inference_steps", 3, "--seed", 4]
+    assert run_infer(capsys, *common, "-o", tmp_path / "plain")[0] == 0
+    code, out, err = run_infer(capsys, *common, "--lora", f"{lora}:0", "-o", tmp_path / "zero")
+    assert code == 0, err
+    assert "LoRA pytorch_lora_weights.safetensors has weight 0: not loaded, the model is the base model exactly" in out
+    assert np.array_equal(pixels(only_png(tmp_path / "zero")), pixels(only_png(tmp_path / "plain")))
+
+
 def mismatched_lora(tiny_sdxl_path, folder: Path) -> Path:
     """A LoRA whose to_k down-projection expects inputs of another width, as if trained for another base."""
     state = load_file(make_peft_lora(tiny_sdxl_path, folder, text_encoders=False))

@@ -199,7 +199,7 @@ def test_edm_denoiser_equals_the_schedulers_preconditioning_in_float64(scheduler
     import diffusers
 
     scheduler = getattr(diffusers, scheduler_name)(sigma_data=sigma_data, prediction_type=prediction_type)
-    formulation = formulation_for_scheduler(scheduler.config)
+    formulation, _ = formulation_for_scheduler(scheduler.config)
     assert (formulation.prediction_type, formulation.sigma_data, formulation.schedule_sigmas) == (prediction_type, sigma_data, None)
     generator = torch.Generator().manual_seed(3)
     sigma = torch.tensor([0.002, 0.05, 0.7, 12.0, 80.0], dtype=torch.float64)
@@ -233,7 +233,7 @@ def test_prediction_type_flag_may_only_repeat_an_edm_bases_own():
     from diffusers import EDMEulerScheduler
 
     config = EDMEulerScheduler(prediction_type="v_prediction").config
-    assert formulation_for_scheduler(config, prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert formulation_for_scheduler(config, prediction_type="v_prediction")[0].prediction_type == "v_prediction"
     with pytest.raises(UserError, match="--prediction_type epsilon contradicts this EDM base's scheduler \\(v_prediction\\)"):
         formulation_for_scheduler(config, prediction_type="epsilon")
 
@@ -243,7 +243,7 @@ def test_edm_on_a_discrete_base_recovers_x0_as_the_ddpm_formulas_do(sdxl_schedul
     """At the schedule's own sigmas, D from VP preconditioning is the x0 estimate of DDPM (Ho et al. 2020,
     Eq. 15) or of v-prediction (Salimans & Ho 2022: x0 = alpha x_t - s v), written from alphas_cumprod."""
     config = {**sdxl_scheduler.config, "prediction_type": prediction_type}
-    formulation = formulation_for_scheduler(config, edm=True)
+    formulation, _ = formulation_for_scheduler(config, edm=True)
     assert formulation.prediction_type == prediction_type and formulation.schedule_sigmas is not None
     formulation.schedule_sigmas = discrete_sigmas(sdxl_scheduler.alphas_cumprod)  # float64 for this check
     timesteps = torch.tensor([0, 120, 500, 999])
@@ -279,9 +279,9 @@ def test_default_p_mean_keeps_the_papers_sigma_over_sigma_data(sdxl_scheduler):
     assert default_p_mean(0.5) == -1.2
     for sigma_data in (0.25, 1.0, 2.0):  # the median sigma, exp(P_mean), is the paper's 0.60 sigma_data
         assert math.exp(default_p_mean(sigma_data)) / sigma_data == pytest.approx(math.exp(-1.2) / 0.5, rel=1e-12)
-    on_sdxl = formulation_for_scheduler(sdxl_scheduler.config, edm=True)
+    on_sdxl, _ = formulation_for_scheduler(sdxl_scheduler.config, edm=True)
     assert (on_sdxl.p_mean, on_sdxl.p_std, on_sdxl.weighting) == (pytest.approx(-1.2 + math.log(2), abs=1e-15), 1.2, "table1")
-    assert formulation_for_scheduler(sdxl_scheduler.config, edm=True, p_mean=-1.2).p_mean == -1.2
+    assert formulation_for_scheduler(sdxl_scheduler.config, edm=True, p_mean=-1.2)[0].p_mean == -1.2
 
 
 def edm_sampler_config_with_betas(folder) -> dict:
@@ -298,10 +298,41 @@ def edm_sampler_config_with_betas(folder) -> dict:
 def test_an_edm_sampler_config_with_betas_trains_as_the_discrete_model_it_is(sdxl_scheduler, tmp_path):
     config = edm_sampler_config_with_betas(tmp_path)
     assert config["_class_name"] == "EDMDPMSolverMultistepScheduler" and config["beta_schedule"] == "scaled_linear"
-    ddpm = formulation_for_scheduler(config)
-    assert isinstance(ddpm, DiscreteFormulation)
+    ddpm, note = formulation_for_scheduler(config)
+    assert isinstance(ddpm, DiscreteFormulation) and not ddpm.base_is_edm
+    assert "treating the base as a discrete DDPM model" in note and "\n" not in note, note
     torch.testing.assert_close(ddpm.alphas_cumprod, sdxl_scheduler.alphas_cumprod.float(), rtol=0, atol=0)
-    edm = formulation_for_scheduler(config, edm=True)
-    assert edm.schedule_sigmas is not None and edm.sigma_data == 1.0
-    native = formulation_for_scheduler(config, base_formulation="edm-native")
-    assert native.schedule_sigmas is None and native.sigma_data == 0.5 and native.p_mean == -1.2
+    edm, _ = formulation_for_scheduler(config, edm=True)
+    assert edm.schedule_sigmas is not None and edm.sigma_data == 1.0 and not edm.base_is_edm
+    native, note = formulation_for_scheduler(config, base_formulation="edm-native")
+    assert native.schedule_sigmas is None and native.sigma_data == 0.5 and native.p_mean == -1.2 and native.base_is_edm
+    assert "read as EDM-native, as --base_formulation says" in note, note
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "edm on a discrete base", "edm-native"])
+def test_the_loss_feeds_the_network_the_noised_input_the_formulation_draws(sdxl_scheduler, kind):
+    """`noised_input` is what `loss` feeds the network (ZipLoRA draws its inputs with it), and it is the paper's
+    noising: x_t = sqrt(abar) x0 + sqrt(1 - abar) n for DDPM (Ho et al. 2020, Eq. 4), c_in (x0 + sigma n) at the
+    formulation's time condition under EDM (Karras et al. 2022, Table 1), evaluated here again in float64."""
+    if kind == "ddpm":
+        formulation = DiscreteFormulation(sdxl_scheduler.alphas_cumprod)
+    elif kind == "edm on a discrete base":
+        formulation = EDMFormulation(sigma_data=1.0, schedule_sigmas=discrete_sigmas(sdxl_scheduler.alphas_cumprod))
+    else:
+        formulation = EDMFormulation(sigma_data=0.5)
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    drawn = formulation.noised_input(x0, torch.Generator().manual_seed(2))
+    network, fed = recording_network(torch.zeros_like(x0))
+    formulation.loss(network, x0, torch.Generator().manual_seed(2))
+    assert torch.equal(fed["input"], drawn.model_input) and torch.equal(fed["time"], drawn.time)
+    noise, x0 = drawn.noise.double(), x0.double()
+    if kind == "ddpm":
+        abar = sdxl_scheduler.alphas_cumprod[drawn.level].double().view(-1, 1, 1, 1)
+        expected = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        assert torch.equal(drawn.time, drawn.level)
+    else:
+        sigma = drawn.level.double().view(-1, 1, 1, 1)
+        c_in = 1 / (sigma**2 + formulation.sigma_data**2).sqrt()
+        expected = c_in * (x0 + sigma * noise)
+        torch.testing.assert_close(drawn.noisy.double(), x0 + sigma * noise, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(drawn.model_input.double(), expected, rtol=1e-6, atol=1e-6)

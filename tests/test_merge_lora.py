@@ -268,8 +268,9 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
     examples = [example for mode in ("content", "style")
                 for example in merge_lora.zip_examples(pipe, zipped, mode=mode, folder=None, prompt=f"a photo of sks {mode}", size=64,
                                                        generator=generator)]
-    formulation = formulation_for_scheduler(pipe.scheduler.config)
-    probes = [(example, *merge_lora.noisy_input(formulation, example["latents"], generator)) for example in examples for _ in range(4)]
+    formulation, _ = formulation_for_scheduler(pipe.scheduler.config)
+    drawn = [(example, formulation.noised_input(example["latents"], generator)) for example in examples for _ in range(4)]
+    probes = [(example, noised.model_input, noised.time) for example, noised in drawn]
 
     def distance(learned: bool) -> list[float]:
         for name, layer in zipped.items():

@@ -163,12 +163,10 @@ def test_clip_scores_from_a_zipped_gen_dir_equal_those_from_the_extracted_folder
 
 @pytest.fixture()
 def image_reads(monkeypatch):
-    """Counts the images clean-fid's dataset decodes (the features are computed in-process with num_workers 0)."""
-    from cleanfid.utils import ResizeDataset
-
+    """Counts the images the feature pass decodes (the features are computed in-process with num_workers 0)."""
     reads = []
-    original = ResizeDataset.__getitem__
-    monkeypatch.setattr(ResizeDataset, "__getitem__", lambda self, i: reads.append(self.files[i]) or original(self, i))
+    original = fid.ViewedResizeDataset.__getitem__
+    monkeypatch.setattr(fid.ViewedResizeDataset, "__getitem__", lambda self, i: reads.append(self.inner.files[i]) or original(self, i))
     return reads
 
 

@@ -97,8 +97,11 @@ def test_pivotal_tuning_writes_an_embedding_that_diffusers_loads_to_the_trained_
     with torch.no_grad():
         expected = trained.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
         loaded = fresh.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-    torch.testing.assert_close(loaded[0], expected[0], rtol=0, atol=0)
-    torch.testing.assert_close(loaded[2], expected[2], rtol=0, atol=0)
+    # The rows are bit-identical (above), but the two pipelines reach the encoders through other modules (our row
+    # table, diffusers' resized embedding), another code path whose float32 kernels may round the last bits
+    # differently on some CPUs: agreement to 1e-5 relative, about a hundred float32 ulps, is the claim.
+    torch.testing.assert_close(loaded[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded[2], expected[2], rtol=1e-5, atol=1e-6)
     card = (out / "README.md").read_text()
     assert "`TOK` -> `<s0><s1>`" in card and "load_textual_inversion" in card and "<lora:icons:1>" in card
 
