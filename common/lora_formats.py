@@ -185,19 +185,26 @@ def keep_blocks(state_dict: dict, network_alphas: dict | None, blocks: tuple[str
 
 
 def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
-    """Load each LoRA as its own adapter and activate them together with their weights; the adapters' names.
+    """Load each LoRA with its weight, which scales its ΔW linearly (not each factor, which would square it);
+    the names of the peft adapters made.
 
-    A weight multiplies that adapter's scaling, so it scales the LoRA's delta W = B A linearly
-    (not B and A each, which would square it). A LoRA of weight 0 is not loaded (its file is only checked
-    to be readable), so the model stays the base model exactly: loaded, it would add exactly zero, but the
-    adapted module tree can take other kernel paths whose rounding differs in the last bits on some CPUs.
+    A diffusers/peft file becomes a peft adapter through diffusers (all of them activated together with their
+    weights). A kohya/LyCORIS file (LoRA, LoCon, LoHa, LoKr, with or without dora_scale) is applied as the UIs
+    apply it, by adding each layer's ΔW to the weight it names (`common.adapters.patch_weights`; undone exactly
+    by `unpatch_weights`). A LoRA of weight 0 is not loaded (its file is only checked to be readable), so the
+    model stays the base model exactly: loaded, it would add exactly zero, but the adapted module tree can take
+    other kernel paths whose rounding differs in the last bits on some CPUs.
     """
     from common.models import quiet_libraries
 
     names, weights = [], []
     for index, spec in enumerate(specs):
+        file = lora_file(spec.path)
+        keys = safetensors_keys(file, "LoRA")
         if spec.weight == 0:
-            safetensors_keys(lora_file(spec.path), "LoRA")
+            continue
+        if is_kohya_format(keys):
+            patch_kohya_file(pipe, file, spec)
             continue
         name = f"lora_{index}"
         state_dict, network_alphas, metadata = read_lora(pipe, spec.path)
@@ -209,6 +216,64 @@ def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
         weights.append(spec.weight)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
+    return names
+
+
+KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+
+
+def is_kohya_format(keys) -> bool:
+    """Whether a file's keys are kohya/LyCORIS layer names (lora_unet_..., lora_te1_..., lycoris_...)."""
+    return any(key.startswith(KOHYA_FILE_PREFIXES) for key in keys)
+
+
+def patch_kohya_file(pipe, file: Path, spec: LoraSpec) -> int:
+    """A kohya/LyCORIS file's layers added to the weights they name, at the spec's weight and in its blocks only
+    (every block named must hold some layer); the number of layers applied."""
+    from common.adapters import file_layers, patch_weights
+
+    layers = file_layers(read_safetensors(file, "LoRA"))
+    prefixes = [normalize_block_prefix(b) for b in spec.blocks or ()]
+    targets = file_layer_names(pipe)
+    if prefixes:
+        present = {f"{targets[name][0]}.{targets[name][1]}" for name in layers if name in targets}
+        for prefix in prefixes:
+            if not any(path.startswith(prefix + ".") for path in present):
+                blocks = sorted({".".join(path.split(".")[:4]) for path in present})
+                raise UserError(f"LoRA {str(spec.path)!r} has no layers under {prefix!r}; its blocks include {', '.join(blocks[:8])}")
+    keep = lambda component, module: not prefixes or any(f"{component}.{module}".startswith(p + ".") for p in prefixes)  # noqa: E731
+    return patch_weights(pipe, layers, targets, strength=spec.weight, keep=keep, source=str(spec.path))
+
+
+def file_layer_names(pipe) -> dict[str, tuple[str, str]]:
+    """Every name a kohya/LyCORIS file may give a Linear or Conv2d layer of the pipeline, -> (component, module path):
+    the UNet's under lora_unet_ in SGM naming (kohya's SDXL files) and in diffusers naming, and under lycoris_
+    (LyCORIS's own wrapper: SimpleTuner's files), as ComfyUI maps them; the text encoders' under lora_te1_ (or
+    SD1's lora_te_) and lora_te2_ with CLIP's text_model level, as the UIs read them, and without it (what naming
+    code run over transformers 5's CLIPTextModel writes)."""
+    import torch
+
+    config = pipe.unet.config
+    up_levels_with_attention = tuple(i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind)
+    names: dict[str, tuple[str, str]] = {}
+    for component in COMPONENT_PREFIXES:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for path, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            path = path.replace(".base_layer", "")  # under a peft adapter already loaded: the layer it wraps
+            flat = path.replace(".", "_")
+            if component == "unet":
+                sgm = unet_module_to_sgm(path, config.layers_per_block, up_levels_with_attention).replace(".", "_")
+                spellings = [f"lora_unet_{sgm}", f"lora_unet_{flat}", f"lycoris_{flat}"]
+            else:
+                inner = path.removeprefix("text_model.").replace(".", "_")
+                prefixes = ("lora_te1_", "lora_te_") if component == "text_encoder" else ("lora_te2_",)
+                spellings = [f"{prefix}{level}{inner}" for prefix in prefixes for level in ("text_model_", "")]
+            for spelling in spellings:
+                names[spelling] = (component, path)
     return names
 
 
@@ -279,29 +344,54 @@ def _first_line(error: Exception) -> str:
 
 
 
-_DOWN_ATTENTION = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
-_MID_ATTENTION = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
-_UP_ATTENTION = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_SGM_RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+                     "time_emb_proj": "emb_layers.1", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+_SGM_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+                  "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                  "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+_DIFFUSERS_MID = re.compile(r"^mid_block\.(attentions|resnets)\.(\d+)\.(.+)$")
+SDXL_UP_LEVELS_WITH_ATTENTION = (0, 1)  # up_blocks 0 and 1 are CrossAttnUpBlock2D: their upsampler comes third
 
 
-def unet_module_to_sgm(module: str, layers_per_block: int = 2) -> str:
-    """A diffusers UNet module path in the original SGM/LDM naming that kohya's SDXL trainer writes.
+def unet_module_to_sgm(module: str, layers_per_block: int = 2, up_levels_with_attention=SDXL_UP_LEVELS_WITH_ATTENTION) -> str:
+    """A diffusers UNet module path in the original SGM/LDM naming that kohya's SDXL trainer writes (the block
+    map of kohya's sdxl_model_util and ComfyUI's unet_to_diffusers, which agree).
 
-    input_blocks.0 is conv_in, then each down level holds L = layers_per_block blocks and a
-    downsampler; each up level holds L + 1 blocks (the last with the upsampler):
-    down_blocks.i.attentions.j -> input_blocks.(1 + i(L+1) + j).1, mid_block.attentions.0 ->
-    middle_block.1, up_blocks.i.attentions.j -> output_blocks.(i(L+1) + j).1.
-    Other modules keep their diffusers path, which the loaders also accept.
+    input_blocks.0 is conv_in, then each down level holds L = layers_per_block blocks (a ResNet block at .0 and
+    its transformer at .1) and a downsampler; each up level holds L + 1 blocks, the last with the upsampler:
+    down_blocks.i.{resnets,attentions}.j -> input_blocks.(1 + i(L+1) + j).{0,1}, downsamplers.0.conv ->
+    input_blocks.((i+1)(L+1)).0.op; mid_block.attentions.0 -> middle_block.1, mid_block.resnets.j ->
+    middle_block.(2j); up_blocks.i.{resnets,attentions}.j -> output_blocks.(i(L+1) + j).{0,1}, upsamplers.0.conv
+    -> output_blocks.(i(L+1) + L).{2 after a transformer, else 1}.conv. In ResNet blocks conv1, conv2,
+    conv_shortcut and time_emb_proj are in_layers.2, out_layers.3, skip_connection and emb_layers.1.
     """
-    if match := _DOWN_ATTENTION.match(module):
-        level, layer, rest = int(match[1]), int(match[2]), match[3]
-        return f"input_blocks.{1 + level * (layers_per_block + 1) + layer}.1.{rest}"
-    if match := _MID_ATTENTION.match(module):
-        return f"middle_block.1.{match[1]}"
-    if match := _UP_ATTENTION.match(module):
-        level, layer, rest = int(match[1]), int(match[2]), match[3]
-        return f"output_blocks.{level * (layers_per_block + 1) + layer}.1.{rest}"
-    return module
+    for diffusers, sgm in _SGM_TOP_LEVEL.items():
+        if module == diffusers or module.startswith(diffusers + "."):
+            return sgm + module[len(diffusers):]
+    if match := _DIFFUSERS_MID.match(module):
+        kind, index, rest = match[1], int(match[2]), match[3]
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * index}.{_resnet_part(rest)}"
+    if not (match := _DIFFUSERS_BLOCK.match(module)):
+        return module
+    side, level, kind, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+    per_level = layers_per_block + 1
+    if side == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(level + 1) * per_level}.0.op" + rest.removeprefix("conv")
+        block = f"input_blocks.{1 + level * per_level + index}"
+    else:
+        if kind == "upsamplers":
+            return f"output_blocks.{level * per_level + layers_per_block}.{2 if level in up_levels_with_attention else 1}.{rest}"
+        block = f"output_blocks.{level * per_level + index}"
+    return f"{block}.1.{rest}" if kind == "attentions" else f"{block}.0.{_resnet_part(rest)}"
+
+
+def _resnet_part(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return _SGM_RESNET_PARTS.get(head, head) + (f".{tail}" if tail else "")
 
 
 def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:

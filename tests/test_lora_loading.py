@@ -64,19 +64,47 @@ def test_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sdxl_path, p
     assert difference <= 1e-5, f"kohya and diffusers files differ by {difference}"
 
 
-def test_webui_text_encoder_names_load_every_layer_with_its_weights(tiny_sdxl_path, peft_lora, tmp_path):
-    """WebUI names CLIP's `text_model` level, which transformers 5's CLIP no longer has."""
+def weight_changes(pipe, base) -> dict[str, torch.Tensor]:
+    """{component.module: patched weight - base weight} for every Linear or Conv2d weight that moved."""
+    changes = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        before = dict(getattr(base, component).named_parameters())
+        for name, parameter in getattr(pipe, component).named_parameters():
+            name = name.replace(".base_layer", "")  # a fused peft adapter's weights sit in its base layer
+            if name in before and name.endswith("weight") and (parameter.detach() - before[name].detach()).abs().max() > 0:
+                changes[f"{component}.{name.removesuffix('.weight')}"] = parameter.detach() - before[name].detach()
+    return changes
+
+
+def test_a_kohya_file_patches_every_layer_with_alpha_over_rank_times_up_down(tiny_sdxl_path, peft_lora, tmp_path):
+    """WebUI's names (CLIP's `text_model` level, which transformers 5's CLIP no longer has), each layer's weight moved
+    by weight x (alpha / rank) up @ down, as the UIs patch it, and the same ΔW peft gives the diffusers file."""
     kohya = to_kohya(peft_lora, ALPHA)
     save_file(kohya, tmp_path / "kohya.safetensors")
     pipe = load_pipe(tiny_sdxl_path)
-    load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors")])
-    for encoder, prefix in ((pipe.text_encoder, "lora_te1_text_model_"), (pipe.text_encoder_2, "lora_te2_text_model_")):
-        layers = adapter_layers(encoder, "lora_0")
-        projections = encoder.config.num_hidden_layers * len(TEXT_TARGETS)  # q, k, v, out of every attention layer
-        assert len(layers) == projections, f"{len(layers)} of the {projections} attention projections loaded"
-        for name, layer in layers.items():
-            expected = kohya[prefix + name.removeprefix("text_model.").replace(".", "_") + ".lora_down.weight"]
-            assert torch.equal(layer.lora_A["lora_0"].weight.detach(), expected), name
+    assert load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors", 0.5)]) == [], "applied as weight patches"
+    changes = weight_changes(pipe, load_pipe(tiny_sdxl_path))
+    peft_file = load_file(peft_lora)
+    assert len(changes) == sum(1 for k in peft_file if k.endswith("lora_A.weight")), "every layer of the file, nothing else"
+    for name, change in changes.items():
+        expected = 0.5 * (ALPHA / RANK) * peft_file[f"{name}.lora_B.weight"] @ peft_file[f"{name}.lora_A.weight"]
+        torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6, msg=name)
+    diffusers_pipe = load_pipe(tiny_sdxl_path)
+    load_loras(diffusers_pipe, [LoraSpec(peft_lora, 0.5)])
+    layer = adapter_layers(diffusers_pipe.text_encoder, "lora_0")["encoder.layers.1.self_attn.k_proj"]
+    torch.testing.assert_close(changes["text_encoder.encoder.layers.1.self_attn.k_proj"], layer.get_delta_weight("lora_0"),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_weight_patches_unload_bit_for_bit(tiny_sdxl_path, peft_lora, tmp_path):
+    from common.adapters import unpatch_weights
+
+    save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
+    pipe = load_pipe(tiny_sdxl_path)
+    load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors", 0.7), LoraSpec(tmp_path / "kohya.safetensors", -0.3)])
+    assert weight_changes(pipe, load_pipe(tiny_sdxl_path))
+    unpatch_weights(pipe)
+    assert weight_changes(pipe, load_pipe(tiny_sdxl_path)) == {}
 
 
 def test_weight_zero_is_not_loaded_so_the_image_is_the_base_models_bit_for_bit(tiny_sdxl_path, peft_lora):
@@ -127,7 +155,7 @@ def test_two_loras_add_their_weighted_deltas(tiny_sdxl_path, peft_lora, tmp_path
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
 
 
-def unet_weight_changes(pipe) -> dict[str, float]:
+def fused_unet_weight_changes(pipe) -> dict[str, float]:
     """How far each UNet weight moved when the active adapters are fused in."""
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora" not in k}
     pipe.fuse_lora(components=["unet"])
@@ -141,7 +169,7 @@ def test_b_lora_touches_only_the_content_and_style_blocks(tiny_sdxl_path, peft_l
     style = make_peft_lora(tiny_sdxl_path, tmp_path / "style", seed=3)
     pipe = load_pipe(tiny_sdxl_path)
     load_loras(pipe, [LoraSpec(peft_lora, 1.0, (BLORA_CONTENT_BLOCK,)), LoraSpec(style, 1.0, (BLORA_STYLE_BLOCK,))])
-    changes = unet_weight_changes(pipe)
+    changes = fused_unet_weight_changes(pipe)
     changed = {k for k, v in changes.items() if v > 0}
     blocks = tuple(block.removeprefix("unet.") + "." for block in (BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK))
     assert changed, "the content and style blocks must change"
@@ -163,16 +191,22 @@ def test_b_lora_alpha_scales_delta_w_linearly_not_squared(tiny_sdxl_path, peft_l
 
 def test_lora_blocks_keeps_only_the_named_blocks_in_any_format(tiny_sdxl_path, peft_lora, tmp_path):
     save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
-    pipe = load_pipe(tiny_sdxl_path)
-    load_loras(pipe, [LoraSpec(tmp_path / "kohya.safetensors", 1.0, ("mid_block", "down_blocks.2.attentions.1"))])
-    names = set(adapter_layers(pipe.unet, "lora_0"))
-    assert names and all(n.startswith(("mid_block.", "down_blocks.2.attentions.1.")) for n in names)
-    assert any(n.startswith("mid_block.") for n in names) and any(n.startswith("down_blocks.2.") for n in names)
+    blocks = ("mid_block", "down_blocks.2.attentions.1")
+    for file in (peft_lora, tmp_path / "kohya.safetensors"):
+        pipe = load_pipe(tiny_sdxl_path)
+        load_loras(pipe, [LoraSpec(file, 1.0, blocks)])
+        if file == peft_lora:
+            pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+        names = set(weight_changes(pipe, load_pipe(tiny_sdxl_path)))
+        assert names and all(n.startswith(("unet.mid_block.", "unet.down_blocks.2.attentions.1.")) for n in names), (file.name, names)
+        assert any(n.startswith("unet.mid_block.") for n in names) and any(n.startswith("unet.down_blocks.2.") for n in names)
 
 
-def test_a_block_the_lora_does_not_have_is_refused(tiny_sdxl_path, peft_lora):
-    with pytest.raises(UserError, match=r"has no layers under 'unet.up_blocks.9'"):
-        load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(peft_lora, 1.0, ("up_blocks.9",))])
+def test_a_block_the_lora_does_not_have_is_refused(tiny_sdxl_path, peft_lora, tmp_path):
+    save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
+    for file in (peft_lora, tmp_path / "kohya.safetensors"):
+        with pytest.raises(UserError, match=r"has no layers under 'unet.up_blocks.9'"):
+            load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(file, 1.0, ("up_blocks.9",))])
 
 
 def test_layers_that_the_model_lacks_are_refused_not_skipped(tiny_sdxl_path, peft_lora, tmp_path):
@@ -182,6 +216,21 @@ def test_layers_that_the_model_lacks_are_refused_not_skipped(tiny_sdxl_path, pef
     save_file(state, tmp_path / "extra.safetensors")
     with pytest.raises(UserError, match=r"does not match this model: \d+ unet layers in the file, \d+ applied"):
         load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(tmp_path / "extra.safetensors")])
+    kohya = to_kohya(peft_lora, ALPHA)
+    kohya["lora_unet_middle_block_1_transformer_blocks_0_attn3_to_q.lora_down.weight"] = torch.randn(4, 64)
+    kohya["lora_unet_middle_block_1_transformer_blocks_0_attn3_to_q.lora_up.weight"] = torch.randn(64, 4)
+    save_file(kohya, tmp_path / "extra_kohya.safetensors")
+    pipe = load_pipe(tiny_sdxl_path)
+    with pytest.raises(UserError, match=r"its layer 'lora_unet_middle_block_1_transformer_blocks_0_attn3_to_q' names no layer"):
+        load_loras(pipe, [LoraSpec(tmp_path / "extra_kohya.safetensors")])
+    assert weight_changes(pipe, load_pipe(tiny_sdxl_path)) == {}, "nothing is applied partially"
+    kohya = to_kohya(peft_lora, ALPHA)
+    kohya["lora_unet_middle_block_1_proj_in.lora_down.weight"] = torch.randn(4, 63)
+    kohya["lora_unet_middle_block_1_proj_in.lora_up.weight"] = torch.randn(64, 4)
+    save_file(kohya, tmp_path / "misshapen.safetensors")
+    with pytest.raises(UserError, match=r"layer lora_unet_middle_block_1_proj_in does not fit its \(64, 64\) weight"):
+        load_loras(pipe, [LoraSpec(tmp_path / "misshapen.safetensors")])
+    assert weight_changes(pipe, load_pipe(tiny_sdxl_path)) == {}
 
 
 def test_weighted_path_parsing(tmp_path):
