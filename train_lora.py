@@ -78,9 +78,23 @@ class TrainConfig:
     max_train_steps: Optional[int] = option(None, help="optimizer steps (overrides epochs)", panel=DATA)
     gradient_accumulation_steps: int = option(1, panel=DATA)
     dataloader_num_workers: int = option(0, panel=DATA)
+    adapter: str = option(
+        "lora", help="lora (LoCon with --conv_rank), loha or lokr: trained by peft, written as LyCORIS writes them",
+        panel=LORA,
+    )
     rank: int = option(4, help="LoRA rank r", panel=LORA)
     lora_alpha: Optional[float] = option(None, help="LoRA alpha (default: the rank, scale 1)", panel=LORA)
+    conv_rank: Optional[int] = option(
+        None, "--conv_dim", help="also adapt the UNet's ResNet convolutions (conv1, conv2, conv_shortcut) and its down- "
+        "and upsamplers at this rank (LoCon, as kohya's --conv_dim)", panel=LORA,
+    )
+    conv_alpha: Optional[float] = option(None, help="alpha of the convolutions (default: --conv_rank)", panel=LORA)
     lora_dropout: float = option(0.0, panel=LORA)
+    rank_dropout: float = option(0.0, help="LoHa, LoKr: drop rows of a layer's ΔW with this probability", panel=LORA)
+    module_dropout: float = option(0.0, help="LoHa, LoKr: leave a layer's adapter out of a step with this probability", panel=LORA)
+    use_tucker: bool = option(False, help="LoKr: 3x3 convolutions in the effective-conv (Tucker) form", panel=LORA)
+    lokr_factor: int = option(-1, help="LoKr: the Kronecker factor (-1: as square a split as each layer allows)", panel=LORA)
+    decompose_both: bool = option(False, help="LoKr: factor the smaller Kronecker factor at --rank too", panel=LORA)
     use_dora: bool = option(False, panel=LORA)
     lora_unet_blocks: Optional[str] = option(
         None, help="comma-separated blocks, e.g. unet.up_blocks.0.attentions.0", panel=LORA
@@ -210,6 +224,7 @@ def make_config(options: dict) -> TrainConfig:
     config_from_options(IgnoredOptions, options, warn=logger.warning)
     config = config_from_options(TrainConfig, options)
     config.optimizer = config.optimizer.lower()
+    check_adapter_options(config)
     checks = [
         (config.rank >= 1, f"--rank must be a positive integer, got {config.rank}"),
         (config.lora_alpha is None or config.lora_alpha > 0, f"--lora_alpha must be > 0, got {config.lora_alpha}"),
@@ -304,6 +319,41 @@ def make_config(options: dict) -> TrainConfig:
                 f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder"
             )
     return config
+
+
+def check_adapter_options(config: TrainConfig) -> None:
+    """The adapter options, each refused in one line where --adapter does not have it (or peft cannot train it)."""
+    from common.adapters import ADAPTERS
+
+    if config.adapter not in ADAPTERS:
+        raise UserError(f"--adapter {config.adapter!r}; choose one of {', '.join(ADAPTERS)} (LoCon is --adapter lora with --conv_rank)")
+    adapter = ADAPTERS[config.adapter]
+    lycoris = config.adapter != "lora"
+    only_for = [
+        (config.use_dora and not adapter.trains_dora, "--use_dora", "lora (peft trains DoRA for LoRA only)"),
+        (config.lora_dropout > 0 and lycoris, "--lora_dropout", "lora; LoHa and LoKr have --rank_dropout and --module_dropout"),
+        ((config.rank_dropout > 0 or config.module_dropout > 0) and not lycoris, "--rank_dropout and --module_dropout",
+         "loha and lokr (peft's LoRA has --lora_dropout only)"),
+        (config.lokr_factor != -1 and config.adapter != "lokr", "--lokr_factor", "lokr"),
+        (config.decompose_both and config.adapter != "lokr", "--decompose_both", "lokr"),
+        (config.use_tucker and not adapter.trains_tucker, "--use_tucker",
+         "lokr (peft has no Tucker LoRA, and peft 0.21's LoHa Tucker backward computes wrong gradients)"),
+    ]
+    for wrong, flag, accepted in only_for:
+        if wrong:
+            raise UserError(f"{flag} does not apply to --adapter {config.adapter}; it is for {accepted}")
+    checks = [
+        (config.conv_rank is None or config.conv_rank >= 1, f"--conv_rank must be a positive integer, got {config.conv_rank}"),
+        (config.conv_alpha is None or config.conv_rank is not None, "--conv_alpha needs --conv_rank (the convolutions' rank)"),
+        (config.conv_alpha is None or config.conv_alpha > 0, f"--conv_alpha must be > 0, got {config.conv_alpha}"),
+        (not config.use_tucker or config.conv_rank is not None, "--use_tucker shapes 3x3 convolutions, which --conv_rank adds"),
+        (0 <= config.rank_dropout < 1 and 0 <= config.module_dropout < 1,
+         f"--rank_dropout and --module_dropout must be in [0, 1), got {config.rank_dropout} and {config.module_dropout}"),
+        (config.lokr_factor == -1 or config.lokr_factor >= 2, f"--lokr_factor must be -1 or at least 2, got {config.lokr_factor}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def train(config: TrainConfig) -> None:
@@ -737,19 +787,11 @@ def add_pivotal_tokens(pipe, config: TrainConfig) -> dict:
 
 
 def add_text_encoder_lora(pipe, config: TrainConfig) -> None:
-    """LoRA on both text encoders' attention projections (trained in fp32)."""
+    """The adapter (--adapter, --rank, --lora_alpha) on both text encoders' attention projections (trained in fp32)."""
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        encoder.add_adapter(
-            LoraConfig(
-                r=config.rank,
-                lora_alpha=config.lora_alpha or config.rank,
-                init_lora_weights="gaussian",
-                target_modules=list(TEXT_LORA_TARGETS),
-            )
-        )
+        encoder.add_adapter(adapter_config(config, list(TEXT_LORA_TARGETS)))
         cast_training_params(encoder)
 
 
@@ -797,12 +839,14 @@ class CaptionEncoder:
 
     def update_phase(self, step: int) -> None:
         """Freeze the pivotal rows after their fraction of the steps, the text LoRA after its own."""
+        from common.adapters import TRAINED_PARAMETER_MARKERS
+
         for rows in self.rows:
             rows.new_rows.requires_grad_(step < self.rows_stop)
         if self.config.train_text_encoder:
             for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 for name, parameter in encoder.named_parameters():
-                    if "lora_" in name:
+                    if any(marker in name for marker in TRAINED_PARAMETER_MARKERS):
                         parameter.requires_grad_(step < self.lora_stop)
 
     def embed(self, captions: list[str], step: int):
@@ -895,66 +939,104 @@ def conditioned_unet(unet, text_embeddings, time_ids, accelerator):
     return network
 
 
+UNET_CONV_TARGETS = (".conv1", ".conv2", ".conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+
+
+def is_conv_target(name: str) -> bool:
+    """A convolution --conv_rank adapts: a ResNet block's 3x3 conv1 and conv2 and 1x1 conv_shortcut, and the 3x3
+    convolutions of the down- and upsamplers (what kohya's --conv_dim adapts; conv_in and conv_out are left alone)."""
+    return name.endswith(UNET_CONV_TARGETS) and (".resnets." in name or "samplers.0." in name)
+
+
 def lora_target_modules(unet, config: TrainConfig) -> list[str]:
-    """Attention projections of the UNet, restricted to the chosen blocks (B-LoRA: content and style)."""
+    """The UNet layers the adapter trains: attention projections, and with --conv_rank the ResNet convolutions and
+    samplers, in the chosen blocks (B-LoRA: content and style)."""
     from common.lora_formats import BLORA_BLOCKS, parse_blocks
 
     blocks = BLORA_BLOCKS if config.use_blora else parse_blocks(config.lora_unet_blocks)
     prefixes = tuple(b.removeprefix("unet.") + "." for b in blocks)
-    names = [n for n, _ in unet.named_modules() if n.endswith(tuple("." + t for t in UNET_LORA_TARGETS))]
+    names = [n for n, _ in unet.named_modules()
+             if n.endswith(tuple("." + t for t in UNET_LORA_TARGETS)) or (config.conv_rank and is_conv_target(n))]
     if prefixes:
         chosen = [n for n in names if n.startswith(prefixes)]
         for prefix in prefixes:
             if not any(n.startswith(prefix) for n in chosen):
+                kinds = "attention or convolution" if config.conv_rank else "attention"
                 raise UserError(
-                    f"--lora_unet_blocks: no attention layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0"
+                    f"--lora_unet_blocks: no {kinds} layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0"
                 )
         return chosen
     return names
 
 
-def add_lora(unet, config: TrainConfig):
-    """peft LoRA (or DoRA) on the chosen attention projections; LoRA weights train in fp32."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
+def adapter_config(config: TrainConfig, target_modules: list[str]):
+    """The peft config of --adapter on these layers: --rank and --lora_alpha, and --conv_rank and --conv_alpha on
+    the convolutions among them."""
+    from common.adapters import ADAPTERS, peft_config
 
-    lora_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.lora_alpha or config.rank,
-        lora_dropout=config.lora_dropout,
+    convolutions = [name for name in target_modules if is_conv_target(name)]
+    conv_rank = config.conv_rank or config.rank
+    return peft_config(
+        ADAPTERS[config.adapter],
+        rank=config.rank,
+        alpha=config.lora_alpha or config.rank,
+        target_modules=target_modules,
+        rank_pattern={name: conv_rank for name in convolutions},
+        alpha_pattern={name: config.conv_alpha or conv_rank for name in convolutions},
+        dropout=config.lora_dropout,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
         use_dora=config.use_dora,
-        init_lora_weights="gaussian",
-        target_modules=lora_target_modules(unet, config),
+        use_tucker=config.use_tucker,
+        decompose_both=config.decompose_both,
+        factor=config.lokr_factor,
     )
-    unet.add_adapter(lora_config)
+
+
+def add_lora(unet, config: TrainConfig):
+    """peft LoRA (or DoRA, LoHa, LoKr) on the chosen layers; adapter weights train in fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    unet.add_adapter(adapter_config(config, lora_target_modules(unet, config)))
     cast_training_params(unet)
     return unet
 
 
 def start_from_lora(unet, config: TrainConfig) -> None:
-    """Copy an existing LoRA's UNet factors into the new adapter (continuing a community or earlier LoRA);
-    its rank and alpha must be the run's, or the continued LoRA would not mean what it meant."""
+    """Copy an existing adapter's UNet layers into the run's (continuing a community or earlier LoRA, LoCon, LoHa or
+    LoKr): its type, and each layer's rank and alpha, must be the run's, or the continued adapter would not mean what
+    it meant. A kohya/LyCORIS file is read layer by layer (`copy_file_layers`); a diffusers/peft LoRA or DoRA, or a
+    kohya DoRA, through peft's state dict."""
     from peft.utils import set_peft_model_state_dict
 
     from types import SimpleNamespace
 
-    from common.lora_formats import base_weight_reader, lora_file, lora_ranks, read_peft_lora
+    from common.lora_formats import base_weight_reader, is_kohya_format, lora_file, read_peft_lora, safetensors_keys
 
     path = Path(config.init_lora)
     if not path.exists():
         raise UserError(f"--init_lora {config.init_lora!r} not found")
-    states, alphas = read_peft_lora(lora_file(path), base_weight=base_weight_reader(SimpleNamespace(unet=unet)))
+    file = lora_file(path)
+    keys = safetensors_keys(file, "--init_lora")
+    if is_kohya_format(keys) and not any(key.endswith(".dora_scale") for key in keys):
+        copy_file_layers(unet, file, config)
+        return
+    if config.adapter != "lora":
+        raise UserError(f"--init_lora {config.init_lora!r} is a LoRA; this run trains --adapter {config.adapter}")
+    states, alphas = read_peft_lora(file, base_weight=base_weight_reader(SimpleNamespace(unet=unet)))
     state, module_alphas = states.get("unet"), alphas.get("unet", {})
     if not state:
         raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
-    ranks = set(lora_ranks(state).values())
-    if ranks != {config.rank}:
-        raise UserError(f"--init_lora has rank {sorted(ranks)} but --rank is {config.rank}; pass --rank {max(ranks)}")
-    wanted_alpha = config.lora_alpha or config.rank
-    if set(module_alphas.values()) != {wanted_alpha}:
-        raise UserError(
-            f"--init_lora has alpha {sorted(set(module_alphas.values()))} but this run uses {wanted_alpha}; pass --lora_alpha"
-        )
+    trained = trained_layers(unet)
+    ranks = {module: state[f"{module}.lora_A.weight"].shape[0] for module in module_alphas}
+    wrong_rank = sorted(m for m in ranks if m in trained and ranks[m] != trained[m].r["default"])
+    if wrong_rank:
+        found, wanted = sorted(set(ranks.values())), trained[wrong_rank[0]].r["default"]
+        raise UserError(f"--init_lora has rank {found} but --rank is {wanted}; pass --rank {max(found)}")
+    wrong_alpha = sorted(m for m in module_alphas if m in trained and module_alphas[m] != trained[m].lora_alpha["default"])
+    if wrong_alpha:
+        found, wanted = sorted(set(module_alphas.values())), trained[wrong_alpha[0]].lora_alpha["default"]
+        raise UserError(f"--init_lora has alpha {found} but this run uses {wanted}; pass --lora_alpha")
     parameters = {name.replace(".default.", "."): p for name, p in unet.named_parameters() if "lora_" in name}
     for key, value in state.items():
         own = parameters.get(key)
@@ -968,6 +1050,57 @@ def start_from_lora(unet, config: TrainConfig) -> None:
         raise UserError(
             f"--init_lora has layers this run does not train, e.g. {result.unexpected_keys[0]}; check --lora_unet_blocks"
         )
+
+
+def trained_layers(model) -> dict:
+    """{module path: peft layer} of the layers the run's adapter ("default") is on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: layer for name, layer in model.named_modules() if isinstance(layer, BaseTunerLayer) and "default" in getattr(layer, "r", {})}
+
+
+def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
+    """A kohya/LyCORIS file's UNet layers as the run's adapter parameters (`peft_parameters`: the same ΔW), each
+    checked to be of the run's type, form, rank and alpha."""
+    import torch
+
+    from types import SimpleNamespace
+
+    from common.adapters import ADAPTERS, adapter_of_layer, file_layers, peft_parameters
+    from common.lora_formats import file_layer_names, read_safetensors
+
+    targets = file_layer_names(SimpleNamespace(unet=unet))
+    found = file_layers(read_safetensors(file, "--init_lora"))
+    strangers = [name for name in found if name.startswith(("lora_unet_", "lycoris_")) and name not in targets]
+    if strangers:
+        raise UserError(f"--init_lora's layer {strangers[0]!r} names no layer of this model; was it trained on another base model?")
+    layers = {targets[name][1]: tensors for name, tensors in found.items() if name in targets}
+    if not layers:
+        raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
+    trained = trained_layers(unet)
+    untrained = sorted(set(layers) - set(trained))
+    if untrained:
+        raise UserError(f"--init_lora has layers this run does not train, e.g. {untrained[0]}; check --lora_unet_blocks and --conv_rank")
+    adapter = ADAPTERS[config.adapter]
+    with torch.no_grad():
+        for module, tensors in layers.items():
+            kind = adapter_of_layer(tensors, f"--init_lora's {module}")
+            if kind is not adapter:
+                raise UserError(f"--init_lora is a {kind.title}; this run trains a {adapter.title} (pass --adapter {kind.name})")
+            layer = trained[module]
+            rank, alpha = layer.r["default"], (layer.lora_alpha if adapter.name == "lora" else layer.alpha)["default"]
+            own = {name.replace(".default", ""): p for name, p in layer.named_parameters() if ".default" in name}
+            parameters = peft_parameters(adapter, tensors, rank=rank, alpha=alpha)
+            shapes = {name: tuple(value.shape) for name, value in parameters.items()}
+            if shapes != {name: tuple(p.shape) for name, p in own.items()}:
+                raise UserError(f"--init_lora's {module} holds {shapes}, this run's layer {({n: tuple(p.shape) for n, p in own.items()})}: "
+                                "train with the file's --rank, --conv_rank, --decompose_both and --lokr_factor")
+            full_lokr = adapter.name == "lokr" and "lokr_w1" in tensors and "lokr_w2" in tensors  # scale 1, whatever its alpha
+            if "alpha" in tensors and not full_lokr and float(tensors["alpha"]) != alpha:
+                raise UserError(f"--init_lora's {module} has alpha {float(tensors['alpha']):g} but this run uses {alpha:g}; "
+                                "pass --lora_alpha (--conv_alpha for convolutions)")
+            for name, value in parameters.items():
+                own[name].copy_(value.to(own[name].dtype))
 
 
 def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
@@ -1062,9 +1195,13 @@ CHECKPOINT_FILES = ("lora.safetensors", "text_encoder.safetensors", "text_encode
 
 
 def trained_state(model) -> dict:
-    """The parameters a run trains in `model`: LoRA/DoRA factors and pivotal-tuning rows."""
+    """The parameters a run trains in `model`: the adapter's (LoRA/DoRA, LoHa, LoKr) and pivotal-tuning rows."""
+    from common.adapters import TRAINED_PARAMETER_MARKERS
+
     return {
-        n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n or "new_rows" in n
+        n: p.detach().float().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if any(marker in n for marker in (*TRAINED_PARAMETER_MARKERS, "new_rows"))
     }
 
 
@@ -1353,24 +1490,26 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
 
 
 def save_outputs(unet, pipe, caption_encoder, config: TrainConfig) -> None:
-    """diffusers LoRA file, kohya/WebUI copy, pivotal-tuning embeddings, training_args.json and a model
-    card, each written atomically."""
+    """The diffusers LoRA file (LoRA and LoCon: what diffusers loads), the kohya/LyCORIS file WebUI and ComfyUI
+    read (every type but DoRA), pivotal-tuning embeddings, training_args.json and a model card, each written
+    atomically."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from common.lora_formats import kohya_metadata, peft_lora_to_kohya, save_diffusers_lora
+    from common.adapters import ADAPTERS
+    from common.lora_formats import kohya_metadata, save_diffusers_lora, trained_adapter_file
     from common.tokens import save_embedding
 
     output, name = Path(config.output_dir), output_name(config)
     models = {"unet": unet}
     if config.train_text_encoder:
         models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    states = {
-        component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        for component, model in models.items()
-    }
-    lora_configs = {component: model.peft_config["default"].to_dict() for component, model in models.items()}
-    save_diffusers_lora(output, states, lora_configs)
+    if config.adapter == "lora":
+        states = {
+            component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            for component, model in models.items()
+        }
+        save_diffusers_lora(output, states, {component: model.peft_config["default"].to_dict() for component, model in models.items()})
 
     if caption_encoder.rows:
         save_embedding(
@@ -1381,10 +1520,14 @@ def save_outputs(unet, pipe, caption_encoder, config: TrainConfig) -> None:
     if config.use_dora:
         logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
     else:
-        alphas = {component: lora_config["lora_alpha"] for component, lora_config in lora_configs.items()}
-        kohya = peft_lora_to_kohya(states, alphas=alphas, layers_per_block=pipe.unet.config.layers_per_block)
+        state = trained_adapter_file(models, layers_per_block=pipe.unet.config.layers_per_block)
+        network_args = {"algo": "locon" if config.adapter == "lora" and config.conv_rank else config.adapter}
+        if config.conv_rank:
+            network_args |= {"conv_dim": config.conv_rank, "conv_alpha": config.conv_alpha or config.conv_rank}
+        metadata = kohya_metadata(rank=config.rank, alpha=config.lora_alpha or config.rank,
+                                  network_module=ADAPTERS[config.adapter].network_module, network_args=json.dumps(network_args))
         with atomic_path(output / f"{name}.safetensors") as partial:
-            save_file(kohya, str(partial), metadata=kohya_metadata(rank=config.rank, alpha=alphas["unet"]))
+            save_file(state, str(partial), metadata=metadata)
     with atomic_path(output / "training_args.json") as partial:
         partial.write_text(json.dumps(asdict(config), indent=2, default=str))
     with atomic_path(output / "README.md") as partial:
@@ -1414,23 +1557,29 @@ Embedding: copy `{name}_emb.safetensors` as `{name}.safetensors` into WebUI's `e
 `models/embeddings/` and write its name where the tokens were: WebUI `{ui_prompt} <lora:{name}:1>`,
 ComfyUI `{expand_abstractions(config.instance_prompt or "", {a: [f"embedding:{name}"] for a in config.token_map})}`.
 """
-    return f"""# {name}
-
-LoRA (rank {config.rank}{", DoRA" if config.use_dora else ""}{", with text-encoder LoRA" if config.train_text_encoder else ""}) for `{model}`,
-trained with train_lora.py{" (EDM formulation)" if config.edm else ""}{", pivotal tuning" if tokens else ""}.
-
-Trigger prompt: `{prompt}`
-{tokens_line}
-## diffusers
-
-```python
+    kind = {"lora": "LoCon" if config.conv_rank else "LoRA", "loha": "LoHa", "lokr": "LoKr"}[config.adapter]
+    convolutions = f", convolutions at rank {config.conv_rank}" if config.conv_rank else ""
+    if config.adapter == "lora":
+        diffusers = f"""```python
 from diffusers import StableDiffusionXLPipeline
 pipe = StableDiffusionXLPipeline.from_pretrained("{model}")
 pipe.load_lora_weights("{config.output_dir}")
 {embedding_code}image = pipe("{prompt}").images[0]
 ```
 
-or: `python infer.py --model {model} --lora {config.output_dir}{embedding_cli} --prompt "{prompt}"`
+or: """
+    else:  # diffusers' SDXL loader reads no hada_/lokr_ tensors
+        diffusers = f"diffusers' SDXL LoRA loader cannot read a {kind}; use "
+    return f"""# {name}
+
+{kind} (rank {config.rank}{convolutions}{", DoRA" if config.use_dora else ""}{", with text-encoder adapters" if config.train_text_encoder else ""}) for `{model}`,
+trained with train_lora.py{" (EDM formulation)" if config.edm else ""}{", pivotal tuning" if tokens else ""}.
+
+Trigger prompt: `{prompt}`
+{tokens_line}
+## diffusers
+
+{diffusers}`python infer.py --model {model} --lora {config.output_dir}{embedding_cli} --prompt "{prompt}"`
 
 ## WebUI / ComfyUI
 

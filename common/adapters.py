@@ -142,6 +142,29 @@ ADAPTERS: dict[str, AdapterType] = {
     ),
 }
 
+TRAINED_PARAMETER_MARKERS = tuple(prefix for adapter in ADAPTERS.values() for prefix in adapter.peft_prefixes)
+
+
+def peft_config(adapter: AdapterType, *, rank: int, alpha: float, target_modules: list[str], rank_pattern: dict | None = None,
+                alpha_pattern: dict | None = None, dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                use_dora: bool = False, use_tucker: bool = False, decompose_both: bool = False, factor: int = -1):
+    """The peft config that trains `adapter` on `target_modules` (full module paths, each matched exactly), at `rank`
+    and `alpha` except where the patterns (full module paths) say otherwise. LoRA starts from Gaussian A and zero B
+    (the diffusers scripts' init), LoHa and LoKr from peft's defaults (one factor zero), so ΔW starts at 0."""
+    import re
+
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    exact = lambda pattern: {re.escape(name): value for name, value in (pattern or {}).items()}  # noqa: E731
+    shared = {"target_modules": target_modules, "rank_pattern": exact(rank_pattern), "alpha_pattern": exact(alpha_pattern)}
+    if adapter.name == "lora":
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora, init_lora_weights="gaussian", **shared)
+    lycoris = {"r": rank, "alpha": alpha, "rank_dropout": rank_dropout, "module_dropout": module_dropout, "use_effective_conv2d": use_tucker}
+    if adapter.name == "loha":
+        return LoHaConfig(**lycoris, **shared)
+    return LoKrConfig(**lycoris, decompose_both=decompose_both, decompose_factor=factor, **shared)
+
+
 # Other LyCORIS and kohya algorithms, by a tensor that only they write: refused by name rather than misread.
 OTHER_ALGORITHMS = {
     "on_input": "IA3", "a1.weight": "GLoRA", "b1.weight": "GLoRA", "oft_blocks": "OFT/BOFT", "oft_diag": "OFT",
@@ -190,6 +213,23 @@ def file_tensors(adapter: AdapterType, parameters: Tensors, *, rank: int, alpha:
         alpha = rank
     tensors["alpha"] = torch.tensor(float(alpha))
     return tensors
+
+
+def adapter_of_peft_layer(layer) -> AdapterType:
+    """The type of a peft tuner layer (a LoRA, LoHa or LoKr layer), from the parameter names it declares."""
+    for adapter in ADAPTERS.values():
+        if any(name.startswith(adapter.peft_prefixes) for name in layer.adapter_layer_names):
+            return adapter
+    raise ValueError(f"{type(layer).__name__} is no LoRA, LoHa or LoKr layer")
+
+
+def peft_layer_file_tensors(layer, adapter_name: str = "default") -> Tensors:
+    """One peft layer's trained adapter `adapter_name` as the tensors of its kohya/LyCORIS file layer (`file_tensors`)."""
+    adapter = adapter_of_peft_layer(layer)
+    parameters = {name.replace(f".{adapter_name}", ""): value for name, value in layer.named_parameters()
+                  if f".{adapter_name}" in name and name.startswith(adapter.peft_prefixes) and "magnitude" not in name}
+    alpha = (layer.lora_alpha if adapter.name == "lora" else layer.alpha)[adapter_name]
+    return file_tensors(adapter, parameters, rank=layer.r[adapter_name], alpha=alpha)
 
 
 def peft_parameters(adapter: AdapterType, tensors: Tensors, *, rank: int, alpha: float) -> Tensors:

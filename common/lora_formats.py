@@ -414,6 +414,23 @@ def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:
     return kohya
 
 
+def trained_adapter_file(models: dict, *, layers_per_block: int = 2, adapter_name: str = "default") -> dict:
+    """The kohya/LyCORIS file of a trained adapter (LoRA, LoCon, LoHa, LoKr) on the pipeline's `models`
+    ({component: model}): every peft layer's tensors (`peft_layer_file_tensors`) under its kohya name, which
+    WebUI, ComfyUI and our loader read."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from common.adapters import peft_layer_file_tensors
+
+    state = {}
+    for component, model in models.items():
+        for path, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer) and adapter_name in getattr(layer, "r", {}):
+                name = kohya_module_name(component, path, layers_per_block)
+                state |= {f"{name}.{tensor}": value for tensor, value in peft_layer_file_tensors(layer, adapter_name).items()}
+    return state
+
+
 def peft_lora_to_kohya(states: dict[str, dict], *, alphas: dict | None = None, layers_per_block: int = 2) -> dict:
     """peft state dicts per component in kohya naming (`kohya_module_name`), each component's alpha a number
     or a function of the module; a component without one gets alpha = rank per layer (scale 1)."""
@@ -441,10 +458,12 @@ def kohya_part(key: str) -> str | None:
     return None
 
 
-def kohya_metadata(*, rank: int | None = None, alpha: float | None = None, **fields: str) -> dict[str, str]:
-    """kohya's `ss_*` metadata of an SDXL LoRA file, as WebUI and ComfyUI display it: the network module
-    and base model always, rank and alpha where one holds for the file, and ss_<name> for each further field."""
-    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
+def kohya_metadata(*, rank: int | None = None, alpha: float | None = None, network_module: str = "networks.lora",
+                   **fields: str) -> dict[str, str]:
+    """kohya's `ss_*` metadata of an SDXL LoRA file, as WebUI and ComfyUI display it: the network module (kohya's
+    networks.lora, or lycoris.kohya with its algorithm in ss_network_args) and base model always, rank and alpha where
+    one holds for the file, and ss_<name> for each further field."""
+    metadata = {"ss_network_module": network_module, "ss_base_model_version": "sdxl_base_v1-0"}
     if rank is not None:
         metadata["ss_network_dim"] = str(rank)
     if alpha is not None:
