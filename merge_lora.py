@@ -18,6 +18,7 @@ for ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -38,18 +39,34 @@ DELTA_METHODS = ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  
 SVD_ALIASES = {f"{name}_svd": name for name in DELTA_METHODS if name != "svd"}
 METHODS = (*EXACT_METHODS, *DELTA_METHODS, *SVD_ALIASES, "ziplora", "blora")
 RANK_CHOICES = ("sum", "max", "full")
+# Layers without LoRA factors (LoHa, LoKr inputs) are stored at the smallest rank within this relative error, at most
+# DEFAULT_MAX_RANK; see bench/RESULTS.md for the sizes and errors behind the choice.
+DEFAULT_ERROR_TARGET = 0.01
+DEFAULT_MAX_RANK = 128
 
 
 @dataclass
 class LayerLoRA:
-    """One layer of one LoRA: dW = scale * up @ down."""
+    """One layer of one input, of weight `shape` (out, in[, kh, kw]): dW = scale * up @ down from a LoRA's factors
+    (up (out, r), down (r, in kh kw)), or, for a LoHa, LoKr or Tucker LoCon layer, which have no such factors, dW of
+    its file tensors by its type's formula (`common.adapters`), made when asked for."""
 
-    down: torch.Tensor  # (rank, in)
-    up: torch.Tensor  # (out, rank)
-    scale: float
+    shape: tuple[int, ...]
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    scale: float = 1.0
+    tensors: dict | None = None  # a layer without LoRA factors: its file tensors, with `adapter` its type
+    adapter: object = None
+
+    @property
+    def factored(self) -> bool:
+        return self.tensors is None
 
     def delta(self) -> torch.Tensor:
-        return self.scale * self.up.double() @ self.down.double()
+        """dW as a float64 (out, in kh kw) matrix."""
+        if self.factored:
+            return self.scale * self.up.double() @ self.down.double()
+        return self.adapter.delta({k: v.double() for k, v in self.tensors.items()}, self.shape).reshape(self.shape[0], -1)
 
 
 @dataclass
@@ -62,10 +79,11 @@ class InputLoRA:
 
 @dataclass
 class MergedLayer:
-    down: torch.Tensor
-    up: torch.Tensor
+    down: torch.Tensor  # (r, in kh kw)
+    up: torch.Tensor  # (out, r)
     relative_error: float = 0.0  # ||dW - up @ down|| / ||dW|| of the factors as written, against the method's dW
     norm: float = 0.0  # ||dW||: weighs the layer in the overall error
+    capped: bool = False  # its rank stopped at --max_rank above the error target
 
 
 # ---------------------------------------------------------------- the merge methods, on delta weights
@@ -81,25 +99,35 @@ def linear_merge_factors(layers: list[LayerLoRA | None], weights: list[float]) -
     return MergedLayer(down, up)
 
 
-def layer_rank(rank: int | str, input_ranks: list[int], shape: tuple[int, int]) -> int:
-    """The rank a re-factorised layer is stored at: --rank N, the ranks of the inputs that have the layer added
-    ("sum"), the largest of them ("max"), or min(out, in) ("full"), where the factorisation is exact."""
-    chosen = {"sum": sum(input_ranks), "max": max(input_ranks), "full": min(shape)}.get(rank, rank)
-    return min(chosen, min(shape))
+def layer_rule(rank, layers: list[LayerLoRA], shape: tuple[int, int], max_rank: int):
+    """The `RankRule` of a re-factorised layer: --rank's rule as it is, or for the named rules min(out, in) ("full",
+    exact), the ranks of the inputs that have the layer added ("sum"), or the largest of them ("max"). A layer with
+    an input that has no LoRA factors (LoHa, LoKr) has no rank to add: "sum", "max" and the exact methods take the
+    default error target there, capped at `max_rank`."""
+    from common.lora_formats import RankRule
+
+    if rank is not None and not isinstance(rank, str):
+        return rank
+    if rank == "full":
+        return RankRule(rank=min(shape))
+    if rank is None or not all(layer.factored for layer in layers):
+        return RankRule(error=DEFAULT_ERROR_TARGET, cap=max_rank)
+    ranks = [layer.down.shape[0] for layer in layers]
+    return RankRule(rank=min(sum(ranks) if rank == "sum" else max(ranks), min(shape)))
 
 
-def factorise(delta: torch.Tensor, rank: int) -> MergedLayer:
-    """dW = up @ down at `rank`: the truncated SVD (the best rank-r approximation) below min(out, in); at it, dW
-    itself against the identity on its smaller side, exact without an SVD (one float64 SVD per SDXL layer
-    takes most of an hour for a LoRA)."""
+def factorise(delta: torch.Tensor, rule) -> MergedLayer:
+    """dW = up @ down by the rule (`low_rank_factors`: the truncated SVD, the best rank-r approximation); a fixed
+    rank of min(out, in) or more is dW itself against the identity on its smaller side, exact without an SVD (one
+    float64 SVD per SDXL layer takes most of an hour for a LoRA)."""
     import torch
 
-    from common.lora_formats import svd_factors
+    from common.lora_formats import low_rank_factors
 
     out_features, in_features = delta.shape
-    if rank < min(out_features, in_features):
-        up, down, _ = svd_factors(delta, rank)
-        return MergedLayer(down, up)
+    if rule.rank is None or rule.rank < min(out_features, in_features):
+        factors = low_rank_factors(delta, rule)
+        return MergedLayer(factors.down, factors.up, capped=factors.capped)
     if out_features <= in_features:
         return MergedLayer(delta, torch.eye(out_features, dtype=delta.dtype))
     return MergedLayer(torch.eye(in_features, dtype=delta.dtype), delta)
@@ -128,7 +156,7 @@ def stored(layer: MergedLayer, dtype: torch.dtype, delta: torch.Tensor | None = 
     else:
         norm = float(torch.linalg.norm(delta))
         residual = float(torch.linalg.norm(delta.double() - up_out.double() @ down_out.double()))
-    return MergedLayer(down_out, up_out, residual / norm if norm > 0 else 0.0, norm)
+    return MergedLayer(down_out, up_out, residual / norm if norm > 0 else 0.0, norm, layer.capped)
 
 
 def overall_error(merged: dict[str, MergedLayer]) -> float:
@@ -221,7 +249,8 @@ def main(
     method: Annotated[str, typer.Option(*flags("method"), help=", ".join(METHODS))] = "linear",
     density: Annotated[float, typer.Option(*flags("density"), help="fraction kept by TIES, DARE and magnitude pruning")] = 0.5,
     majority_sign_method: Annotated[str, typer.Option(*flags("majority_sign_method"), help="total or frequency")] = "total",
-    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="stored rank of svd, ties, dare_*, magnitude_prune: N, sum (the inputs' ranks added), max (the largest) or full (exact; large); default sum, max for svd and the *_svd names")] = None,
+    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="stored rank of svd, ties, dare_*, magnitude_prune: N, P% (per layer the smallest rank within P% relative error, e.g. 1%), sum (the inputs' ranks added), max (the largest) or full (exact; large); default sum, max for svd and the *_svd names")] = None,
+    max_rank: Annotated[int, typer.Option(*flags("max_rank"), help="the most an error target (P%, and LoHa/LoKr inputs' default) may store")] = DEFAULT_MAX_RANK,
     save_precision: Annotated[str, typer.Option(*flags("save_precision"), help="fp16 (as the UIs load LoRAs), bf16 or fp32")] = "fp16",
     seed: Annotated[int, typer.Option(*flags("seed"), help="DARE's random drops; ZipLoRA's noise")] = 0,
     kohya: Annotated[bool, typer.Option(*flags("kohya"), help="also write the WebUI/ComfyUI (kohya) file")] = False,
@@ -251,14 +280,21 @@ def main(
     specs = [parse_weighted_path(spec) for spec in lora]
     validate(method, specs, density=density, sign=majority_sign_method, save_precision=save_precision, penalty=ziplora_penalty,
              fuse_into=fuse_into, save_pipeline=save_pipeline, steps=ziplora_steps)
-    rank_choice = parse_rank(rank, method)
+    if max_rank < 1:
+        raise UserError(f"--max_rank must be at least 1, got {max_rank}")
+    rank_choice = parse_rank(rank, method, max_rank)
     check_outputs(out, save_pipeline, [path for path, _ in specs], force=force)
     precision = parse_dtype(save_precision)
     modules = model_modules_on_meta(model)
-    inputs = [read_input(path, weight) for path, weight in specs]
+    inputs = [read_input(path, weight, modules) for path, weight in specs]
     for lora_input in inputs:
         check_fits(lora_input, modules, model)
     check_compatible(inputs)
+    if method in ("ziplora", "blora"):
+        unfactored = next((i.path for i in inputs if not all(layer.factored for layer in i.layers.values())), None)
+        if unfactored is not None:
+            raise UserError(f"--method {method} merges LoRA factors; {str(unfactored)!r} is a LoHa, LoKr or Tucker LoCon: "
+                            "use linear, svd, ties, dare_linear, dare_ties or magnitude_prune")
     if method == "ziplora":
         pipe = load_base(model, *device_and_dtype(device, dtype))
         merged, report = zip_merge(pipe, inputs, content_data=content_data, content_prompt=content_prompt, style_data=style_data,
@@ -268,19 +304,25 @@ def main(
         merged, report = block_merge(inputs, blocks=blocks, content_alpha=content_alpha, style_alpha=style_alpha, precision=precision)
     else:
         merged, report = merge_layers(inputs, SVD_ALIASES.get(method, method), density=density, sign=majority_sign_method,
-                                      rank=rank_choice, seed=seed, precision=precision)
+                                      rank=rank_choice, seed=seed, precision=precision, max_rank=max_rank)
+    capped = [name for name, layer in merged.items() if layer.capped]
+    if capped:
+        worst = max(capped, key=lambda name: merged[name].relative_error)
+        typer.echo(f"note: {len(capped)} layer(s) stopped at --max_rank {max_rank} above their error target; the largest "
+                   f"error is {merged[worst].relative_error:.2%} in {worst} (a larger --max_rank lowers it)")
     size = stored_bytes(merged, kohya=kohya)
     if size > LARGE_FILE_BYTES:
         typer.echo(large_file_notice(size, save_precision, method))
-    token_lines = write_outputs(merged, inputs, out, kohya=kohya, layers_per_block=modules["unet"].config.layers_per_block,
-                                report={"method": method, "model": model, "density": density, "rank": rank_choice or "exact",
+    shapes = {name: layer.shape for lora_input in inputs for name, layer in lora_input.layers.items()}
+    token_lines = write_outputs(merged, inputs, out, kohya=kohya, layers_per_block=modules["unet"].config.layers_per_block, shapes=shapes,
+                                report={"method": method, "model": model, "density": density, "rank": describe_rank(rank_choice),
                                         "save_precision": save_precision, "seed": seed, **report, **error_report(merged)})
     for line in token_lines:
         typer.echo(line)
     if fuse_into:
         fuse(fuse_into, out, save_pipeline)
     typer.echo(f"merged {len(inputs)} LoRAs with {method} into {out}/: {size / 2**20:.1f} MiB of {save_precision} factors"
-               f"{f' at rank {rank_choice}' if rank_choice else ''}, {error_summary(merged)}")
+               f"{f' at rank {describe_rank(rank_choice)}' if rank_choice else ''}, {error_summary(merged)}")
 
 
 def check_outputs(out: Path, save_pipeline: Path | None, inputs: list[Path], *, force: bool) -> None:
@@ -322,22 +364,31 @@ def validate(method, specs, *, density, sign, save_precision, penalty, fuse_into
         raise UserError("--fuse_into MODEL and --save_pipeline DIR go together")
 
 
-def parse_rank(text: str | None, method: str) -> int | str | None:
-    """--rank as a number or a rule (sum, max, full) for the re-factorising methods; None for the exact ones.
-    Default: sum, as large as the inputs together (what linear stores exactly, and exact wherever the method
-    leaves dW inside the inputs' span, as DARE and magnitude pruning do at density 1); max for svd and the
-    *_svd names, whose point is a small file."""
+def parse_rank(text: str | None, method: str, max_rank: int = 0):
+    """--rank for the re-factorising methods: a rule (sum, max, full) or a `RankRule` (a number, or an error target
+    P% capped at --max_rank); None for the exact ones, which store LoRA inputs exactly. Default: sum, as large as
+    the inputs together (what linear stores exactly, and exact wherever the method leaves dW inside the inputs'
+    span, as DARE and magnitude pruning do at density 1); max for svd and the *_svd names, whose point is a small
+    file."""
+    from common.lora_formats import parse_rank_rule
+
     if method not in DELTA_METHODS and method not in SVD_ALIASES:
         if text is not None:
-            raise UserError(f"--rank applies to {', '.join(DELTA_METHODS)} and the *_svd names; {method} stores its layers exactly")
+            raise UserError(f"--rank applies to {', '.join(DELTA_METHODS)} and the *_svd names; {method} stores LoRA inputs exactly "
+                            f"(and LoHa/LoKr inputs at the default error target)")
         return None
     if text is None:
         return "max" if method == "svd" or method in SVD_ALIASES else "sum"
-    if text in RANK_CHOICES:
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"--rank must be a positive integer, {', '.join(RANK_CHOICES)}; got {text!r}")
-    return int(text)
+    return parse_rank_rule(text, "--rank", named=RANK_CHOICES, cap=max_rank or None)
+
+
+def describe_rank(rank) -> str:
+    """--rank as given: a rule's name, a number, an error target (1%, at most 128), or exact (None)."""
+    if rank is None or isinstance(rank, str):
+        return rank or "exact"
+    if rank.error is None:
+        return str(rank.rank)
+    return f"{100 * rank.error:g}%" + (f" (at most {rank.cap})" if rank.cap else "")
 
 
 def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
@@ -353,12 +404,17 @@ def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype
     return pipe
 
 
-def read_input(path: Path, weight: float) -> InputLoRA:
-    """One LoRA in any format (diffusers/peft or kohya, through diffusers' converters) as fp32 factors per
-    layer, read from its file: loading it into a bf16 model would round the factors to bf16."""
-    from common.lora_formats import is_dora, lora_file, read_peft_lora
+def read_input(path: Path, weight: float, modules: dict) -> InputLoRA:
+    """One input in any format as its layers, read from its file in fp32 (loading it into a bf16 model would round
+    its factors to bf16): a diffusers/peft LoRA through diffusers' converters, a kohya/LyCORIS file (LoRA, LoCon,
+    LoHa, LoKr) by its layer names on the base model's `modules` (meta-device models, for names and shapes)."""
+    from common.lora_formats import is_dora, is_kohya_format, lora_file, read_peft_lora, safetensors_keys
 
     file = lora_file(path)
+    embeddings = sorted(file.parent.glob("*_emb.safetensors"))
+    embedding = embeddings[0] if embeddings else None
+    if is_kohya_format(safetensors_keys(file, "LoRA")):
+        return InputLoRA(path, weight, kohya_input_layers(file, modules, path), embedding)
     try:
         states, alphas = read_peft_lora(file)
     except (OSError, ValueError, KeyError) as error:
@@ -370,25 +426,63 @@ def read_input(path: Path, weight: float) -> InputLoRA:
                             "bake it into a plain LoRA first (convert_for_webui.py)")
         for module, alpha in alphas[component].items():
             down, up = state[f"{module}.lora_A.weight"].float(), state[f"{module}.lora_B.weight"].float()
-            layers[f"{component}.{module}"] = LayerLoRA(down, up, float(alpha) / down.shape[0])
-    embeddings = sorted(file.parent.glob("*_emb.safetensors"))
-    return InputLoRA(path, weight, layers, embeddings[0] if embeddings else None)
+            layers[f"{component}.{module}"] = LayerLoRA((up.shape[0], *down.shape[1:]), down.flatten(1), up.flatten(1),
+                                                        float(alpha) / down.shape[0])
+    return InputLoRA(path, weight, layers, embedding)
+
+
+def kohya_input_layers(file: Path, modules: dict, path: Path) -> dict[str, LayerLoRA]:
+    """A kohya/LyCORIS file's layers: LoRA factors where the layer has them (LoRA, LoCon), its file tensors where it
+    has none (LoHa, LoKr, Tucker LoCon); a layer naming no module of the base, or a DoRA layer, refused in one line."""
+    from types import SimpleNamespace
+
+    from common.adapters import adapter_of_layer, alpha_scale, file_layers
+    from common.lora_formats import file_layer_names, read_safetensors
+
+    targets = file_layer_names(SimpleNamespace(**modules))
+    layers = {}
+    for name, tensors in file_layers(read_safetensors(file, "LoRA")).items():
+        if name not in targets:
+            raise UserError(f"LoRA {str(path)!r} does not match the base model: its layer {name!r} names no layer of it; "
+                            "was it trained for another base?")
+        component, module = targets[name]
+        adapter = adapter_of_layer(tensors, f"layer {name} of {str(path)!r}")
+        if "dora_scale" in tensors:
+            raise UserError(f"{str(path)!r} is a DoRA: merging DoRA magnitudes is not supported yet; "
+                            "bake it into a plain LoRA first (convert_for_webui.py)")
+        shape = tuple(modules[component].get_submodule(module).weight.shape)
+        if adapter.name == "lora" and "lora_mid.weight" not in tensors:
+            down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
+            layer = LayerLoRA(shape, down.flatten(1), up.flatten(1), alpha_scale(tensors, down.shape[0]))
+        else:
+            layer = LayerLoRA(shape, tensors={k: v.float() for k, v in tensors.items()}, adapter=adapter)
+        layers[f"{component}.{module}"] = layer
+    return layers
 
 
 def check_fits(lora: InputLoRA, modules: dict, model: str) -> None:
-    """Every layer of the LoRA is a Linear of the base model with the LoRA's shapes: a LoRA for another base is
-    refused with the first layer that does not fit, never merged partially."""
+    """Every layer of the input is a Linear or Conv2d of the base model with the input's shapes (and a LoHa or
+    LoKr layer's tensors make a dW of that shape): an input for another base is refused with the first layer that
+    does not fit, never merged partially."""
     import torch
 
     named = {component: dict(model.named_modules()) for component, model in modules.items()}
     for name, layer in lora.layers.items():
         component, module_name = name.split(".", 1)
         module = named.get(component, {}).get(module_name)
-        wanted = (layer.up.shape[0], layer.down.shape[1])
-        if not isinstance(module, torch.nn.Linear) or (module.out_features, module.in_features) != wanted:
-            found = f"a {module.out_features}x{module.in_features} Linear" if isinstance(module, torch.nn.Linear) else "no such Linear"
-            raise UserError(f"LoRA {str(lora.path)!r} does not match model {model!r}: its layer {name} is {wanted[0]}x{wanted[1]}, "
-                            f"the model has {found}; was it trained for another base?")
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and tuple(module.weight.shape) == layer.shape:
+            shapes = {k: v.to("meta") if k != "alpha" else v for k, v in (layer.tensors or {}).items()}
+            try:
+                if shapes:
+                    layer.adapter.delta(shapes, layer.shape)
+                elif layer.up.shape[0] * layer.down.shape[1] != math.prod(layer.shape):
+                    raise RuntimeError("factors of another shape")
+                continue
+            except RuntimeError:
+                pass
+        found = f"a {tuple(module.weight.shape)} {type(module).__name__}" if hasattr(module, "weight") else "no such layer"
+        raise UserError(f"LoRA {str(lora.path)!r} does not match model {model!r}: its layer {name} is {layer.shape}, "
+                        f"the model has {found}; was it trained for another base?")
 
 
 def check_compatible(inputs: list[InputLoRA]) -> None:
@@ -398,10 +492,11 @@ def check_compatible(inputs: list[InputLoRA]) -> None:
                         f"{inputs[1].path} has e.g. {sorted(names[1])[:2]}")
 
 
-def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: str, rank: int | str | None, seed: int,
-                 precision: torch.dtype):
-    """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0): linear and cat stored
-    exactly, the rest re-factorised at `rank` (a number, or the rule of layer_rank) with their error against dW."""
+def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: str, rank, seed: int, precision: torch.dtype,
+                 max_rank: int = 0):
+    """Every layer any input has, merged by `method` on dW (absent inputs count as dW = 0): linear and cat of LoRA
+    factors stored exactly; the rest, and a linear or cat layer with a LoHa or LoKr input, re-factorised by
+    `layer_rule(rank)` with their error against dW."""
     import torch
 
     torch.manual_seed(seed)  # DARE's random drops
@@ -409,16 +504,17 @@ def merge_layers(inputs: list[InputLoRA], method: str, *, density: float, sign: 
     merged = {}
     for name in sorted(set().union(*[i.layers for i in inputs])):
         layers = [i.layers.get(name) for i in inputs]
-        if method in EXACT_METHODS:
+        present = [layer for layer in layers if layer is not None]
+        if method in EXACT_METHODS and all(layer.factored for layer in present):
             merged[name] = stored(linear_merge_factors(layers, weights), precision)
             continue
-        present = [layer for layer in layers if layer is not None]
-        shape = (present[0].up.shape[0], present[0].down.shape[1])
-        if isinstance(rank, int) and rank > min(shape):
-            raise UserError(f"--rank {rank} is larger than layer {name} allows ({min(shape)})")
+        shape = (present[0].shape[0], math.prod(present[0].shape[1:]))
+        rule = layer_rule(rank, present, shape, max_rank or DEFAULT_MAX_RANK)
+        if rule.rank is not None and rule.rank > min(shape):
+            raise UserError(f"--rank {rule.rank} is larger than layer {name} allows ({min(shape)})")
         deltas = [layer.delta() if layer is not None else torch.zeros(shape, dtype=torch.float64) for layer in layers]
-        delta = merged_delta(method, deltas, weights, density, sign)
-        merged[name] = stored(factorise(delta, layer_rank(rank, [layer.down.shape[0] for layer in present], shape)), precision, delta)
+        delta = merged_delta("svd" if method in EXACT_METHODS else method, deltas, weights, density, sign)
+        merged[name] = stored(factorise(delta, rule), precision, delta)
     return merged, {}
 
 
@@ -473,7 +569,7 @@ class ZipLayer:
         import torch
 
         device = base.weight.device
-        self.content, self.style = (LayerLoRA(l.down.to(device), l.up.to(device), l.scale) for l in (content, style))
+        self.content, self.style = (LayerLoRA(l.shape, l.down.to(device), l.up.to(device), l.scale) for l in (content, style))
         self.m_content = torch.nn.Parameter(torch.ones(base.in_features, device=device))
         self.m_style = torch.nn.Parameter(torch.ones(base.in_features, device=device))
         self.mode = "merged"
@@ -653,8 +749,10 @@ def merged_embeddings(inputs: list[InputLoRA]):
     return (torch.cat(clip_l), torch.cat(clip_g), tokens), lines
 
 
-def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bool, layers_per_block: int, report: dict) -> list[str]:
-    """diffusers LoRA (scale 1 per layer: alpha = rank), optional kohya copy, merged embedding, JSON report."""
+def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bool, layers_per_block: int, report: dict,
+                  shapes: dict | None = None) -> list[str]:
+    """diffusers LoRA (scale 1 per layer: alpha = rank), optional kohya copy, merged embedding, JSON report. A
+    convolution's factors take LoCon's shapes: down (r, in, kh, kw), up (out, r, 1, 1)."""
     from safetensors.torch import save_file
 
     from common.files import atomic_path
@@ -665,8 +763,10 @@ def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bo
     states: dict[str, dict] = {}
     for name, layer in merged.items():
         component, module = name.split(".", 1)
-        states.setdefault(component, {})[f"{module}.lora_A.weight"] = layer.down.contiguous()
-        states[component][f"{module}.lora_B.weight"] = layer.up.contiguous()
+        shape = (shapes or {}).get(name, ())
+        down, up = (layer.down.reshape(-1, *shape[1:]), layer.up.reshape(*layer.up.shape, 1, 1)) if len(shape) == 4 else (layer.down, layer.up)
+        states.setdefault(component, {})[f"{module}.lora_A.weight"] = down.contiguous()
+        states[component][f"{module}.lora_B.weight"] = up.contiguous()
     save_diffusers_lora(out, states)
     if kohya:
         with atomic_path(out / f"{out.resolve().name}.safetensors") as partial:

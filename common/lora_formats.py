@@ -567,30 +567,90 @@ def balanced_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor
 
 
 def svd_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """dW ~= up @ down: down = V_r^T, the top-`rank` right singular vectors of dW, up = dW V_r (= U_r S_r), the
-    best rank-r approximation (Eckart-Young), and its relative Frobenius error ||dW - up down|| / ||dW||;
-    rank None keeps every singular vector (exact up to rounding).
+    """dW ~= up @ down at a fixed `rank` (None: every singular vector, exact up to rounding), with the relative
+    Frobenius error ||dW - up down|| / ||dW||: `low_rank_factors` with a fixed rank."""
+    factors = low_rank_factors(delta, RankRule(rank=rank))
+    return factors.up, factors.down, factors.error
 
-    A rank far below a large layer's size is found by randomized subspace iteration (Halko, Martinsson & Tropp
-    2011, Alg. 4.4, as torch.svd_lowrank: 8 extra columns, 4 power iterations) instead of a full SVD: one
-    float64 SVD of an SDXL 1280x2048 projection takes seconds on a CPU, the 736 layers of a LoRA most of an
-    hour. Its subspace is optimal up to a small factor on the discarded energy; the error reported is
-    measured, not assumed. Its random start comes from a fixed seed, apart from the global RNG.
-    """
+
+@dataclass(frozen=True)
+class RankRule:
+    """How a re-factorised layer's rank is chosen: a fixed `rank` (None: full), or the smallest rank whose relative
+    Frobenius error is at most `error`, never above `cap`."""
+
+    rank: int | None = None
+    error: float | None = None
+    cap: int | None = None
+
+
+@dataclass(frozen=True)
+class LowRank:
+    up: torch.Tensor  # (out, r), float32
+    down: torch.Tensor  # (r, in)
+    error: float  # ||dW - up down|| / ||dW||, measured
+    capped: bool = False  # the error target needed more than the cap allows
+
+
+def parse_rank_rule(text: str, option: str, *, named: tuple[str, ...] = (), cap: int | None = None):
+    """--rank as a `RankRule` target from `P%` (e.g. 1%: the smallest rank with at most 1% relative error), a positive
+    number, or one of `named` (returned as it is); one line naming the option for anything else."""
+    if text in named:
+        return text
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent < 100:
+            raise UserError(f"{option} {text!r}: an error target is a percentage between 0 and 100, e.g. 1%")
+        return RankRule(error=percent / 100, cap=cap)
+    if not text.isdigit() or int(text) < 1:
+        choices = ", ".join(("N", "P% (an error target, e.g. 1%)", *named))
+        raise UserError(f"{option} {text!r}: give one of {choices}")
+    return RankRule(rank=int(text))
+
+
+def low_rank_factors(delta: torch.Tensor, rule: RankRule) -> LowRank:
+    """dW ~= up @ down by the truncated SVD, the best rank-r approximation (Eckart & Young 1936): down = V_r^T, the top
+    right singular vectors, up = dW V_r (= U_r S_r), its relative error sqrt(sum_{i>r} s_i^2 / sum s_i^2). The rank is
+    the rule's, or the smallest meeting its error target (the measured error, raised one rank at a time where the
+    estimate falls short), stopping at its cap.
+
+    Where the ranks wanted are far below a large layer's size, the singular vectors come from randomized subspace
+    iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4, as torch.svd_lowrank: 8 extra columns, 4 power iterations)
+    instead of a full SVD: one float64 SVD of an SDXL 1280x2048 projection takes seconds on a CPU, the 736 layers of
+    a LoRA most of an hour. Its random start comes from a fixed seed, apart from the global RNG."""
     import torch
 
     delta = delta.double()
     size = min(delta.shape)
-    r = size if rank is None else min(rank, size)
-    if size >= 256 and 4 * (r + 8) <= size:
+    limit = min(rule.rank or rule.cap or size, size) if rule.error is None or rule.cap else size
+    if size >= 256 and 4 * (limit + 8) <= size:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            basis = torch.svd_lowrank(delta, q=r + 8, niter=4)[2][:, :r]
+            _, singular_values, basis = torch.svd_lowrank(delta, q=limit + 8, niter=4)
     else:
-        basis = torch.linalg.svd(delta, full_matrices=False)[2][:r].T
-    up = delta @ basis
-    error = float(torch.linalg.norm(delta - up @ basis.T) / torch.linalg.norm(delta).clamp_min(1e-30))
-    return up.float().contiguous(), basis.T.float().contiguous(), error
+        _, singular_values, right = torch.linalg.svd(delta, full_matrices=False)
+        basis = right.T
+    singular_values, basis = singular_values[:limit], basis[:, :limit]
+    norm = torch.linalg.norm(delta).clamp_min(1e-30)
+
+    def measured(rank: int) -> float:
+        kept = basis[:, :rank]
+        return float(torch.linalg.norm(delta - (delta @ kept) @ kept.T) / norm)
+
+    if rule.error is None:
+        rank = limit
+    else:
+        tail = (norm**2 - torch.cumsum(singular_values**2, 0)).clamp_min(0).sqrt() / norm
+        meets = (tail <= rule.error).nonzero()
+        rank = int(meets[0]) + 1 if len(meets) else limit
+        while rank < limit and measured(rank) > rule.error:
+            rank += 1
+    error = measured(rank)
+    up = delta @ basis[:, :rank]
+    capped = rule.error is not None and error > rule.error
+    return LowRank(up.float().contiguous(), basis[:, :rank].T.float().contiguous(), error, capped)
 
 
 def kohya_to_peft(file: Path, base_weight: BaseWeight | None = None) -> tuple[dict[str, dict], dict[str, dict]]:

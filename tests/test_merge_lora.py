@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merge_lora
-from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK
+from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, load_loras
 from helpers import generate_array, load_pipe, make_peft_lora, run_cli
 
 
@@ -49,7 +50,7 @@ def full_deltas(path: Path) -> dict[str, torch.Tensor]:
 def merged_deltas(folder: Path) -> dict[str, torch.Tensor]:
     """dW of the merged file: every layer is stored at scale 1 (alpha = rank)."""
     state = load_file(folder / "pytorch_lora_weights.safetensors")
-    return {k.removesuffix(".lora_A.weight"): state[k.replace("lora_A", "lora_B")].double() @ state[k].double()
+    return {k.removesuffix(".lora_A.weight"): state[k.replace("lora_A", "lora_B")].double().flatten(1) @ state[k].double().flatten(1)
             for k in state if k.endswith("lora_A.weight")}
 
 
@@ -143,7 +144,7 @@ def test_peft_linear_adds_cross_terms_that_ours_does_not():
     weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
     peft_linear = task_arithmetic([b1, b2], weights.sqrt()) @ task_arithmetic([a1, a2], weights.sqrt())
     peft_on_deltas = task_arithmetic([b1 @ a1, b2 @ a2], weights)
-    layer = merge_lora.linear_merge_factors([merge_lora.LayerLoRA(a1, b1, 1.0), merge_lora.LayerLoRA(a2, b2, 1.0)], weights.tolist())
+    layer = merge_lora.linear_merge_factors([merge_lora.LayerLoRA((b1.shape[0], a1.shape[1]), a1, b1, 1.0), merge_lora.LayerLoRA((b2.shape[0], a2.shape[1]), a2, b2, 1.0)], weights.tolist())
     ours = layer.up.double() @ layer.down.double()
     torch.testing.assert_close(ours, peft_on_deltas, rtol=1e-6, atol=1e-6)
     cross_terms = float((peft_linear - peft_on_deltas).abs().max())
@@ -177,8 +178,8 @@ def test_blora_keeps_only_the_named_blocks_scaled_linearly(two_loras, tiny_sdxl_
 
 
 def test_ziplora_export_is_exactly_the_column_scaled_sum():
-    content = merge_lora.LayerLoRA(torch.randn(4, 16), torch.randn(8, 4), 2.0)
-    style = merge_lora.LayerLoRA(torch.randn(2, 16), torch.randn(8, 2), 0.5)
+    content = merge_lora.LayerLoRA((8, 16), torch.randn(4, 16), torch.randn(8, 4), 2.0)
+    style = merge_lora.LayerLoRA((8, 16), torch.randn(2, 16), torch.randn(8, 2), 0.5)
     m_c, m_s = torch.rand(16), torch.rand(16)
     layer = merge_lora.zip_lora_factors(content, style, m_c, m_s)
     assert layer.down.shape == (6, 16) and layer.up.shape == (8, 6)
@@ -214,7 +215,8 @@ BAD = {
     "weight that is not finite": (["--lora", "SECOND:nan"], "is not a finite number", 1),
     "density out of range": (["--density", "1.5"], "--density must be in (0, 1], got 1.5", 2),
     "rank larger than the layer": (["--method", "svd", "--rank", "4096"], "is larger than layer", 2),
-    "rank that is no rule": (["--method", "ties", "--rank", "half"], "--rank must be a positive integer, sum, max, full; got 'half'", 2),
+    "rank that is no rule": (["--method", "ties", "--rank", "half"], "--rank 'half': give one of N, P% (an error target, e.g. 1%), sum, max, full", 2),
+    "error target out of range": (["--method", "ties", "--rank", "150%"], "--rank '150%': an error target is a percentage between 0 and 100", 2),
     "rank for an exact method": (["--method", "linear", "--rank", "4"], "--rank applies to svd, ties", 2),
     "unknown precision": (["--save_precision", "fp8"], "--save_precision must be fp32, fp16, bf16, got 'fp8'", 2),
     "unknown method": (["--method", "average"], "unknown --method 'average'", 2),
@@ -500,14 +502,17 @@ def test_a_default_ties_merge_of_sdxl_shaped_loras_is_as_large_as_the_inputs_wit
               for component, (model, targets) in models.items() for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + t for t in targets))}
     input_bytes = sum(2 * 32 * (out_f + in_f) for out_f, in_f in shapes.values())  # one rank-32 fp16 LoRA
-    default_bytes = sum(2 * merge_lora.layer_rank("sum", [32, 32], s) * sum(s) for s in shapes.values())
-    full_bytes = sum(4 * merge_lora.layer_rank("full", [32, 32], s) * sum(s) for s in shapes.values())
+    rank_32 = merge_lora.LayerLoRA((1, 1), torch.zeros(32, 1), torch.zeros(1, 32))
+    rank = lambda rule, shape: merge_lora.layer_rule(rule, [rank_32, rank_32], shape, 128).rank  # noqa: E731
+    default_bytes = sum(2 * rank("sum", s) * sum(s) for s in shapes.values())
+    full_bytes = sum(4 * rank("full", s) * sum(s) for s in shapes.values())
     assert default_bytes == 2 * input_bytes < merge_lora.LARGE_FILE_BYTES < full_bytes, (len(shapes), input_bytes, full_bytes)
 
     generator = torch.Generator().manual_seed(0)
     one_per_shape = {shape: name for name, shape in sorted(shapes.items())}
     inputs = [merge_lora.InputLoRA(Path(f"lora_{k}"), 1.0, {
-        name: merge_lora.LayerLoRA(torch.randn(32, in_f, generator=generator) / in_f**0.5, torch.randn(out_f, 32, generator=generator) * 1e-2, 1.0)
+        name: merge_lora.LayerLoRA((out_f, in_f), torch.randn(32, in_f, generator=generator) / in_f**0.5,
+                                   torch.randn(out_f, 32, generator=generator) * 1e-2, 1.0)
         for (out_f, in_f), name in one_per_shape.items()}) for k in range(2)]
     merged, _ = merge_lora.merge_layers(inputs, "ties", density=0.5, sign="total", rank=merge_lora.parse_rank(None, "ties"), seed=0,
                                         precision=torch.float16)
@@ -515,3 +520,87 @@ def test_a_default_ties_merge_of_sdxl_shaped_loras_is_as_large_as_the_inputs_wit
     report = merge_lora.error_report(merged)
     assert all(layer["rank"] == 64 and 0 < layer["relative_error"] < 1 for layer in report["layers"].values()), report["layers"]
     assert 0 < report["relative_error"] <= report["largest_relative_error"]["value"]
+
+
+# ---------------------------------------------------------------- inputs of every type, ranks sized by error
+
+def file_delta_by_module(path: Path, pipe) -> dict[str, torch.Tensor]:
+    """{component.module: dW} of a kohya/LyCORIS file, by ComfyUI's arithmetic reproduced (tests/ui_loaders.py), in
+    float64, flattened to (out, in kh kw)."""
+    from common.adapters import file_layers
+    from common.lora_formats import file_layer_names
+    from ui_loaders import comfyui_patch
+
+    targets = file_layer_names(pipe)
+    deltas = {}
+    for name, tensors in file_layers(load_file(path)).items():
+        component, module = targets[name]
+        shape = getattr(pipe, component).get_submodule(module).weight.shape
+        zero = torch.zeros(shape, dtype=torch.float64)
+        deltas[f"{component}.{module}"] = comfyui_patch(zero, {k: v.double() for k, v in tensors.items()}).double().reshape(shape[0], -1)
+    return deltas
+
+
+def test_a_loha_and_a_lokr_merge_with_a_lora_within_the_error_target(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    from adapter_helpers import lycoris_file
+
+    loha, lokr = (lycoris_file(tiny_sdxl_path, tmp_path, name, seed=k) for k, name in enumerate(("loha", "lokr")))
+    lora = two_loras[0]
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", f"{loha}:0.5", "--lora", f"{lokr}:0.3", "--lora", lora,
+                               "--method", "linear", "--kohya", "--save_precision", "fp32", "--out", tmp_path / "merged")
+    assert code == 0, err
+    pipe = load_pipe(tiny_sdxl_path)
+    expected = {}
+    for path, weight in ((loha, 0.5), (lokr, 0.3)):
+        for name, delta in file_delta_by_module(path, pipe).items():
+            expected[name] = expected.get(name, 0) + weight * delta
+    for name, delta in full_deltas(lora).items():
+        expected[name] = expected.get(name, 0) + delta
+    merged = merged_deltas(tmp_path / "merged")
+    assert merged.keys() == expected.keys()
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    for name in expected:
+        error = float(torch.linalg.norm(merged[name] - expected[name]) / torch.linalg.norm(expected[name]))
+        assert error <= 0.01 + 1e-6 and abs(error - report["layers"][name]["relative_error"]) < 1e-4, (name, error)
+    only_lora = [n for n in expected if n.startswith("text_encoder")]
+    assert only_lora and all(report["layers"][n]["relative_error"] < 1e-6 for n in only_lora), "LoRA-only layers stay exact"
+    weights = load_pipe(tiny_sdxl_path)
+    load_loras(weights, [LoraSpec(tmp_path / "merged" / "merged.safetensors")])
+    conv = next(n for n in expected if n.endswith("conv1"))
+    patched = weights.unet.get_submodule(conv.removeprefix("unet.")).weight - pipe.unet.get_submodule(conv.removeprefix("unet.")).weight
+    torch.testing.assert_close(patched.double().reshape(patched.shape[0], -1), merged[conv], rtol=1e-4, atol=1e-6)
+
+
+def test_an_error_target_meets_itself_on_every_layer_and_a_cap_is_said_in_one_line(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    first, second = two_loras
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ties", "--rank", "1%",
+                               "--out", tmp_path / "target", "--save_precision", "fp32")
+    assert code == 0, err
+    report = json.loads((tmp_path / "target" / "merge_report.json").read_text())
+    layers = report["layers"]
+    assert report["rank"] == "1% (at most 128)" and all(layer["relative_error"] <= 0.01 for layer in layers.values()), layers
+    ranks = {layer["rank"] for layer in layers.values()}
+    assert len(ranks) > 1, "each layer gets the rank its own spectrum needs"
+    names, a, b = references(first, second)
+    for name in names:  # one rank less would miss the target: the smallest rank that meets it
+        delta = ties_reference(a[name], b[name], 1.0, 1.0, 0.5)
+        singular = torch.linalg.svdvals(delta)
+        rank = layers[name]["rank"]
+        below = float(singular[rank - 1:].square().sum().sqrt() / singular.square().sum().sqrt())
+        assert below > 0.01 - 1e-9, (name, rank, below)
+    code, out, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", first, "--lora", second, "--method", "ties", "--rank", "0.01%",
+                               "--max_rank", 2, "--out", tmp_path / "capped")
+    assert code == 0, err
+    note = [line for line in out.splitlines() if line.startswith("note:") and "--max_rank 2" in line]
+    assert len(note) == 1 and "above their error target" in note[0], out
+    capped = json.loads((tmp_path / "capped" / "merge_report.json").read_text())["layers"]
+    assert max(layer["rank"] for layer in capped.values()) == 2
+
+
+def test_ziplora_and_blora_refuse_inputs_without_lora_factors(two_loras, tiny_sdxl_path, tmp_path, capsys):
+    from adapter_helpers import lycoris_file
+
+    loha = lycoris_file(tiny_sdxl_path, tmp_path, "loha")
+    code, _, err = run_merge(capsys, "-m", tiny_sdxl_path, "--lora", two_loras[0], "--lora", loha, "--method", "blora",
+                             "--out", tmp_path / "out")
+    assert code == 2 and "--method blora merges LoRA factors" in err and "is a LoHa, LoKr or Tucker LoCon" in err, err
