@@ -26,6 +26,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 
 WEBUI_FOLDERS = ("models/Lora", "embeddings")
 COMFYUI_FOLDERS = ("models/loras", "models/embeddings")
+# A DoRA is baked at the smallest rank per layer within this relative error, at most DEFAULT_MAX_RANK (bench/RESULTS.md
+# has the sizes and errors behind the choice).
+DEFAULT_ERROR_TARGET = 0.01
+DEFAULT_MAX_RANK = 128
 
 
 @app.command()
@@ -37,7 +41,8 @@ def main(
     out: Annotated[Optional[Path], typer.Option(*flags("out", "-o"), help="a plain output folder")] = None,
     force: Annotated[bool, typer.Option(*flags("force"), help="replace files that already exist")] = False,
     model: Annotated[Optional[str], typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base model: needed for a DoRA (baked, or native for ComfyUI)")] = None,
-    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="rank of a baked DoRA: a number or full (default: twice the DoRA's rank)")] = None,
+    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="rank of a baked DoRA: N, P% (per layer the smallest rank within P% relative error, e.g. 1%) or full; default 1%")] = None,
+    max_rank: Annotated[int, typer.Option(*flags("max_rank"), help="the most an error target may store")] = DEFAULT_MAX_RANK,
     save_precision: Annotated[str, typer.Option(*flags("save_precision"), help="fp16 (as UI LoRAs are shared), bf16 or fp32 for the LoRA factors")] = "fp16",
     to: Annotated[str, typer.Option(*flags("to"), help="kohya (for the UIs) or diffusers (a kohya file back, for merge_lora/train)")] = "kohya",
     check: Annotated[bool, typer.Option(*flags("check"), help="only report what WebUI and ComfyUI do with a kohya LoRA or an embedding file")] = False,
@@ -80,7 +85,7 @@ def main(
     if embedding:
         warn_if_ordinary_word(name)
     training_args = read_training_args(source.parent)
-    export_lora(source, lora_target, name=name, training_args=training_args, model=model, rank=parse_rank(rank),
+    export_lora(source, lora_target, name=name, training_args=training_args, model=model, rank=parse_rank(rank, max_rank),
                 dora_native=dora_native, dtype=dtype)
     typer.echo(f"LoRA: {lora_target}")
     if embedding:
@@ -93,13 +98,16 @@ def main(
 FULL_RANK = "full"
 
 
-def parse_rank(text: str | None) -> int | str | None:
-    """--rank: None (the default rank), a positive number, or "full"."""
-    if text is None or text == FULL_RANK:
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"--rank {text!r}: give a positive whole number or {FULL_RANK}")
-    return int(text)
+def parse_rank(text: str | None, max_rank: int):
+    """--rank of a baked DoRA: `full`, or a `RankRule` (a number, or an error target P% capped at --max_rank);
+    default the error target DEFAULT_ERROR_TARGET."""
+    from common.lora_formats import RankRule, parse_rank_rule
+
+    if max_rank < 1:
+        raise UserError(f"--max_rank must be at least 1, got {max_rank}")
+    if text is None:
+        return RankRule(error=DEFAULT_ERROR_TARGET, cap=max_rank)
+    return parse_rank_rule(text, "--rank", named=(FULL_RANK,), cap=max_rank)
 
 
 def parse_save_precision(text: str):
@@ -139,19 +147,24 @@ def read_training_args(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export_lora(source: Path, target: Path, *, name: str, training_args: dict, model: str | None, rank: int | str | None,
+def export_lora(source: Path, target: Path, *, name: str, training_args: dict, model: str | None, rank,
                 dora_native: str | None = None, dtype=None) -> None:
-    """The kohya-format file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically
-    in `dtype` (factors; alphas and dora_scale stay fp32). A DoRA is baked into a plain LoRA first (every UI
-    loads that; their DoRA conventions differ), or written for ComfyUI's loader (`dora_native`)."""
+    """The kohya/LyCORIS file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically in `dtype`
+    (factors; alphas and dora_scale stay fp32). A diffusers LoRA or LoCon is renamed; a kohya/LyCORIS file (LoCon,
+    LoHa, LoKr: what train_lora.py writes for them) is checked layer by layer and written again; a DoRA is baked into
+    a plain LoRA first (every UI loads that; their DoRA conventions differ), or written for ComfyUI's loader
+    (`dora_native`)."""
     from safetensors.torch import save_file
 
     from common.files import atomic_path
-    from common.lora_formats import diffusers_lora_to_kohya, is_dora, kohya_metadata, safetensors_keys
+    from common.lora_formats import diffusers_lora_to_kohya, is_dora, is_kohya_format, kohya_metadata, safetensors_keys
 
-    dora = is_dora(safetensors_keys(source, "LoRA"))
-    extra_metadata = {}
-    if dora and not dora_native:
+    keys = safetensors_keys(source, "LoRA")
+    dora = is_dora(keys)
+    extra_metadata, network = {}, {"network_module": "networks.lora"}
+    if is_kohya_format(keys):
+        kohya, summary, network = kohya_file_layers(source)
+    elif dora and not dora_native:
         if not model:
             raise UserError(f"{str(source)!r} is a DoRA: baking it into a plain LoRA needs the base model, --model MODEL")
         kohya, summary, extra_metadata = bake_dora(source, model, rank)
@@ -159,11 +172,11 @@ def export_lora(source: Path, target: Path, *, name: str, training_args: dict, m
         kohya, summary = diffusers_lora_to_kohya(source, base_weight=lazy_base_weights(model) if dora else None)
     kohya = cast_factors(kohya, dtype)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
-    fields = {"network_args": json.dumps({"parts": sorted(summary)}), "output_name": name,
+    fields = {"network_args": json.dumps({"parts": sorted(summary)} | network.get("args", {})), "output_name": name,
               "sd_model_name": str(training_args.get("pretrained_model_name_or_path", ""))}
     if training_args:
-        fields["training_comment"] = json.dumps({k: training_args.get(k) for k in ("rank", "learning_rate", "max_train_steps", "edm")})
-    metadata = kohya_metadata(rank=rank, alpha=alpha, **fields) | extra_metadata | {
+        fields["training_comment"] = json.dumps({k: training_args.get(k) for k in ("adapter", "rank", "learning_rate", "max_train_steps", "edm")})
+    metadata = kohya_metadata(rank=rank, alpha=alpha, network_module=network["network_module"], **fields) | extra_metadata | {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
@@ -175,25 +188,38 @@ def export_lora(source: Path, target: Path, *, name: str, training_args: dict, m
         save_file(kohya, str(partial), metadata=metadata)
 
 
+def kohya_file_layers(source: Path):
+    """A kohya/LyCORIS file as it is, each layer checked to be a LoRA, LoCon, LoHa or LoKr layer (`adapter_of_layer`),
+    with (rank, alpha) of its first layer per part and its network module and algorithm for the metadata."""
+    from common.adapters import adapter_of_layer, file_layers
+    from common.lora_formats import kohya_part, read_safetensors
+
+    state = read_safetensors(source, "LoRA")
+    summary, algorithms = {}, set()
+    for layer, tensors in file_layers(state).items():
+        adapter = adapter_of_layer(tensors, f"layer {layer} of {str(source)!r}")
+        algorithms.add(adapter.name)
+        part = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}.get(kohya_part(layer) or "unet", "unet")
+        factors = [tensors[right] for _, right in adapter.factor_pairs if right in tensors]
+        rank = factors[-1].shape[0] if factors else None
+        summary.setdefault(part, (rank, float(tensors["alpha"]) if "alpha" in tensors else rank))
+    module = "networks.lora" if algorithms == {"lora"} else "lycoris.kohya"
+    return state, summary, {"network_module": module, "args": {"algo": "+".join(sorted(algorithms))}}
+
+
 def cast_factors(kohya: dict, dtype) -> dict:
-    """The lora_up/lora_down factors in `dtype` (for fp16 each pair balanced first, `balanced_factors`: the same
-    product, no factor below fp16's normal range); refused in one line where a value does not fit it."""
+    """Every layer's tensors in `dtype` (`common.adapters.cast_layer`: for fp16 each low-rank pair balanced first, the
+    same product with no factor below fp16's normal range); refused in one line where a value does not fit it."""
     import torch
 
-    from common.lora_formats import balanced_factors
+    from common.adapters import adapter_of_layer, cast_layer, file_layers
 
     if dtype is None or dtype == torch.float32:
         return kohya
-    cast = dict(kohya)
-    for up_key in [k for k in kohya if k.endswith(".lora_up.weight")]:
-        down_key = up_key.removesuffix("lora_up.weight") + "lora_down.weight"
-        up, down = kohya[up_key], kohya[down_key]
-        if dtype == torch.float16:
-            up, down = balanced_factors(up.flatten(1), down.flatten(1))
-        for key, value, shape in ((up_key, up, kohya[up_key].shape), (down_key, down, kohya[down_key].shape)):
-            cast[key] = value.reshape(shape).to(dtype).contiguous()
-            if not torch.isfinite(cast[key]).all():
-                raise UserError(f"{key} does not fit {str(dtype).removeprefix('torch.')}; use --save_precision fp32")
+    cast = {}
+    for layer, tensors in file_layers(kohya).items():
+        adapter = adapter_of_layer(tensors, f"layer {layer}")
+        cast |= {f"{layer}.{name}": value for name, value in cast_layer(adapter, tensors, dtype, layer).items()}
     return cast
 
 
@@ -221,19 +247,22 @@ def lazy_base_weights(model: str | None):
     return lambda component, module: reader()(component, module)
 
 
-def bake_dora(source: Path, model: str, rank: int | str | None):
+def bake_dora(source: Path, model: str, rank):
     """Each DoRA layer's adapted weight W' = m * (W + dW) / ||W + dW|| (Liu et al. 2024, Eq. 5, computed by
-    peft's own merge) minus W, factorised by SVD into a plain LoRA of scale 1: at `rank`, by default twice
-    the DoRA's rank (its dW plus the largest directions of the magnitude change), or exact with "full".
-    Returns the kohya state, its summary and metadata holding each layer's relative truncation error."""
+    peft's own merge) minus W, factorised by SVD into a plain LoRA of scale 1 (a convolution's into LoCon shapes):
+    by the rank rule (`low_rank_factors`: by default the smallest rank within 1% relative error, at most --max_rank),
+    or exact with "full". Returns the kohya state, its summary and metadata holding each layer's relative truncation
+    error."""
     import torch
 
-    from common.lora_formats import COMPONENT_PREFIXES, LoraSpec, adapter_layers, load_loras, lora_ranks, peft_lora_to_kohya, svd_factors
+    from common.lora_formats import (
+        COMPONENT_PREFIXES, LoraSpec, RankRule, adapter_layers, load_loras, low_rank_factors, peft_lora_to_kohya,
+    )
     from common.models import load_sdxl_pipeline
 
     pipe = load_sdxl_pipeline(model, torch.float32)
     [adapter] = load_loras(pipe, [LoraSpec(source)])
-    states, summary, errors, squared_norms = {}, {}, {}, {}
+    states, summary, errors, squared_norms, ranks, capped = {}, {}, {}, {}, {}, []
     for component in COMPONENT_PREFIXES:
         state = {}
         for module_name, module in adapter_layers(getattr(pipe, component), adapter).items():
@@ -241,22 +270,39 @@ def bake_dora(source: Path, model: str, rank: int | str | None):
             module.merge(adapter_names=[adapter])
             delta = module.get_base_layer().weight.detach().double() - before.double()
             module.unmerge()
-            layer_rank = None if rank == FULL_RANK else rank or 2 * module.r[adapter]
-            up, down, error = svd_factors(delta, layer_rank)
-            errors[f"{component}.{module_name}"] = error
-            squared_norms[f"{component}.{module_name}"] = float(delta.pow(2).sum())
+            rule = RankRule(rank=min(delta.shape[0], delta[0].numel())) if rank == FULL_RANK else rank
+            factors = low_rank_factors(delta.reshape(delta.shape[0], -1), rule)
+            name = f"{component}.{module_name}"
+            errors[name], squared_norms[name], ranks[name] = factors.error, float(delta.pow(2).sum()), factors.down.shape[0]
+            if factors.capped:
+                capped.append(name)
+            down, up = factors.down, factors.up
+            if delta.ndim == 4:  # LoCon's shapes: down (r, in, kh, kw), up (out, r, 1, 1)
+                down, up = down.reshape(-1, *delta.shape[1:]), up.reshape(*up.shape, 1, 1)
             state[f"{module_name}.lora_A.weight"], state[f"{module_name}.lora_B.weight"] = down, up
         if state:
             states[component] = state
-            some_rank = next(iter(lora_ranks(state).values()))
+            some_rank = next(r for n, r in ranks.items() if n.startswith(component + "."))
             summary[component] = (some_rank, some_rank)  # scale 1: alpha = rank, layer by layer
     kohya = peft_lora_to_kohya(states, layers_per_block=pipe.unet.config.layers_per_block)
     overall = overall_relative_error(errors, squared_norms)
     worst = max(errors, key=errors.get)
-    rank_text = FULL_RANK if rank == FULL_RANK else rank or "2 x the DoRA's"
-    typer.echo(f"DoRA baked into a plain LoRA (rank {rank_text}): relative truncation error {overall:.2e} overall, "
-               f"largest {errors[worst]:.2e} ({worst}); per layer in the file's metadata (bake_truncation_errors)")
+    typer.echo(f"DoRA baked into a plain LoRA (rank {describe_rank(rank)}: {min(ranks.values())} to {max(ranks.values())} by layer): "
+               f"relative truncation error {overall:.2e} overall, largest {errors[worst]:.2e} ({worst}); "
+               "per layer in the file's metadata (bake_truncation_errors)")
+    if capped:
+        typer.echo(f"note: {len(capped)} layer(s) stopped at --max_rank {rank.cap} above the error target; a larger --max_rank lowers "
+                   f"their error")
     return kohya, summary, {"bake_truncation_errors": json.dumps({k: round(v, 6) for k, v in errors.items()})}
+
+
+def describe_rank(rank) -> str:
+    """--rank as given: full, a number, or an error target (1%, at most 128)."""
+    if rank == FULL_RANK:
+        return FULL_RANK
+    if rank.error is None:
+        return str(rank.rank)
+    return f"{100 * rank.error:g}%" + (f", at most {rank.cap}" if rank.cap else "")
 
 
 def overall_relative_error(errors: dict[str, float], squared_norms: dict[str, float]) -> float:
@@ -278,9 +324,11 @@ def check_file(path: Path) -> int:
         return check_embedding(state)
     findings = ui_findings(state)
     parts = sorted({kohya_part(key) for key in state} - {None})
-    ranks = sorted({v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")})
+    ranks = sorted({v.shape[0] for k, v in state.items() if k.endswith(("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"))})
     alphas = sorted({float(v) for k, v in state.items() if k.endswith(".alpha")})
-    typer.echo(f"parts: {', '.join(parts) or 'none'}; ranks: {ranks}; alphas: {alphas}; DoRA: {any(k.endswith('dora_scale') for k in state)}")
+    kinds = layer_kinds(state)
+    typer.echo(f"parts: {', '.join(parts) or 'none'}; layers: {', '.join(f'{n} {k}' for k, n in kinds.items()) or 'none'}; "
+               f"ranks: {ranks}; alphas: {alphas}; DoRA: {any(k.endswith('dora_scale') for k in state)}")
     for ui, found in findings.items():
         for finding in found:
             typer.echo(f"{ui} {finding.effect}: {finding.what}")
@@ -292,6 +340,23 @@ def check_file(path: Path) -> int:
         else:
             typer.echo(f"{ui}: every key maps onto SDXL and loads as the file means it")
     return 1 if any(findings.values()) else 0
+
+
+def layer_kinds(state: dict) -> dict[str, int]:
+    """How many layers of each kind a kohya/LyCORIS file holds: LoRA (Linear), LoCon (convolutions), LoHa, LoKr."""
+    from collections import Counter
+
+    from common.adapters import file_layers
+
+    kinds = Counter()
+    for tensors in file_layers(state).values():
+        if "lora_down.weight" in tensors:
+            kinds["LoCon" if tensors["lora_down.weight"].ndim == 4 else "LoRA"] += 1
+        elif any(name.startswith("hada_") for name in tensors):
+            kinds["LoHa"] += 1
+        elif any(name.startswith("lokr_") for name in tensors):
+            kinds["LoKr"] += 1
+    return dict(kinds)
 
 
 def check_embedding(state: dict) -> int:

@@ -113,6 +113,7 @@ class AdapterType:
     optional: tuple[str, ...]  # further tensors such a layer may hold
     peft_prefixes: tuple[str, ...]  # the names of its parameters in a peft layer
     delta: Callable[[Tensors, tuple[int, ...]], "torch.Tensor"]
+    factor_pairs: tuple[tuple[str, str], ...] = ()  # (left, right) tensors whose product is one low-rank factor of ΔW
     trains_dora: bool = False
     trains_tucker: bool = False  # peft trains its effective-conv (Tucker) form correctly
 
@@ -126,19 +127,21 @@ ADAPTERS: dict[str, AdapterType] = {
         "lora", "LoRA (LoCon on convolutions)", "networks.lora",
         required=(("lora_up.weight", "lora_down.weight"),), optional=("lora_mid.weight", "dora_scale"),
         peft_prefixes=("lora_A", "lora_B", "lora_magnitude_vector"), delta=lora_delta, trains_dora=True,
+        factor_pairs=(("lora_up.weight", "lora_down.weight"),),
     ),
     "loha": AdapterType(
         "loha", "LoHa", "lycoris.kohya",
         required=(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),), optional=("hada_t1", "hada_t2", "dora_scale"),
         # peft 0.21.2's LoHa effective-conv backward swaps the two Tucker chains (HadaWeightCP.backward): its
         # gradients of hada_w1_a and hada_w2_a are wrong (tests/test_adapters.py shows it), so that form is refused
-        peft_prefixes=("hada_",), delta=loha_delta,
+        peft_prefixes=("hada_",), delta=loha_delta, factor_pairs=(("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")),
     ),
     "lokr": AdapterType(
         "lokr", "LoKr", "lycoris.kohya",
         required=tuple((w1, w2) for w1 in ("lokr_w1", "lokr_w1_a") for w2 in ("lokr_w2", "lokr_w2_a")),
         optional=("lokr_w1_b", "lokr_w2_b", "lokr_t2", "dora_scale"),
         peft_prefixes=("lokr_",), delta=lokr_delta, trains_tucker=True,
+        factor_pairs=(("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")),
     ),
 }
 
@@ -213,6 +216,29 @@ def file_tensors(adapter: AdapterType, parameters: Tensors, *, rank: int, alpha:
         alpha = rank
     tensors["alpha"] = torch.tensor(float(alpha))
     return tensors
+
+
+def cast_layer(adapter: AdapterType, tensors: Tensors, dtype, where: str) -> Tensors:
+    """One file layer's tensors in `dtype` with the same ΔW up to rounding: in fp16, each low-rank pair's rank-one
+    terms first get factors of equal norm (`balanced_factors`), so weak terms stay above fp16's normal range; alpha
+    and dora_scale stay float32. Refused in one line where a value does not fit `dtype`. (The Tucker forms, whose
+    pairs meet through a core, are cast as they are.)"""
+    import torch
+
+    from common.lora_formats import balanced_factors
+
+    cast = dict(tensors)
+    tucker_form = any(name in tensors for name in ("lora_mid.weight", "hada_t1", "lokr_t2"))
+    for left, right in adapter.factor_pairs:
+        if left in tensors and right in tensors and dtype == torch.float16 and not tucker_form:
+            a, b = balanced_factors(tensors[left].flatten(1), tensors[right].flatten(1))
+            cast[left], cast[right] = a.reshape(tensors[left].shape), b.reshape(tensors[right].shape)
+    for name, value in cast.items():
+        if name not in ("alpha", "dora_scale"):
+            cast[name] = value.to(dtype).contiguous()
+            if not torch.isfinite(cast[name]).all():
+                raise UserError(f"{where}.{name} does not fit {str(dtype).removeprefix('torch.')}; use --save_precision fp32")
+    return cast
 
 
 def adapter_of_peft_layer(layer) -> AdapterType:

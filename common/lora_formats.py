@@ -735,10 +735,6 @@ def kohya_names_for_sdxl() -> set[str]:
     return names
 
 
-FACTOR_SUFFIXES = ("lora_down.weight", "lora_up.weight")
-KNOWN_SUFFIXES = (*FACTOR_SUFFIXES, "alpha", "dora_scale")
-
-
 @dataclass(frozen=True)
 class UiFinding:
     """What one UI does with a part of a kohya file: `refuses` the whole file, `skips` a layer or key, or
@@ -763,46 +759,101 @@ def dora_scale_effects(shape: tuple, out_features: int, in_features: int) -> tup
     return webui, comfyui
 
 
-def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
-    """Per UI, what its loader does with a kohya SDXL LoRA, reproduced from the loaders' source:
+# What each UI's loader needs of a layer of each type (comfy/weight_adapter/{lora,loha,lokr}.py; WebUI's
+# network_{lora,hada,lokr}.py `create_module`), as tensor names
+WEBUI_COMPLETE = {"lora": [{"lora_up.weight", "lora_down.weight"}], "loha": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}],
+                  "lokr": [{w1, w2} for w1 in ("lokr_w1", "lokr_w1_a") for w2 in ("lokr_w2", "lokr_w2_a")]}
+WEBUI_UNREAD_DIFFUSERS_NAMES = ("lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_add_embedding_", "lora_unet_conv_norm_out")
 
-    - a key naming no SDXL module, or with a suffix no LoRA type reads: both skip it (WebUI's "failed to
-      match keys", ComfyUI's "lora key not loaded");
-    - a layer without both factors: WebUI's `load_network` finds no module type for it and refuses the
-      whole file; ComfyUI raises on lora_up without lora_down (the node fails) and skips lora_down alone;
-    - a second-encoder (lora_te2_) attention layer without all of q/k/v/out_proj: WebUI patches OpenCLIP's
-      fused MultiheadAttention only with all four and otherwise skips the layer whole; the first encoder
-      (HF CLIP, separate Linear layers) and ComfyUI (separate layers for both) patch each projection;
-    - `dora_scale`: WebUI always normalises input columns (shape (1, in)) and broadcasts any other shape,
-      so an output-axis (out, 1) scale is applied wrongly without an error; ComfyUI (`weight_decompose`)
-      reads (out, 1) on the output axis and (1, in) on the input axis; other shapes fail in both.
+
+def _layer_kind(tensors: set) -> str | None:
+    """The adapter type a layer's tensor names point to (the first factor a loader looks for), None for none."""
+    if tensors & {"lora_up.weight", "lora_down.weight", "lora_mid.weight"}:
+        return "lora"
+    if any(name.startswith("hada_") for name in tensors):
+        return "loha"
+    if any(name.startswith("lokr_") for name in tensors):
+        return "lokr"
+    return None
+
+
+def _complete(kind: str, tensors: set) -> bool:
+    pairs = {"lokr_w1_a": "lokr_w1_b", "lokr_w2_a": "lokr_w2_b"}
+    return any(group <= tensors and all(pairs[a] in tensors for a in group if a in pairs) for group in WEBUI_COMPLETE[kind])
+
+
+def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
+    """Per UI, what its loader does with a kohya/LyCORIS SDXL file of LoRA, LoCon, LoHa or LoKr layers, reproduced from
+    the loaders' source (WebUI 1.10's extensions-builtin/Lora, ComfyUI's comfy/lora.py and comfy/weight_adapter):
+
+    - a key naming no SDXL module, or with a tensor name no LoRA-family type reads: both skip it (WebUI's "failed to
+      match keys", ComfyUI's "lora key not loaded"); LyCORIS's own `lycoris_` names and WebUI's misreading of three
+      diffusers-style UNet names (up_blocks.0's upsampler, add_embedding, conv_norm_out) are read by ComfyUI only;
+      IA3 (`on_input`) ComfyUI has no adapter for, and skips;
+    - a layer without its factors: WebUI's `load_network` finds no module type for it and refuses the whole file;
+      ComfyUI raises on lora_up without lora_down and on an incomplete LoHa (the node fails), skips lora_down alone,
+      and logs an error and leaves the layer out for an incomplete LoKr;
+    - a LoKr in the Tucker form (lokr_t2): ComfyUI's torch.kron of its einsum's non-contiguous result fails with
+      current torch (2.14), so the layer is left out (WebUI makes it contiguous first);
+    - a second-encoder (lora_te2_) attention layer without all of q/k/v/out_proj: WebUI patches OpenCLIP's fused
+      MultiheadAttention only with all four and otherwise skips the layer whole; the first encoder (HF CLIP,
+      separate Linear layers) and ComfyUI (separate layers for both) patch each projection;
+    - `dora_scale`: WebUI always normalises input columns (shape (1, in)) and broadcasts any other shape, so an
+      output-axis (out, 1) scale is applied wrongly without an error; ComfyUI (`weight_decompose`) reads (out, 1) on
+      the output axis and (1, in) on the input axis; other shapes fail in both.
     """
+    from common.adapters import ADAPTERS, OTHER_ALGORITHMS
+
     known = kohya_names_for_sdxl()
+    comfyui_only = {"lycoris_" + name.removeprefix("lora_unet_") for name in known if name.startswith("lora_unet_")}
+    # IA3's scale vector is `weight`; the other algorithms' tensors are named in OTHER_ALGORITHMS
+    suffixes = set().union(*(adapter.file_suffixes for adapter in ADAPTERS.values())) | set(OTHER_ALGORITHMS) | {"weight"}
     webui: list[UiFinding] = []
     comfyui: list[UiFinding] = []
-    layers: dict[str, dict[str, torch.Tensor]] = {}
+    layers: dict[str, dict[str, object]] = {}
     for key, value in state.items():
         name, _, suffix = key.partition(".")
-        if suffix not in KNOWN_SUFFIXES:
+        if suffix not in suffixes:
             for findings in (webui, comfyui):
                 findings.append(UiFinding("skips", f"{key}: unknown suffix {suffix!r}"))
+        elif name in comfyui_only or name.startswith(WEBUI_UNREAD_DIFFUSERS_NAMES) and name in known:
+            webui.append(UiFinding("skips", f"{key}: WebUI maps no SDXL module to {name!r} (ComfyUI does)"))
+            layers.setdefault(name, {})[suffix] = value
         elif name not in known:
             for findings in (webui, comfyui):
                 findings.append(UiFinding("skips", f"{key}: no SDXL module is named {name!r}"))
         else:
             layers.setdefault(name, {})[suffix] = value
     for name, parts in layers.items():
-        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-        if down is None or up is None:
-            present = ", ".join(sorted(parts))
-            webui.append(UiFinding("refuses", f"{name}: has {present} but not both lora_down and lora_up"))
-            comfyui.append(UiFinding("refuses", f"{name}: lora_up without lora_down") if up is not None
-                           else UiFinding("skips", f"{name}: has {present} but no lora_up"))
+        tensors = set(parts)
+        kind = _layer_kind(tensors)
+        present = ", ".join(sorted(tensors))
+        if kind is None:
+            if "on_input" in tensors:
+                comfyui.append(UiFinding("skips", f"{name}: IA3, which ComfyUI has no adapter for"))
+            elif not tensors & set(OTHER_ALGORITHMS):  # both UIs load GLoRA, OFT and weight differences
+                for findings in (webui, comfyui):
+                    findings.append(UiFinding("skips", f"{name}: has {present}, which no adapter type reads"))
             continue
+        if not _complete(kind, tensors):
+            webui.append(UiFinding("refuses", f"{name}: has {present}, not a complete {kind} layer"))
+            if kind == "lora":
+                comfyui.append(UiFinding("refuses", f"{name}: lora_up without lora_down") if "lora_up.weight" in tensors
+                               else UiFinding("skips", f"{name}: has {present} but no lora_up"))
+            elif kind == "loha":
+                comfyui.append(UiFinding("refuses", f"{name}: an incomplete LoHa ({present})") if "hada_w1_a" in tensors
+                               else UiFinding("skips", f"{name}: has {present} but no hada_w1_a"))
+            else:
+                comfyui.append(UiFinding("skips", f"{name}: an incomplete LoKr ({present}) fails and is left out"))
+            continue
+        if "lokr_t2" in tensors:
+            comfyui.append(UiFinding("skips", f"{name}: lokr_t2 (Tucker LoKr): torch.kron of its non-contiguous factor fails "
+                                              "in ComfyUI with current torch, which leaves the layer out"))
         scale = parts.get("dora_scale")
-        if scale is not None:
-            out_features, in_features = up.shape[0], down[0].numel()
-            webui_effect, comfyui_effect = dora_scale_effects(tuple(scale.shape), out_features, in_features)
+        if scale is not None and kind == "lora":
+            up, down = parts["lora_up.weight"], parts["lora_down.weight"]
+            out_features, in_features = up.shape[0], down[0].numel() // (down.shape[2] * down.shape[3] if down.ndim == 4 else 1)
+            webui_effect, comfyui_effect = dora_scale_effects(tuple(scale.shape[:2]), out_features, in_features)
             described = f"{name}.dora_scale {tuple(scale.shape)} on a ({out_features}, {in_features}) layer"
             if webui_effect:
                 webui.append(UiFinding(webui_effect, f"{described}: WebUI normalises input columns, (1, {in_features})"))
