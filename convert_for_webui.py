@@ -26,10 +26,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 
 WEBUI_FOLDERS = ("models/Lora", "embeddings")
 COMFYUI_FOLDERS = ("models/loras", "models/embeddings")
-# A DoRA is baked at the smallest rank per layer within this relative error, at most DEFAULT_MAX_RANK (bench/RESULTS.md
-# has the sizes and errors behind the choice).
+# By default a DoRA is baked at the smallest rank per layer within this relative error, at most twice the DoRA's rank
+# (the measured sizes and errors behind the choice: bench/RESULTS.md, "Ranks sized by error").
 DEFAULT_ERROR_TARGET = 0.01
-DEFAULT_MAX_RANK = 128
 
 
 @app.command()
@@ -41,8 +40,8 @@ def main(
     out: Annotated[Optional[Path], typer.Option(*flags("out", "-o"), help="a plain output folder")] = None,
     force: Annotated[bool, typer.Option(*flags("force"), help="replace files that already exist")] = False,
     model: Annotated[Optional[str], typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base model: needed for a DoRA (baked, or native for ComfyUI)")] = None,
-    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="rank of a baked DoRA: N, P% (per layer the smallest rank within P% relative error, e.g. 1%) or full; default 1%")] = None,
-    max_rank: Annotated[int, typer.Option(*flags("max_rank"), help="the most an error target may store")] = DEFAULT_MAX_RANK,
+    rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="rank of a baked DoRA: N, P% (per layer the smallest rank within P% relative error, e.g. 1%) or full; default 1%, at most twice the DoRA's rank")] = None,
+    max_rank: Annotated[Optional[int], typer.Option(*flags("max_rank"), help="the most an error target may store (default: twice the DoRA's rank)")] = None,
     save_precision: Annotated[str, typer.Option(*flags("save_precision"), help="fp16 (as UI LoRAs are shared), bf16 or fp32 for the LoRA factors")] = "fp16",
     to: Annotated[str, typer.Option(*flags("to"), help="kohya (for the UIs) or diffusers (a kohya file back, for merge_lora/train)")] = "kohya",
     check: Annotated[bool, typer.Option(*flags("check"), help="only report what WebUI and ComfyUI do with a kohya LoRA or an embedding file")] = False,
@@ -98,12 +97,12 @@ def main(
 FULL_RANK = "full"
 
 
-def parse_rank(text: str | None, max_rank: int):
-    """--rank of a baked DoRA: `full`, or a `RankRule` (a number, or an error target P% capped at --max_rank);
-    default the error target DEFAULT_ERROR_TARGET."""
+def parse_rank(text: str | None, max_rank: int | None):
+    """--rank of a baked DoRA: `full`, or a `RankRule` (a number, or an error target P% capped at --max_rank, whose
+    default, cap None, is twice each layer's DoRA rank); default the error target DEFAULT_ERROR_TARGET."""
     from common.lora_formats import RankRule, parse_rank_rule
 
-    if max_rank < 1:
+    if max_rank is not None and max_rank < 1:
         raise UserError(f"--max_rank must be at least 1, got {max_rank}")
     if text is None:
         return RankRule(error=DEFAULT_ERROR_TARGET, cap=max_rank)
@@ -270,7 +269,10 @@ def bake_dora(source: Path, model: str, rank):
             module.merge(adapter_names=[adapter])
             delta = module.get_base_layer().weight.detach().double() - before.double()
             module.unmerge()
-            rule = RankRule(rank=min(delta.shape[0], delta[0].numel())) if rank == FULL_RANK else rank
+            if rank == FULL_RANK:
+                rule = RankRule(rank=min(delta.shape[0], delta[0].numel()))
+            else:  # an error target without --max_rank stops at twice the layer's DoRA rank
+                rule = rank if rank.error is None or rank.cap else RankRule(error=rank.error, cap=2 * module.r[adapter])
             factors = low_rank_factors(delta.reshape(delta.shape[0], -1), rule)
             name = f"{component}.{module_name}"
             errors[name], squared_norms[name], ranks[name] = factors.error, float(delta.pow(2).sum()), factors.down.shape[0]
@@ -291,8 +293,9 @@ def bake_dora(source: Path, model: str, rank):
                f"relative truncation error {overall:.2e} overall, largest {errors[worst]:.2e} ({worst}); "
                "per layer in the file's metadata (bake_truncation_errors)")
     if capped:
-        typer.echo(f"note: {len(capped)} layer(s) stopped at --max_rank {rank.cap} above the error target; a larger --max_rank lowers "
-                   f"their error")
+        cap = f"--max_rank {rank.cap}" if rank.cap else "twice the DoRA's rank"
+        typer.echo(f"note: {len(capped)} of {len(errors)} layers stopped at {cap} above the {rank.error:.2%} target "
+                   f"(a larger --max_rank lowers their error, and grows the file)")
     return kohya, summary, {"bake_truncation_errors": json.dumps({k: round(v, 6) for k, v in errors.items()})}
 
 
@@ -302,7 +305,7 @@ def describe_rank(rank) -> str:
         return FULL_RANK
     if rank.error is None:
         return str(rank.rank)
-    return f"{100 * rank.error:g}%" + (f", at most {rank.cap}" if rank.cap else "")
+    return f"{100 * rank.error:g}%, at most " + (str(rank.cap) if rank.cap else "twice the DoRA's rank")
 
 
 def overall_relative_error(errors: dict[str, float], squared_norms: dict[str, float]) -> float:

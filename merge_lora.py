@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Merge SDXL LoRAs: linear/cat/SVD, TIES, DARE, magnitude pruning, ZipLoRA and B-LoRA, on delta weights.
+"""Merge SDXL LoRAs (and LoCons, LoHas, LoKrs): linear/cat/SVD, TIES, DARE, magnitude pruning, ZipLoRA and B-LoRA,
+on delta weights.
 
     python merge_lora.py --model stabilityai/stable-diffusion-xl-base-1.0 \\
         --lora subject/ --lora style.safetensors:0.8 --method ties --density 0.5 --out merged/
 
-Every method is defined on each layer's delta weight dW = scale * B @ A, which is what users mean by
-merging LoRAs (peft's `linear` instead mixes the A and B factors separately, which adds cross terms
-B_1 A_2; only its `cat` is exact). linear, cat, ZipLoRA and B-LoRA are stored exactly; the methods that
-change dW entry by entry (TIES, DARE, magnitude pruning) and `svd` are re-factorised by SVD at a practical
---rank (by default the inputs' ranks added, so the file is as large as `linear`'s), with each layer's
-relative error in merge_report.json; full rank only on request. Factors are written in --save_precision
+Every method is defined on each layer's delta weight dW (scale * B @ A for a LoRA, its type's formula for a
+LoHa or LoKr), which is what users mean by merging LoRAs (peft's `linear` instead mixes the A and B factors
+separately, which adds cross terms B_1 A_2; only its `cat` is exact). linear, cat, ZipLoRA and B-LoRA store
+LoRA factors exactly; the methods that change dW entry by entry (TIES, DARE, magnitude pruning), `svd`, and
+layers with a LoHa or LoKr input are re-factorised by SVD at a practical --rank (by default the inputs' ranks
+added, so the file is as large as `linear`'s; or sized by an error target, P%), with each layer's relative
+error in merge_report.json; full rank only on request. Factors are written in --save_precision
 (fp16 by default, as the UIs load LoRAs) and load with diffusers' load_lora_weights (and, with --kohya, in
 WebUI and ComfyUI). The inputs are read from their files in fp32; the base model's weights are read only
 for ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.

@@ -110,19 +110,28 @@ class CachedText:
         return self.embeds, self.pooled
 
 
-def measure_training(unet, vae, resolution: int, batch: int, rank: int, checkpointing: bool, fake_mode=None, steps: int = 2) -> dict:
+def measure_training(unet, vae, resolution: int, batch: int, rank: int, checkpointing: bool, fake_mode=None, steps: int = 2,
+                     adapter: dict | None = None) -> dict:
     """Run `steps` of train_lora.py's step (the second has AdamW's state) under LiveStorages and, on real tensors,
     under the profiler; peaks in bytes. With `fake_mode` the modules come on the meta device and run as fake
-    tensors. `vae` None means --cache_latents (the VAE has left the GPU)."""
+    tensors. `vae` None means --cache_latents (the VAE has left the GPU). `adapter`: train_lora's adapter options
+    (adapter, conv_rank, ...; default a LoRA on the attention projections)."""
     config = train_lora.TrainConfig(pretrained_model_name_or_path="full-sdxl", output_dir="-", rank=rank, resolution=resolution,
                                     train_batch_size=batch, gradient_checkpointing=checkpointing, cache_latents=vae is None,
-                                    mixed_precision="bf16", max_train_steps=steps)
+                                    mixed_precision="bf16", max_train_steps=steps, **(adapter or {}))
     accelerator = fresh_accelerator()
     if checkpointing:
         unet.enable_gradient_checkpointing()
     with quiet_libraries():
         unet = train_lora.add_lora(unet, config)
     if fake_mode is not None:
+        from peft.tuners.lycoris_utils import LycorisLayer
+
+        for layer in unet.modules():
+            # peft's LoHa and LoKr draw torch.rand(1) for module dropout even at 0, a value fake tensors cannot hold;
+            # out of training mode they skip the draw and run the same ΔW path
+            if isinstance(layer, LycorisLayer):
+                layer.training = False
         for module in (unet, vae):
             if module is not None:
                 fake_copy(module, fake_mode)
@@ -343,6 +352,30 @@ def estimate(
         mode = new_fake_mode()
         peak = measure_inference(fake_sdxl_pipeline(mode), resolution, batch, mode)["tracked_peak"]
         rows.append({"job": "infer.py", "resolution": resolution, "batch": batch, "peak_allocated_gib": peak / GIB})
+    report(rows, out)
+
+
+ADAPTER_RUNS = {  # --adapter and the options that make each kind, at --rank 16 (and 16 on the convolutions)
+    "LoRA": {}, "LoCon": {"conv_rank": 16}, "LoHa": {"adapter": "loha", "conv_rank": 16},
+    "LoKr": {"adapter": "lokr", "conv_rank": 16}, "DoRA": {"use_dora": True},
+}
+
+
+@app.command()
+def adapters(
+    resolution: Annotated[int, typer.Option(*flags("resolution"))] = 1024,
+    batch_sizes: Annotated[str, typer.Option(*flags("batch_sizes"))] = "1,4",
+    out: Annotated[Path | None, typer.Option(*flags("out"))] = None,
+) -> None:
+    """Peak allocated GPU memory of each adapter kind at `resolution`, bf16, rank 16, gradient checkpointing and
+    cached latents: the training steps' peak, and the run's with its start."""
+    rows = []
+    startup = measure_startup(resolution)["startup_peak"]
+    for batch in [int(b) for b in batch_sizes.split(",")]:
+        for kind, options in ADAPTER_RUNS.items():
+            peak = measure_training(sdxl_unet(), None, resolution, batch, 16, True, new_fake_mode(), adapter=options)["tracked_peak"]
+            rows.append({"job": f"train_lora.py {kind}", "resolution": resolution, "batch": batch, "step_peak_gib": peak / GIB,
+                         "peak_allocated_gib": max(peak, startup) / GIB})
     report(rows, out)
 
 

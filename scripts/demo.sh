@@ -41,6 +41,14 @@ for model in tiny-sdxl tiny-edm; do
         --seed 5 --num_inference_steps 20 --output_dir "$out/with-lora-$model"
 done
 
+echo "== a LoKr on the attention projections and the ResNet convolutions (LyCORIS's file, which WebUI and ComfyUI read)"
+$python train_lora.py --pretrained_model_name_or_path tiny-sdxl --instance_data_dir "$out/instance" \
+    --instance_prompt "a photo of sks dog" --adapter lokr --conv_rank 4 --lokr_factor 4 --resolution 64 --train_batch_size 2 \
+    --rank 8 --learning_rate 5e-3 --max_train_steps 30 --checkpointing_steps 30 --cache_latents --seed 0 --output_dir "$out/lokr_dog"
+$python infer.py --model tiny-sdxl --lora "$out/lokr_dog" --prompt "a photo of sks dog" --seed 5 --num_inference_steps 20 \
+    --output_dir "$out/with-lokr"
+$python convert_for_webui.py "$out/lokr_dog/lokr_dog.safetensors" --check
+
 echo "== the advanced recipe: pivotal tuning (TOK -> <s0><s1>) with Prodigy and prior preservation"
 $python train_lora.py --pretrained_model_name_or_path tiny-sdxl --instance_data_dir "$out/instance" \
     --instance_prompt "3d icon in the style of TOK" --train_text_encoder_ti --train_text_encoder_ti_frac 0.5 \

@@ -207,7 +207,7 @@ def test_lokr_with_two_full_factors_is_scaled_by_alpha_over_r_in_peft_but_not_in
     layer = model.proj
     raw = {k: v.double() for k, v in peft_layer_parameters(model, "proj").items()} | {"alpha": torch.tensor(8.0)}
     assert set(raw) == {"lokr_w1", "lokr_w2", "alpha"}, "both factors full at this rank"
-    ratio = float(layer.get_delta_weight("default").double().norm() / lokr_delta(raw, (48, 40)).norm())
+    ratio = float(layer.get_delta_weight("default").detach().double().norm() / lokr_delta(raw, (48, 40)).norm())
     assert abs(ratio - 8 / 32) < 1e-6, ratio
 
 

@@ -339,25 +339,45 @@ def test_an_embedding_named_like_a_word_is_warned_about(trained, tmp_path, capsy
     assert code == 0 and "ordinary word" not in err
 
 
-def test_default_dora_bake_meets_one_percent_on_every_layer_in_fp16_and_reports_its_error(tiny_sdxl_path, tmp_path, capsys):
-    """The default bake sizes each layer by error: the smallest rank within 1% relative error (checked against the
-    layer's own spectrum: one rank less misses it), written in fp16, with each layer's error in the metadata."""
-    make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=2, alpha=2, seed=0)
-    code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", tmp_path / "out")
+def baked(capsys, tiny_sdxl_path: str, tmp_path: Path, *options) -> tuple[str, dict, dict, set]:
+    """A rank-2 DoRA baked with `options`: (output, {kohya layer: rank}, {layer: truncation error}, factor dtypes)."""
+    if not (tmp_path / "dora").exists():
+        make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=2, alpha=2, seed=0)
+    out_dir = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+    code, out, err = run_convert(capsys, tmp_path / "dora", "--model", tiny_sdxl_path, "--name", "baked", "--out", out_dir, *options)
     assert code == 0, err
-    with safe_open(str(tmp_path / "out" / "baked.safetensors"), "pt") as handle:
+    with safe_open(str(out_dir / "baked.safetensors"), "pt") as handle:
         ranks = {k.removesuffix(".lora_down.weight"): handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.endswith("lora_down.weight")}
         dtypes = {handle.get_slice(k).get_dtype() for k in handle.keys() if k.endswith("weight")}
         errors = json.loads(handle.metadata()["bake_truncation_errors"])
-    assert dtypes == {"F16"} and len(set(ranks.values())) > 1, ranks
+    return out, ranks, errors, dtypes
+
+
+def test_default_dora_bake_is_sized_by_error_up_to_twice_its_rank_in_fp16(tiny_sdxl_path, tmp_path, capsys):
+    """By default each layer gets the smallest rank within 1% relative error, at most twice the DoRA's rank (2 x 2):
+    a layer is either within 1% or at that cap, and the cap is said in one line."""
+    out, ranks, errors, dtypes = baked(capsys, tiny_sdxl_path, tmp_path)
+    assert dtypes == {"F16"} and max(ranks.values()) <= 4
     dora_layers = [k for k in load_file(tmp_path / "dora" / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
-    assert len(errors) == len(dora_layers) and all(0 < e <= 0.01 for e in errors.values()), errors
-    assert "relative truncation error" in out and f"largest {max(errors.values()):.2e}" in out and "rank 1%, at most 128" in out
-    pipe = load_pipe(tiny_sdxl_path)
-    dora = load_pipe(tiny_sdxl_path)
+    assert len(errors) == len(dora_layers) == len(ranks)
+    by_layer = {name: ranks[kohya_module_name(*name.split(".", 1))] for name in errors}
+    assert all(error <= 0.01 or by_layer[name] == 4 for name, error in errors.items()), errors
+    capped = sum(1 for name, error in errors.items() if error > 0.01)
+    assert "relative truncation error" in out and f"largest {max(errors.values()):.2e}" in out
+    assert "rank 1%, at most twice the DoRA's rank" in out
+    assert (f"note: {capped} of {len(errors)} layers stopped at twice the DoRA's rank" in out) == (capped > 0), out
+
+
+def test_an_error_target_dora_bake_meets_it_on_every_layer_at_the_smallest_rank(tiny_sdxl_path, tmp_path, capsys):
+    """--rank 1% with room (--max_rank 64): every layer within 1%, and one rank less would miss it (checked against the
+    layer's own spectrum)."""
+    out, ranks, errors, _ = baked(capsys, tiny_sdxl_path, tmp_path, "--rank", "1%", "--max_rank", 64)
+    assert all(0 < e <= 0.01 for e in errors.values()), errors
+    assert len(set(ranks.values())) > 1 and "rank 1%, at most 64" in out and "note:" not in out
+    pipe, dora = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
     dora.load_lora_weights(str(tmp_path / "dora"))
     adapted = fused_weights(dora)
-    for name, error in list(errors.items())[:6]:
+    for name in list(errors)[:6]:
         component, module = name.split(".", 1)
         delta = adapted[f"{name}.weight"].double() - getattr(pipe, component).get_submodule(module).weight.detach().double()
         singular = torch.linalg.svdvals(delta)

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 UNET_LAYERS, TE1_LAYERS, TE2_LAYERS = 560, 48, 128  # SDXL's attention projections: 70 transformer blocks x 2 x 4; 12 x 4; 32 x 4
+# --conv_rank adds 49: 17 ResNet blocks' conv1 and conv2 (3x3), 11 conv_shortcut (1x1), 2 downsamplers and 2 upsamplers (3x3)
+UNET_CONVOLUTIONS = 49
 PROMPT = "a photo of sks dog"
 COMMON_TRAINING = ["--resolution", SIZE, "--train_batch_size", 1, "--max_train_steps", 2, "--rank", 4,
                    "--mixed_precision", "bf16", "--seed", 0, "--learning_rate", 1e-4]
@@ -155,6 +157,23 @@ def test_plain_training_covers_every_sdxl_attention_projection_and_exports_clean
     assert len(lora_layers(kohya, "lora_down.weight")) == UNET_LAYERS
     check = run_script("convert_for_webui.py --check, plain LoRA", "convert_for_webui.py", kohya, "--check")
     assert "every key maps onto SDXL" in check.stdout, check.stdout
+
+
+@pytest.mark.parametrize("kind, options", [("locon", ["--conv_rank", 4]), ("lokr", ["--adapter", "lokr", "--conv_rank", 4])])
+def test_locon_and_lokr_train_every_projection_and_convolution_and_export_cleanly(kind, options, full_models, work):
+    from common.adapters import file_layers
+
+    out = work / kind
+    run_script(f"train_lora.py full-sdxl, {kind}", "train_lora.py", "--model", "full-sdxl", "--instance_data_dir",
+               work / "instance", "--instance_prompt", PROMPT, "--output_dir", out, *COMMON_TRAINING, *options)
+    layers = file_layers(load_file(out / f"{kind}.safetensors"))
+    convolutions = [name for name, tensors in layers.items() if any(t.ndim == 4 for t in tensors.values())
+                    or name.endswith(("_in_layers_2", "_out_layers_3", "_skip_connection", "_op", "_2_conv"))]
+    assert len(layers) == UNET_LAYERS + UNET_CONVOLUTIONS and len(convolutions) == UNET_CONVOLUTIONS, (len(layers), len(convolutions))
+    export = work / f"{kind}-export"
+    run_script(f"convert_for_webui.py export, {kind}", "convert_for_webui.py", out, "--out", export)
+    check = run_script(f"convert_for_webui.py --check, {kind}", "convert_for_webui.py", export / f"{kind}.safetensors", "--check")
+    assert "WebUI: every key maps onto SDXL" in check.stdout and "ComfyUI: every key maps onto SDXL" in check.stdout, check.stdout
 
 
 @pytest.fixture(scope="module")
