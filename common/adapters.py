@@ -289,12 +289,16 @@ def dora_weight(weight: torch.Tensor, scaled_delta: torch.Tensor, dora_scale: to
 
 
 def file_layers(state: Tensors) -> dict[str, Tensors]:
-    """A kohya/LyCORIS file's tensors by layer, {layer name: {tensor name: tensor}}, the key split at its first '.'
-    as both UIs split it (`lora_unet_x.lora_up.weight` -> layer lora_unet_x, tensor lora_up.weight)."""
+    """A kohya/LyCORIS file's tensors by layer, {layer name: {tensor name: tensor}}: the key split before the longest
+    tensor name an adapter type defines, so that dotted layer names (ComfyUI's LoRA saver writes
+    `diffusion_model.input_blocks.4.1....lora_up.weight`) stay whole, and otherwise at its first '.', as both UIs
+    split kohya names (`lora_unet_x.lora_up.weight` -> layer lora_unet_x, tensor lora_up.weight)."""
+    known = sorted(set().union(*(a.file_suffixes for a in ADAPTERS.values())) | set(OTHER_ALGORITHMS), key=len, reverse=True)
     layers: dict[str, Tensors] = {}
     for key, value in state.items():
-        name, _, tensor = key.partition(".")
-        layers.setdefault(name, {})[tensor] = value
+        tensor = next((name for name in known if key.endswith("." + name)), None)
+        name = key[: -len(tensor) - 1] if tensor else key.partition(".")[0]
+        layers.setdefault(name, {})[tensor or key.partition(".")[2]] = value
     return layers
 
 

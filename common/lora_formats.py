@@ -219,11 +219,12 @@ def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
     return names
 
 
-KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "diffusion_model.", "text_encoders.")
 
 
 def is_kohya_format(keys) -> bool:
-    """Whether a file's keys are kohya/LyCORIS layer names (lora_unet_..., lora_te1_..., lycoris_...)."""
+    """Whether a file's keys are the UIs' layer names: kohya's and LyCORIS's (lora_unet_..., lora_te1_...,
+    lycoris_...) or ComfyUI's own (diffusion_model.<SGM path>, text_encoders.clip_l.<path>: its LoRA saver's)."""
     return any(key.startswith(KOHYA_FILE_PREFIXES) for key in keys)
 
 
@@ -247,10 +248,11 @@ def patch_kohya_file(pipe, file: Path, spec: LoraSpec) -> int:
 
 def file_layer_names(pipe) -> dict[str, tuple[str, str]]:
     """Every name a kohya/LyCORIS file may give a Linear or Conv2d layer of the pipeline, -> (component, module path):
-    the UNet's under lora_unet_ in SGM naming (kohya's SDXL files) and in diffusers naming, and under lycoris_
-    (LyCORIS's own wrapper: SimpleTuner's files), as ComfyUI maps them; the text encoders' under lora_te1_ (or
-    SD1's lora_te_) and lora_te2_ with CLIP's text_model level, as the UIs read them, and without it (what naming
-    code run over transformers 5's CLIPTextModel writes)."""
+    the UNet's under lora_unet_ in SGM naming (kohya's SDXL files) and in diffusers naming, under lycoris_
+    (LyCORIS's own wrapper: SimpleTuner's files) and as diffusion_model.<SGM path> (ComfyUI's LoRA saver), as
+    ComfyUI maps them; the text encoders' under lora_te1_ (or SD1's lora_te_) and lora_te2_ with CLIP's text_model
+    level, as the UIs read them, and without it (what naming code run over transformers 5's CLIPTextModel writes),
+    and as ComfyUI's text_encoders.clip_l/clip_g names."""
     import torch
 
     config = pipe.unet.config
@@ -266,12 +268,14 @@ def file_layer_names(pipe) -> dict[str, tuple[str, str]]:
             path = path.replace(".base_layer", "")  # under a peft adapter already loaded: the layer it wraps
             flat = path.replace(".", "_")
             if component == "unet":
-                sgm = unet_module_to_sgm(path, config.layers_per_block, up_levels_with_attention).replace(".", "_")
-                spellings = [f"lora_unet_{sgm}", f"lora_unet_{flat}", f"lycoris_{flat}"]
+                sgm = unet_module_to_sgm(path, config.layers_per_block, up_levels_with_attention)
+                spellings = [f"lora_unet_{sgm.replace('.', '_')}", f"lora_unet_{flat}", f"lycoris_{flat}", f"diffusion_model.{sgm}"]
             else:
-                inner = path.removeprefix("text_model.").replace(".", "_")
+                inner = path.removeprefix("text_model.")
                 prefixes = ("lora_te1_", "lora_te_") if component == "text_encoder" else ("lora_te2_",)
-                spellings = [f"{prefix}{level}{inner}" for prefix in prefixes for level in ("text_model_", "")]
+                spellings = [f"{prefix}{level}{inner.replace('.', '_')}" for prefix in prefixes for level in ("text_model_", "")]
+                clip = "clip_l" if component == "text_encoder" else "clip_g"
+                spellings.append(f"text_encoders.{clip}.transformer.text_model.{inner}")
             for spelling in spellings:
                 names[spelling] = (component, path)
     return names
@@ -735,6 +739,22 @@ def kohya_names_for_sdxl() -> set[str]:
     return names
 
 
+def comfyui_layer_names() -> set[str]:
+    """The layer names ComfyUI alone reads for SDXL: diffusion_model.<SGM path> (what its LoRA saver writes) and
+    text_encoders.clip_l/clip_g.transformer.text_model.<path>."""
+    from common.models import sdxl_module_names
+
+    names = set()
+    for full in sdxl_module_names():
+        component, _, path = full.partition(".")
+        if component == "unet" and path:
+            names.add(f"diffusion_model.{unet_module_to_sgm(path)}")
+        elif path:
+            clip = "clip_l" if component == "text_encoder" else "clip_g"
+            names.add(f"text_encoders.{clip}.transformer.text_model.{path.removeprefix('text_model.')}")
+    return names
+
+
 @dataclass(frozen=True)
 class UiFinding:
     """What one UI does with a part of a kohya file: `refuses` the whole file, `skips` a layer or key, or
@@ -802,28 +822,30 @@ def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
       output-axis (out, 1) scale is applied wrongly without an error; ComfyUI (`weight_decompose`) reads (out, 1) on
       the output axis and (1, in) on the input axis; other shapes fail in both.
     """
-    from common.adapters import ADAPTERS, OTHER_ALGORITHMS
+    from common.adapters import ADAPTERS, OTHER_ALGORITHMS, file_layers
 
     known = kohya_names_for_sdxl()
     comfyui_only = {"lycoris_" + name.removeprefix("lora_unet_") for name in known if name.startswith("lora_unet_")}
+    comfyui_only |= comfyui_layer_names()
     # IA3's scale vector is `weight`; the other algorithms' tensors are named in OTHER_ALGORITHMS
     suffixes = set().union(*(adapter.file_suffixes for adapter in ADAPTERS.values())) | set(OTHER_ALGORITHMS) | {"weight"}
     webui: list[UiFinding] = []
     comfyui: list[UiFinding] = []
     layers: dict[str, dict[str, object]] = {}
-    for key, value in state.items():
-        name, _, suffix = key.partition(".")
-        if suffix not in suffixes:
-            for findings in (webui, comfyui):
-                findings.append(UiFinding("skips", f"{key}: unknown suffix {suffix!r}"))
-        elif name in comfyui_only or name.startswith(WEBUI_UNREAD_DIFFUSERS_NAMES) and name in known:
-            webui.append(UiFinding("skips", f"{key}: WebUI maps no SDXL module to {name!r} (ComfyUI does)"))
-            layers.setdefault(name, {})[suffix] = value
-        elif name not in known:
-            for findings in (webui, comfyui):
-                findings.append(UiFinding("skips", f"{key}: no SDXL module is named {name!r}"))
-        else:
-            layers.setdefault(name, {})[suffix] = value
+    for name, tensors in file_layers(state).items():
+        for suffix, value in tensors.items():
+            key = f"{name}.{suffix}"
+            if suffix not in suffixes:
+                for findings in (webui, comfyui):
+                    findings.append(UiFinding("skips", f"{key}: unknown suffix {suffix!r}"))
+            elif name in comfyui_only or name.startswith(WEBUI_UNREAD_DIFFUSERS_NAMES) and name in known:
+                webui.append(UiFinding("skips", f"{key}: WebUI maps no SDXL module to {name!r} (ComfyUI does)"))
+                layers.setdefault(name, {})[suffix] = value
+            elif name not in known:
+                for findings in (webui, comfyui):
+                    findings.append(UiFinding("skips", f"{key}: no SDXL module is named {name!r}"))
+            else:
+                layers.setdefault(name, {})[suffix] = value
     for name, parts in layers.items():
         tensors = set(parts)
         kind = _layer_kind(tensors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -294,8 +295,9 @@ def model_modules_on_meta(name_or_path: str) -> dict[str, torch.nn.Module]:
         raise UserError(f"could not read the configs of model {name_or_path!r}: {reason}") from None
 
 
-def sdxl_module_names() -> set[str]:
-    """Every module name of SDXL's UNet and text encoders, component-prefixed, built on the meta device."""
+@functools.cache
+def sdxl_module_names() -> frozenset[str]:
+    """Every module name of SDXL's UNet and text encoders, component-prefixed, built on the meta device (once)."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -304,4 +306,4 @@ def sdxl_module_names() -> set[str]:
         names = {f"unet.{n}" for n, _ in UNet2DConditionModel(**SDXL_UNET_CONFIG).named_modules()}
         names |= {f"text_encoder.{n}" for n, _ in CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIGS[0])).named_modules()}
         names |= {f"text_encoder_2.{n}" for n, _ in CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIGS[1])).named_modules()}
-    return names
+    return frozenset(names)

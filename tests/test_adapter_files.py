@@ -151,3 +151,28 @@ def test_other_lycoris_algorithms_are_refused_by_name(tiny_sdxl_path, tmp_path):
     network.restore()
     with pytest.raises(UserError, match=r"is IA3 \(its 'on_input' tensor\), which this toolkit does not read"):
         load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(tmp_path / "ia3.safetensors")])
+
+
+def test_a_file_of_comfyuis_lora_saver_loads_as_comfyui_reads_it(tiny_sdxl_path, tmp_path):
+    """ComfyUI's LoraSave node (comfy_extras/nodes_lora_extract.py) writes `diffusion_model.<SGM path>.lora_up.weight`
+    and `.lora_down.weight` in fp16, without alpha (scale 1), convolutions included; such a file, written here to that
+    layout from a LoCon of LyCORIS's, loads with every layer, and each weight is ComfyUI's arithmetic's."""
+    path = lycoris_file(tiny_sdxl_path, tmp_path, "locon", seed=4)
+    dotted = {m.replace(".", "_"): m for m, _ in load_pipe(tiny_sdxl_path).unet.named_modules()}
+    saved = {}
+    for key, value in load_file(path).items():
+        layer, _, tensor = key.partition(".")
+        if tensor != "alpha":  # kohya's SDXL block map, reproduced above, gives the SGM path ComfyUI's model has
+            saved[f"diffusion_model.{kohya_sgm_name(dotted[layer.removeprefix('lycoris_')])}.{tensor}"] = value.half()
+    save_file(saved, tmp_path / "ComfyUI_extracted_lora_00001_.safetensors")
+    layers = file_layers(saved)
+    assert all(name.startswith("diffusion_model.") and name.count(".") > 2 for name in layers), "dotted layer names stay whole"
+    pipe = load_pipe(tiny_sdxl_path)
+    before = base_weights(pipe)
+    load_loras(pipe, [LoraSpec(tmp_path / "ComfyUI_extracted_lora_00001_.safetensors")])
+    after = base_weights(pipe)
+    targets = file_layer_names(pipe)
+    assert {k for k in after if not torch.equal(after[k], before[k])} == {targets[name] for name in layers}
+    for name, tensors in layers.items():
+        torch.testing.assert_close(after[targets[name]], comfyui_patch(before[targets[name]], tensors), rtol=1e-5, atol=1e-5)
+
