@@ -263,8 +263,11 @@ def test_ziplora_learns_vectors_that_keep_each_lora_closer_than_a_linear_merge(t
     # the merged UNet against each LoRA alone, with the learned vectors and with all-ones (= linear merge)
     from common.losses import formulation_for_scheduler
 
+    from common.models import model_modules_on_meta
+
     pipe = merge_lora.load_base(tiny_sdxl_path)
-    inputs = [merge_lora.read_input(loras[c], 1.0) for c in ("content", "style")]
+    modules = model_modules_on_meta(tiny_sdxl_path)
+    inputs = [merge_lora.read_input(loras[c], 1.0, modules) for c in ("content", "style")]
     zipped = merge_lora.install_zip_layers(pipe.unet, *inputs)
     generator = torch.Generator().manual_seed(7)
     examples = [example for mode in ("content", "style")
