@@ -669,8 +669,9 @@ def set_mode(zipped: dict, mode: str) -> None:
 
 def zip_examples(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, size: int, generator) -> list[dict]:
     """One LoRA's examples, each (latents, prompt embeddings, SDXL size conditioning): every image of `folder`,
-    found and captioned as training finds an --instance_data_dir (sorted; `prompt` for each) and centre-cropped
-    to size x size as training crops, or, without a folder, one image the LoRA makes from its prompt."""
+    found and captioned as training finds an --instance_data_dir (sorted; a caption file beside an image, else
+    `prompt`) and centre-cropped to size x size as training crops, or, without a folder, one image the LoRA makes
+    from its prompt."""
     import random
 
     import torch

@@ -58,13 +58,21 @@ class TrainConfig:
     revision: Optional[str] = option(None, help="hub revision (network)", panel=MODEL)
     variant: Optional[str] = option(None, help="weight variant, e.g. fp16", panel=MODEL)
     cache_dir: Optional[str] = option(None, help="hub download cache", panel=MODEL)
-    instance_data_dir: Optional[str] = option(None, help="folder of training images", panel=DATA)
-    instance_prompt: Optional[str] = option(None, help="caption of every image (or fallback caption)", panel=DATA)
+    instance_data_dir: Optional[str] = option(
+        None, "--train_data_dir", help="folder of training images: caption files beside them, kohya's N_prompt subfolders "
+        "(N repeats), or a metadata.jsonl imagefolder", panel=DATA,
+    )
+    instance_prompt: Optional[str] = option(
+        None, help="the caption of images without a caption file (or, with --prefix_instance_prompt, put before theirs)",
+        panel=DATA,
+    )
+    caption_extension: str = option(".txt", help="the caption file beside each image (0001.txt for 0001.png)", panel=DATA)
+    prefix_instance_prompt: bool = option(False, help="put --instance_prompt before each caption file's caption", panel=DATA)
     dataset_name: Optional[str] = option(None, help="a local ImageFolder/dataset (or hub id, network)", panel=DATA)
     dataset_config_name: Optional[str] = option(None, help="the configuration of a hub --dataset_name", panel=DATA)
     image_column: str = option("image", panel=DATA)
     caption_column: Optional[str] = option(None, help="per-image captions", panel=DATA)
-    repeats: int = option(1, panel=DATA)
+    repeats: int = option(1, help="how often an epoch shows each image (times an N_prompt folder's N)", panel=DATA)
     resolution: int = option(1024, help="side of the square (or the bucket area's side)", panel=DATA)
     center_crop: bool = option(False, panel=DATA)
     random_flip: bool = option(False, panel=DATA)
@@ -74,7 +82,7 @@ class TrainConfig:
     aspect_buckets: bool = option(False, help="train each image at the SDXL bucket of its aspect ratio", panel=DATA)
     skip_bad_images: bool = option(False, help="skip unreadable images with a warning", panel=DATA)
     train_batch_size: int = option(4, panel=DATA)
-    num_train_epochs: int = option(1, panel=DATA)
+    num_train_epochs: int = option(1, "--max_train_epochs", panel=DATA)
     max_train_steps: Optional[int] = option(None, help="optimizer steps (overrides epochs)", panel=DATA)
     gradient_accumulation_steps: int = option(1, panel=DATA)
     dataloader_num_workers: int = option(0, panel=DATA)
@@ -82,8 +90,8 @@ class TrainConfig:
         "lora", help="lora (LoCon with --conv_rank), loha or lokr: trained by peft, written as LyCORIS writes them",
         panel=LORA,
     )
-    rank: int = option(4, help="LoRA rank r", panel=LORA)
-    lora_alpha: Optional[float] = option(None, help="LoRA alpha (default: the rank, scale 1)", panel=LORA)
+    rank: int = option(4, "--network_dim", help="LoRA rank r", panel=LORA)
+    lora_alpha: Optional[float] = option(None, "--network_alpha", help="LoRA alpha (default: the rank, scale 1)", panel=LORA)
     conv_rank: Optional[int] = option(
         None, "--conv_dim", help="also adapt the UNet's ResNet convolutions (conv1, conv2, conv_shortcut) and its down- "
         "and upsamplers at this rank (LoCon, as kohya's --conv_dim)", panel=LORA,
@@ -104,7 +112,7 @@ class TrainConfig:
         None, help="start the UNet LoRA from this one (diffusers or kohya file or folder)", panel=LORA
     )
     optimizer: str = option("adamw", help="adamw or prodigy (any case)", panel=OPTIM)
-    learning_rate: float = option(1e-4, panel=OPTIM)
+    learning_rate: float = option(1e-4, "--unet_lr", panel=OPTIM)
     scale_lr: bool = option(False, panel=OPTIM)
     use_8bit_adam: bool = option(False, help="bitsandbytes AdamW8bit (CUDA)", panel=OPTIM)
     adam_beta1: float = option(0.9, panel=OPTIM)
@@ -140,7 +148,7 @@ class TrainConfig:
         "auto", help="auto (read from the scheduler config), edm-native or discrete: how the base was trained",
         panel=MODEL,
     )
-    snr_gamma: Optional[float] = option(None, help="Min-SNR-gamma (5 is usual)", panel=LOSS)
+    snr_gamma: Optional[float] = option(None, "--min_snr_gamma", help="Min-SNR-gamma (5 is usual)", panel=LOSS)
     snr_weighting: str = option("hard", help="hard (min) or soft (smooth min) with --snr_gamma under EDM", panel=LOSS)
     prediction_type: Optional[str] = option(None, help="epsilon or v_prediction (default: the model's)", panel=LOSS)
     noise_offset: float = option(0.0, panel=LOSS)
@@ -150,7 +158,7 @@ class TrainConfig:
     allow_tf32: bool = option(False, panel=MEMORY)
     torch_compile: bool = option(False, panel=MEMORY)
     output_dir: str = option("lora-dreambooth-model", "-o", panel=OUTPUT)
-    checkpointing_steps: int = option(500, panel=OUTPUT)
+    checkpointing_steps: int = option(500, "--save_every_n_steps", panel=OUTPUT)
     checkpoints_total_limit: Optional[int] = option(None, panel=OUTPUT)
     resume_from_checkpoint: Optional[str] = option(None, help="latest or a checkpoint folder", panel=OUTPUT)
     force: bool = option(
@@ -162,7 +170,7 @@ class TrainConfig:
     seed: int = option(
         0, help="seeds the LoRA's initialisation, the noise, the data order and augmentation", panel=OUTPUT
     )
-    report_to: str = option("none", help="none, tensorboard, wandb, ... (must be installed)", panel=OUTPUT)
+    report_to: str = option("none", "--log_with", help="none, tensorboard, wandb, ... (must be installed)", panel=OUTPUT)
     logging_dir: str = option("logs", panel=OUTPUT)
     train_text_encoder_ti: bool = option(False, panel=TEXT)
     train_text_encoder_ti_frac: float = option(0.5, panel=TEXT)
@@ -203,6 +211,21 @@ class IgnoredOptions:
     local_rank: int = option(
         -1, panel=OUTPUT, help="set by launchers; accelerate reads the process's rank from the environment"
     )
+    # kohya's sd-scripts flags whose meaning differs here: refused with the option that does it
+    output_name: Optional[str] = option(
+        None, panel=OUTPUT, refused="the files are named after --output_dir's own folder; give that folder this name"
+    )
+    network_module: Optional[str] = option(
+        None, panel=LORA, refused="use --adapter lora|loha|lokr (LoCon: --adapter lora with --conv_rank)"
+    )
+    network_args: Optional[list[str]] = option(
+        None, panel=LORA, refused="use --adapter, --conv_rank, --conv_alpha, --rank_dropout, --module_dropout, "
+        "--use_tucker, --lokr_factor and --decompose_both",
+    )
+    network_dropout: Optional[float] = option(
+        None, panel=LORA, refused="kohya drops a LoRA's hidden units, peft its inputs: --lora_dropout is the nearest"
+    )
+    optimizer_type: Optional[str] = option(None, panel=OPTIM, refused="use --optimizer adamw|prodigy (and --use_8bit_adam)")
 
 
 @options_command(app, TrainConfig, IgnoredOptions)
@@ -225,6 +248,7 @@ def make_config(options: dict) -> TrainConfig:
     config = config_from_options(TrainConfig, options)
     config.optimizer = config.optimizer.lower()
     check_adapter_options(config)
+    check_trackers(config.report_to)
     checks = [
         (config.rank >= 1, f"--rank must be a positive integer, got {config.rank}"),
         (config.lora_alpha is None or config.lora_alpha > 0, f"--lora_alpha must be > 0, got {config.lora_alpha}"),
@@ -319,6 +343,24 @@ def make_config(options: dict) -> TrainConfig:
                 f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder"
             )
     return config
+
+
+# accelerate's trackers by --report_to name, with the packages that provide them
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
+                    "mlflow": ("mlflow",), "clearml": ("clearml",), "aim": ("aim",), "dvclive": ("dvclive",)}
+
+
+def check_trackers(report_to: str) -> None:
+    """Every --report_to tracker named is one accelerate knows and installed: accelerate drops one that is not
+    installed without a word, and the run would track nothing."""
+    import importlib.util
+
+    for tracker in (name.strip() for name in report_to.split(",") if name.strip() not in ("", "none", "all")):
+        if tracker not in TRACKER_PACKAGES:
+            raise UserError(f"--report_to {tracker!r}; choose none, all or any of {', '.join(TRACKER_PACKAGES)} (comma-separated)")
+        if not any(importlib.util.find_spec(package) for package in TRACKER_PACKAGES[tracker]):
+            raise UserError(f"--report_to {tracker}: the {TRACKER_PACKAGES[tracker][0]} package is not installed "
+                            f"(pip install {TRACKER_PACKAGES[tracker][0]}); without it accelerate would track nothing")
 
 
 def check_adapter_options(config: TrainConfig) -> None:
@@ -668,7 +710,9 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
     """Examples -> checked images -> datasets (optionally as cached latents), captions expanded."""
     import torch
 
-    from common.data import Augment, CachedLatents, Example, TrainingImages, check_images, find_examples, sdxl_buckets
+    import dataclasses
+
+    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets
     from common.tokens import expand_abstractions, warn_about_long_prompts
 
     examples = find_examples(
@@ -678,9 +722,11 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         dataset_config_name=config.dataset_config_name,
         image_column=config.image_column,
         caption_column=config.caption_column,
+        caption_extension=config.caption_extension,
+        prompt_as_prefix=config.prefix_instance_prompt,
     )
     examples = [
-        Example(e.image, expand_abstractions(e.caption, config.token_map), e.name)
+        dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map))
         for e in check_images(examples, config.skip_bad_images)
     ]
     augment = Augment(
@@ -707,11 +753,24 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
     if accelerator.is_main_process:
         warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning)
-    classes = f", {len(data.class_captions)} class images" if data.classes is not None else ""
-    accelerator.print(
-        f"{len(examples)} images x {config.repeats} repeats, {len(set(data.captions))} distinct captions{classes}"
-    )
+    if accelerator.is_main_process:
+        accelerator.print(data_summary(examples, data, config))
     return data
+
+
+def data_summary(examples: list, data: TrainingData, config: TrainConfig) -> str:
+    """One line on what the run trains on: images, where their captions came from, repeats, buckets."""
+    from collections import Counter
+
+    sources = Counter(e.caption_from for e in examples)
+    named = {"file": "from caption files", "folder": "from folder names", "prompt": "from --instance_prompt", "dataset": "from the dataset"}
+    captions = ", ".join(f"{count} {named[source]}" for source, count in sources.items())
+    repeats = Counter(e.repeats * config.repeats for e in examples)
+    buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
+    classes = f"; {len(data.class_captions)} class images" if data.classes is not None else ""
+    return (f"{len(examples)} images, captions {captions} ({len(set(data.captions))} distinct); "
+            f"repeats {', '.join(f'{n} x{r}' for r, n in sorted(repeats.items()))}: {len(data.instances)} examples an epoch; "
+            f"{len(buckets)} bucket(s): {', '.join(f'{h}x{w} ({n})' for (h, w), n in sorted(buckets.items()))}{classes}")
 
 
 def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:

@@ -85,14 +85,17 @@ class OptionSpec:
     cli_type: Any  # the type the command line parses, where it differs from the field's (True/False text)
     parse: Callable[[str, Any], Any] | None  # (option name, parsed value) -> the field's value
     no_effect: str | None  # accepted so that other tools' command lines run; why it does nothing here
+    refused: str | None = None  # another tool's option that means something else here: what to use instead
 
 
 def option(default: Any = dataclasses.MISSING, *names: str, help: str = "", panel: str | None = None, cli_type: Any = None,
-           parse: Callable[[str, Any], Any] | None = None, no_effect: str | None = None) -> Any:
+           parse: Callable[[str, Any], Any] | None = None, no_effect: str | None = None, refused: str | None = None) -> Any:
     """A config field that is also a command-line option: its one declaration (default, help, help panel)."""
     if no_effect:
         help = f"{help + '; ' if help else ''}[dim]no effect: {no_effect}[/dim]"
-    spec = OptionSpec(help=help, panel=panel, names=names, cli_type=cli_type, parse=parse, no_effect=no_effect)
+    if refused:
+        help = f"{help + '; ' if help else ''}[dim]refused (kohya's, meaning something else here): {refused}[/dim]"
+    spec = OptionSpec(help=help, panel=panel, names=names, cli_type=cli_type, parse=parse, no_effect=no_effect, refused=refused)
     return dataclasses.field(default=default, metadata={"option": spec})
 
 
@@ -141,6 +144,8 @@ def config_from_options(config_type: type, options: dict, warn: Callable[[str], 
             value = spec.parse(field.name, value)
         if spec.no_effect and value != field.default and warn is not None:
             warn(f"--{field.name} has no effect: {spec.no_effect}")
+        if spec.refused and value != field.default:
+            raise UserError(f"--{field.name} is kohya's option and means something else here: {spec.refused}")
         values[field.name] = value
     return config_type(**values)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Example:
-    """One training image and its caption; `image` is a path, the file's bytes (datasets) or a PIL image."""
+    """One training image and its caption; `image` is a path, the file's bytes (datasets) or a PIL image. `repeats`:
+    how often an epoch shows it (a kohya N_prompt folder's N); `caption_from`: where its caption came from (a
+    caption file, a folder's name, the instance prompt, a dataset column)."""
 
     image: object
     caption: str
     name: str
+    repeats: int = 1
+    caption_from: str = "prompt"
 
 
 @dataclass(frozen=True)
@@ -69,22 +74,61 @@ def find_examples(
     dataset_config_name: str | None = None,
     image_column: str = "image",
     caption_column: str | None = None,
+    caption_extension: str = ".txt",
+    prompt_as_prefix: bool = False,
 ) -> list[Example]:
-    """Images with their captions, from a folder (one prompt for all) or a datasets dataset (a caption each)."""
+    """Images with their captions: a datasets dataset (a caption column), a folder's `metadata.jsonl` (an imagefolder:
+    the same), or a folder in kohya's layouts (`folder_examples`)."""
     if dataset_name:
         return _dataset_examples(dataset_name, dataset_config_name, image_column, caption_column, instance_prompt)
     if instance_data_dir is None:
         raise UserError("give --instance_data_dir FOLDER (with --instance_prompt) or --dataset_name DATASET")
     if not instance_data_dir.is_dir():
         raise UserError(f"--instance_data_dir {str(instance_data_dir)!r} is not a folder")
-    if not instance_prompt:
-        raise UserError("--instance_prompt is required with --instance_data_dir (e.g. 'a photo of TOK dog')")
-    files = sorted(p for p in instance_data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(
-            f"--instance_data_dir {str(instance_data_dir)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    return [Example(path, instance_prompt, path.name) for path in files]
+    if (instance_data_dir / "metadata.jsonl").is_file():
+        return _dataset_examples(str(instance_data_dir), None, image_column, caption_column, instance_prompt)
+    return folder_examples(instance_data_dir, instance_prompt=instance_prompt, caption_extension=caption_extension,
+                           prompt_as_prefix=prompt_as_prefix)
+
+
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's DreamBooth subfolders: `10_sks dog` is 10 repeats of "sks dog"
+
+
+def folder_examples(folder: Path, *, instance_prompt: str | None, caption_extension: str = ".txt",
+                    prompt_as_prefix: bool = False) -> list[Example]:
+    """The images of a folder in kohya's layouts (sd-scripts, library/config_util.py and train_util.py): the images in
+    it and in each `N_prompt` subfolder (N repeats; the rest of the name, kohya's class tokens, the prompt of its
+    images). An image's caption is the first line of the file beside it with `caption_extension` (`0001.txt` for
+    `0001.png`), else its folder's prompt (--instance_prompt for the folder itself); with `prompt_as_prefix` the
+    prompt goes before a caption file's caption. An image without either, or an empty caption file, is refused in one
+    line."""
+    groups = [(folder, 1, instance_prompt)]
+    groups += [(sub, int(match[1]), match[2]) for sub in sorted(folder.iterdir())
+               if sub.is_dir() and (match := REPEATS_FOLDER.match(sub.name)) and int(match[1]) > 0]
+    examples, uncaptioned = [], []
+    for group, repeats, prompt in groups:
+        for path in sorted(p for p in group.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            name = str(path.relative_to(folder))
+            caption_file = path.with_suffix(caption_extension)
+            if caption_file.is_file():
+                lines = caption_file.read_text(encoding="utf-8").splitlines()
+                caption = lines[0].strip() if lines else ""
+                if not caption:
+                    raise UserError(f"caption file {str(caption_file)!r} is empty; write the image's caption on its first line")
+                caption, source = (f"{prompt}, {caption}" if prompt_as_prefix and prompt else caption), "file"
+            elif prompt:
+                caption, source = prompt, "folder" if group != folder else "prompt"
+            else:
+                uncaptioned.append(name)
+                continue
+            examples.append(Example(path, caption, name, repeats, source))
+    if uncaptioned:
+        raise UserError(f"{len(uncaptioned)} image(s) have no caption, e.g. {uncaptioned[0]}: no {caption_extension} file beside "
+                        "them and no --instance_prompt (give one, or a caption file per image)")
+    if not examples:
+        raise UserError(f"--instance_data_dir {str(folder)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}), "
+                        "in itself or in N_prompt subfolders")
+    return examples
 
 
 def _dataset_examples(dataset_name: str, config_name: str | None, image_column: str, caption_column: str | None,
@@ -106,13 +150,15 @@ def _dataset_examples(dataset_name: str, config_name: str | None, image_column: 
         raise UserError(f"--image_column {image_column!r} is not in dataset {dataset_name!r}; columns: {', '.join(columns)}")
     if caption_column is not None and caption_column not in columns:
         raise UserError(f"--caption_column {caption_column!r} is not in dataset {dataset_name!r}; columns: {', '.join(columns)}")
+    if caption_column is None and not instance_prompt and "text" in columns:
+        caption_column = "text"  # an imagefolder's metadata.jsonl usually names its captions so
     if caption_column is None and not instance_prompt:
         raise UserError(f"dataset {dataset_name!r}: give --caption_column (columns: {', '.join(columns)}) or --instance_prompt")
     # the files themselves, not datasets' decoding (PIL's, which clips 16-bit images): common.images reads them
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return [
         Example(_image_source(row[image_column]), str(row[caption_column]) if caption_column else instance_prompt,
-                f"{dataset_name}[{i}]")
+                f"{dataset_name}[{i}]", caption_from="dataset" if caption_column else "prompt")
         for i, row in enumerate(dataset)
     ]
 
@@ -198,7 +244,7 @@ class TrainingImages(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[Example], augment: Augment, repeats: int, seed: int):
         self.examples, self.augment, self.seed = examples, augment, seed
-        self.indices = [i for i in range(len(examples)) for _ in range(repeats)]
+        self.indices = [i for i, example in enumerate(examples) for _ in range(repeats * example.repeats)]
         self.sizes = []
         for example in examples:
             image = open_rgb(example)

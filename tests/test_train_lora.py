@@ -265,12 +265,12 @@ def test_dataset_captions_are_used_per_image_and_bad_images_can_be_skipped(tiny_
             "--output_dir", tmp_path / "out", "--max_train_steps", 1]
     code, out, err = train_cli(capsys, *argv)
     assert code == 0, err
-    assert "4 images x 1 repeats, 2 distinct captions" in out
+    assert "4 images, captions 4 from the dataset (2 distinct); repeats 4 x1: 4 examples an epoch" in out
     broken = unreadable(tmp_path / "broken")
     code, out, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", broken, "--instance_prompt", PROMPT,
                                "--resolution", 64, "--output_dir", tmp_path / "out2", "--max_train_steps", 1, "--skip_bad_images")
     assert code == 0, err
-    assert "skipping unreadable image broken.png" in caplog.text and "2 images x 1 repeats" in out
+    assert "skipping unreadable image broken.png" in caplog.text and "2 images, captions 2 from --instance_prompt" in out
 
 
 @pytest.mark.heavy
