@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from common.cli import UserError
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, adapter_layers, load_loras, parse_weighted_path
-from helpers import TEXT_TARGETS, generate_array, load_pipe, make_peft_lora
+from helpers import generate_array, load_pipe, make_peft_lora
 
 RANK, ALPHA = 4, 8  # alpha != rank: a loader that ignores alpha loads at half strength
 
