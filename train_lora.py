@@ -10,6 +10,7 @@ Accepts the flags of diffusers' train_dreambooth_lora_sdxl_advanced.py under the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -67,6 +68,10 @@ class TrainConfig:
         panel=DATA,
     )
     caption_extension: str = option(".txt", help="the caption file beside each image (0001.txt for 0001.png)", panel=DATA)
+    shuffle_caption: bool = option(False, help="shuffle each caption's comma-separated tags every time it is shown", panel=DATA)
+    keep_tokens: int = option(0, help="with --shuffle_caption and tag dropout: the first N tags stay in place", panel=DATA)
+    caption_dropout_rate: float = option(0.0, help="train this share of examples unconditioned (an empty caption)", panel=DATA)
+    caption_tag_dropout_rate: float = option(0.0, help="drop each tag after --keep_tokens with this probability", panel=DATA)
     prefix_instance_prompt: bool = option(False, help="put --instance_prompt before each caption file's caption", panel=DATA)
     dataset_name: Optional[str] = option(None, help="a local ImageFolder/dataset (or hub id, network)", panel=DATA)
     dataset_config_name: Optional[str] = option(None, help="the configuration of a hub --dataset_name", panel=DATA)
@@ -280,6 +285,12 @@ def make_config(options: dict) -> TrainConfig:
         ),
         (config.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {config.train_batch_size}"),
         (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
+        (config.keep_tokens >= 0, f"--keep_tokens must be >= 0, got {config.keep_tokens}"),
+        (
+            0 <= config.caption_dropout_rate < 1 and 0 <= config.caption_tag_dropout_rate < 1,
+            "--caption_dropout_rate and --caption_tag_dropout_rate must be in [0, 1), got "
+            f"{config.caption_dropout_rate} and {config.caption_tag_dropout_rate}",
+        ),
         (
             config.gradient_accumulation_steps >= 1,
             f"--gradient_accumulation_steps must be >= 1, got {config.gradient_accumulation_steps}",
@@ -441,7 +452,6 @@ def train(config: TrainConfig) -> None:
         pipe=pipe,
         unet=unet,
         caption_encoder=caption_encoder,
-        data=data,
         formulation=formulation,
         accelerator=accelerator,
         prior_loss_weight=config.prior_loss_weight,
@@ -505,7 +515,6 @@ class BatchLoss:
     pipe: object
     unet: object
     caption_encoder: CaptionEncoder
-    data: TrainingData
     formulation: object
     accelerator: object
     prior_loss_weight: float
@@ -515,12 +524,10 @@ class BatchLoss:
 
         from common.losses import prior_preservation_loss
 
-        parts = [(batch, self.data.captions)] + (
-            [(class_batch, self.data.class_captions)] if class_batch is not None else []
-        )
-        latents = [batch_latents(b, self.pipe, self.accelerator) for b, _ in parts]
-        captions = [[names[i] for i in b["index"].tolist()] for b, names in parts]
-        time_ids = [b["time_ids"] for b, _ in parts]
+        parts = [batch] + ([class_batch] if class_batch is not None else [])
+        latents = [batch_latents(b, self.pipe, self.accelerator) for b in parts]
+        captions = [b["captions"] for b in parts]  # each example's caption as its dataset drew it
+        time_ids = [b["time_ids"] for b in parts]
         if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
             joint = self.formulation.loss(
                 self.network(captions[0] + captions[1], torch.cat(time_ids), step), torch.cat(latents)
@@ -736,7 +743,8 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         interpolation=config.image_interpolation_mode,
         buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
     )
-    data = TrainingData(TrainingImages(examples, augment, config.repeats, config.seed), [e.caption for e in examples])
+    images = TrainingImages(examples, augment, config.repeats, config.seed, captions=caption_transform(config))
+    data = TrainingData(images, [e.caption for e in examples])
     if config.with_prior_preservation:
         class_examples = find_examples(
             instance_data_dir=Path(config.class_data_dir), instance_prompt=config.class_prompt
@@ -756,6 +764,14 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
     if accelerator.is_main_process:
         accelerator.print(data_summary(examples, data, config))
     return data
+
+
+def caption_transform(config: TrainConfig):
+    """kohya's caption options as the data's `CaptionTransform`."""
+    from common.data import CaptionTransform
+
+    return CaptionTransform(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens, dropout=config.caption_dropout_rate,
+                            tag_dropout=config.caption_tag_dropout_rate)
 
 
 def data_summary(examples: list, data: TrainingData, config: TrainConfig) -> str:
@@ -882,6 +898,9 @@ class CaptionEncoder:
         self.rows = [e.get_input_embeddings() for e in self.encoders] if config.train_text_encoder_ti else []
         self.rows_stop = int(config.train_text_encoder_ti_frac * total_steps) if self.rows else 0
         self.lora_stop = int(config.train_text_encoder_frac * total_steps) if config.train_text_encoder else 0
+        # shuffled or dropped tags make captions no list can hold ahead: encoded as they come, the encoders stay
+        self.varying = caption_transform(config).changes_captions
+        self.zeros_for_empty = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
         self.cache = None
         self.original_digests = [self._digest(r.table.weight) for r in self.rows]
 
@@ -914,9 +933,10 @@ class CaptionEncoder:
 
         device, dtype = self.accelerator.device, weight_dtype(self.accelerator)
         tokenizers = [self.pipe.tokenizer, self.pipe.tokenizer_2]
-        if step < max(self.rows_stop, self.lora_stop):
-            embeds, pooled = encode_captions(tokenizers, self.encoders, captions, self.config.clip_skip, device)
-            return embeds.to(dtype), pooled.to(dtype)
+        if step < max(self.rows_stop, self.lora_stop) or self.varying:
+            with torch.no_grad() if step >= max(self.rows_stop, self.lora_stop) else contextlib.nullcontext():
+                embeds, pooled = encode_captions(tokenizers, self.encoders, captions, self.config.clip_skip, device)
+            return self.unconditional_where_empty(captions, embeds.to(dtype), pooled.to(dtype))
         if self.cache is None:
             with torch.no_grad():
                 self.cache = {
@@ -930,7 +950,18 @@ class CaptionEncoder:
                 encoder.to("cpu")  # frozen from here on: about 1.6 GiB of GPU memory for SDXL in bf16
         embeds = torch.stack([self.cache[c][0] for c in captions]).to(device, dtype)
         pooled = torch.stack([self.cache[c][1] for c in captions]).to(device, dtype)
-        return embeds, pooled
+        return self.unconditional_where_empty(captions, embeds, pooled)
+
+    def unconditional_where_empty(self, captions: list[str], embeds, pooled):
+        """An empty caption (--caption_dropout_rate) as the unconditional case SDXL samples with: zero embeddings, where
+        the pipeline's config says so (force_zeros_for_empty_prompt: SDXL base was trained so; diffusers' sampling
+        uses zeros for an empty negative prompt), else the encoded empty text."""
+        import torch
+
+        if not self.zeros_for_empty or "" not in captions:
+            return embeds, pooled
+        empty = torch.tensor([caption == "" for caption in captions], device=embeds.device)
+        return embeds.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
 
     def check_original_rows(self) -> None:
         """Pivotal tuning must leave every original vocabulary row bit-identical."""

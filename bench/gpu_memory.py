@@ -153,14 +153,15 @@ def _training_steps(unet, vae, config, accelerator, resolution: int, index: torc
     batch, side = len(index), resolution // 8
     images = ({"latent_mean": torch.randn(batch, 4, side, side), "latent_std": torch.rand(batch, 4, side, side)} if vae is None
               else {"pixels": torch.rand(batch, 3, resolution, resolution) * 2 - 1})
-    images |= {"index": index, "time_ids": torch.tensor([[resolution] * 2 + [0, 0] + [resolution] * 2] * batch).float()}
+    images |= {"index": index, "time_ids": torch.tensor([[resolution] * 2 + [0, 0] + [resolution] * 2] * batch).float(),
+               "captions": ["a photo of sks dog"] * batch}
     text = CachedText(batch, torch.bfloat16, unet.config)
-    data = SimpleNamespace(captions=["a photo of sks dog"])
 
     tracker = LiveStorages()
-    tracker.add(*module_tensors(unet), *(module_tensors(vae) if vae is not None else []), *images.values(), text.embeds, text.pooled)
+    tracker.add(*module_tensors(unet), *(module_tensors(vae) if vae is not None else []),
+                *(v for v in images.values() if isinstance(v, torch.Tensor)), text.embeds, text.pooled)
     start = tracker.current
-    batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=text, data=data, formulation=formulation,
+    batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=text, formulation=formulation,
                                       accelerator=accelerator, prior_loss_weight=config.prior_loss_weight)
     with tracker, allocator_log(enabled=not is_fake(unet)) as log:
         for step in range(steps):

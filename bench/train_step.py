@@ -99,7 +99,7 @@ def pipeline(
             unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
             batches = itertools.cycle(list(loader))
 
-            batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=caption_encoder, data=data,
+            batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=caption_encoder,
                                               formulation=formulation, accelerator=accelerator,
                                               prior_loss_weight=config.prior_loss_weight)
 

@@ -239,11 +239,51 @@ def example_rng(seed: int, epoch: int, position: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{position}")
 
 
-class TrainingImages(torch.utils.data.Dataset):
-    """(index, pixels, placement) for each repeated example; captions stay with `examples[index]`."""
+@dataclass(frozen=True)
+class CaptionTransform:
+    """kohya's caption options (sd-scripts, library/train_util.py `process_caption`): with probability `dropout` the
+    caption becomes empty (the unconditional case); otherwise its comma-separated tags after the first `keep_tokens`
+    are shuffled (`shuffle`) and each dropped with probability `tag_dropout`."""
 
-    def __init__(self, examples: list[Example], augment: Augment, repeats: int, seed: int):
-        self.examples, self.augment, self.seed = examples, augment, seed
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout: float = 0.0
+    tag_dropout: float = 0.0
+
+    @property
+    def changes_captions(self) -> bool:
+        return self.shuffle or self.dropout > 0 or self.tag_dropout > 0
+
+
+def transformed_caption(caption: str, transform: CaptionTransform, rng: random.Random) -> str:
+    """One draw of `transform` on a caption (a pure function of the caption and the generator), in kohya's order: the
+    caption dropout draw first, then the shuffle of the tags after the kept ones, then one draw per such tag."""
+    if transform.dropout > 0 and rng.random() < transform.dropout:
+        return ""
+    if not (transform.shuffle or transform.tag_dropout > 0):
+        return caption
+    tags = [tag.strip() for tag in caption.strip().split(",")]
+    kept, rest = tags[: transform.keep_tokens], tags[transform.keep_tokens :]
+    if transform.shuffle:
+        rng.shuffle(rest)
+    if transform.tag_dropout > 0:
+        rest = [tag for tag in rest if rng.random() >= transform.tag_dropout]
+    return ", ".join(kept + rest)
+
+
+def caption_rng(seed: int, epoch: int, position: int) -> random.Random:
+    """The generator of an example's caption draws, apart from its image's (`example_rng`), so that caption options
+    leave crops and flips as they were."""
+    return random.Random(f"{seed}:{epoch}:{position}:caption")
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """(index, pixels, placement, caption) for each repeated example: the example's caption drawn through
+    `captions` (`transformed_caption`) for this epoch and position."""
+
+    def __init__(self, examples: list[Example], augment: Augment, repeats: int, seed: int,
+                 captions: CaptionTransform = CaptionTransform()):
+        self.examples, self.augment, self.seed, self.captions = examples, augment, seed, captions
         self.indices = [i for i, example in enumerate(examples) for _ in range(repeats * example.repeats)]
         self.sizes = []
         for example in examples:
@@ -257,7 +297,13 @@ class TrainingImages(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         index = self.indices[position]
         pixels, placement = place_image(open_rgb(self.examples[index]), self.augment, example_rng(self.seed, self.epoch, position))
-        return {"index": index, "pixels": pixels, "placement": placement}
+        return {"index": index, "pixels": pixels, "placement": placement, "caption": self.caption(position)}
+
+    def caption(self, position: int) -> str:
+        caption = self.examples[self.indices[position]].caption
+        if not self.captions.changes_captions:
+            return caption
+        return transformed_caption(caption, self.captions, caption_rng(self.seed, self.epoch, position))
 
     def bucket(self, position: int) -> tuple[int, int]:
         return bucket_of(self.sizes[self.indices[position]], self.augment)
@@ -342,13 +388,14 @@ class CachedLatents(torch.utils.data.Dataset):
         index = self.images.indices[position]
         flip = self.images.augment.random_flip and example_rng(self.images.seed, self.epoch, position).random() < 0.5
         mean, std, placement = self.cache[(index, flip)]
-        return {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement}
+        return {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement, "caption": self.images.caption(position)}
 
 
 def collate(items: list[dict]) -> dict:
     batch = {
         "index": torch.tensor([item["index"] for item in items]),
         "time_ids": torch.stack([item["placement"].time_ids() for item in items]),
+        "captions": [item["caption"] for item in items],
     }
     for key in ("pixels", "latent_mean", "latent_std"):
         if key in items[0]:

@@ -102,3 +102,110 @@ def test_kohya_flags_that_mean_something_else_and_missing_trackers_are_refused_i
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("error: ") and message in lines[-1], err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- caption options
+
+def kohya_process_caption(caption: str, rng, *, shuffle: bool, keep_tokens: int, dropout: float, tag_dropout: float) -> str:
+    """sd-scripts' BaseDataset.process_caption (library/train_util.py), reproduced for these options (no prefix,
+    suffix, wildcard, keep_tokens_separator or token warm-up), with its module-level `random` calls on `rng`."""
+    is_drop_out = dropout > 0 and rng.random() < dropout
+    if is_drop_out:
+        return ""
+    caption = caption.split("\n")[0]
+    if shuffle or tag_dropout > 0:
+        tokens = [t.strip() for t in caption.strip().split(",")]
+        flex_tokens = tokens[:]
+        fixed_tokens = []
+        if keep_tokens > 0:
+            fixed_tokens = flex_tokens[:keep_tokens]
+            flex_tokens = tokens[keep_tokens:]
+
+        def dropout_tags(tokens):
+            if tag_dropout <= 0:
+                return tokens
+            return [token for token in tokens if rng.random() >= tag_dropout]
+
+        if shuffle:
+            rng.shuffle(flex_tokens)
+        flex_tokens = dropout_tags(flex_tokens)
+        caption = ", ".join(fixed_tokens + flex_tokens)
+    return caption
+
+
+@pytest.mark.parametrize("options", [
+    {"shuffle": True, "keep_tokens": 1, "dropout": 0.0, "tag_dropout": 0.0},
+    {"shuffle": False, "keep_tokens": 2, "dropout": 0.0, "tag_dropout": 0.3},
+    {"shuffle": True, "keep_tokens": 0, "dropout": 0.2, "tag_dropout": 0.2},
+])
+def test_caption_options_draw_as_kohyas_process_caption_does(options):
+    import random
+
+    from common.data import CaptionTransform, transformed_caption
+
+    caption = "sks dog, on grass,  sunny, wide angle ,photo, 35mm"
+    transform = CaptionTransform(**options)
+    for seed in range(200):
+        ours = transformed_caption(caption, transform, random.Random(seed))
+        assert ours == kohya_process_caption(caption, random.Random(seed), **options), seed
+    drawn = {transformed_caption(caption, transform, random.Random(seed)) for seed in range(200)}
+    assert len(drawn) > 10, "the draws differ from example to example"
+    if options["keep_tokens"]:
+        kept = ", ".join(t.strip() for t in caption.split(",")[: options["keep_tokens"]])
+        assert all(d.startswith(kept) for d in drawn if d)
+
+
+def caption_run(tiny_sdxl_path: str, folder: Path, out: Path, steps: int, *extra) -> list:
+    return ["-m", tiny_sdxl_path, "--train_data_dir", folder, "--resolution", 64, "--train_batch_size", 2, "--max_train_steps", steps,
+            "--seed", 3, "--learning_rate", 1e-3, "--checkpointing_steps", 2, "--shuffle_caption", "--keep_tokens", 1,
+            "--caption_dropout_rate", 0.25, "--caption_tag_dropout_rate", 0.2, "--output_dir", out, *extra]
+
+
+def tagged_folder(root: Path) -> Path:
+    folder = write_images(root / "tagged", count=4)
+    for k in range(4):
+        (folder / f"image_{k}.txt").write_text(f"sks dog, tag{k}a, tag{k}b, tag{k}c, tag{k}d")
+    return folder
+
+
+def test_each_step_sees_the_captions_its_examples_drew_and_dropped_ones_are_unconditioned(tiny_sdxl_path, tmp_path, capsys,
+                                                                                           monkeypatch):
+    import train_lora
+    from common.data import CaptionTransform, caption_rng, transformed_caption
+
+    seen, zero_rows = [], []
+    original = train_lora.CaptionEncoder.embed
+
+    def recording(self, captions, step):
+        embeds, pooled = original(self, captions, step)
+        seen.extend(captions)
+        zero_rows.extend((caption == "", bool((embeds[k] == 0).all() and (pooled[k] == 0).all())) for k, caption in enumerate(captions))
+        return embeds, pooled
+
+    monkeypatch.setattr(train_lora.CaptionEncoder, "embed", recording)
+    folder = tagged_folder(tmp_path)
+    code, _, err = train_cli(capsys, *caption_run(tiny_sdxl_path, folder, tmp_path / "out", 2))  # one epoch: 4 images, batches of 2
+    assert code == 0, err
+    transform = CaptionTransform(shuffle=True, keep_tokens=1, dropout=0.25, tag_dropout=0.2)
+    captions = [f"sks dog, tag{k}a, tag{k}b, tag{k}c, tag{k}d" for k in range(4)]
+    expected = [transformed_caption(captions[position], transform, caption_rng(3, 0, position)) for position in range(4)]
+    assert Counter(seen) == Counter(expected), (seen, expected)
+    assert "" in expected and any(c and c != captions[k] for k, c in enumerate(expected)), "seed 3 drops one and reshuffles another"
+    assert all(is_empty == is_zero for is_empty, is_zero in zero_rows), zero_rows
+
+
+def test_resume_is_bit_exact_with_caption_shuffling_and_dropout(tiny_sdxl_path, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tagged_folder(tmp_path)
+    code, _, err = train_cli(capsys, *caption_run(tiny_sdxl_path, folder, tmp_path / "straight", 4, "--random_flip"))
+    assert code == 0, err
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    code, out, err = train_cli(capsys, *caption_run(tiny_sdxl_path, folder, tmp_path / "resumed", 4, "--random_flip",
+                                                    "--resume_from_checkpoint", "latest"))
+    assert code == 0 and "at step 2" in out, err
+    straight, resumed = (load_file(tmp_path / f / "pytorch_lora_weights.safetensors") for f in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

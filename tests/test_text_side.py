@@ -152,13 +152,12 @@ def test_batch_loss_with_prior_preservation_on_a_hand_built_batch(tiny_sdxl_path
             return torch.zeros(len(captions), 77, 96), torch.zeros(len(captions), 64)
 
     def fake_batch(values):
-        return {"index": torch.arange(len(values)), "time_ids": torch.zeros(len(values), 6),
+        return {"index": torch.arange(len(values)), "time_ids": torch.zeros(len(values), 6), "captions": ["a"] * len(values),
                 "latent_mean": torch.stack([torch.full((4, 8, 8), v) for v in values]), "latent_std": torch.zeros(len(values), 4, 8, 8)}
 
     pipe = load_pipe(tiny_sdxl_path)
-    data = train_lora.TrainingData(None, ["a", "b"], None, ["c", "d"])
     raw_instance, raw_class = [1.0, 2.0], [4.0, 8.0]
-    batch_loss = train_lora.BatchLoss(pipe=pipe, unet=pipe.unet, caption_encoder=Text(), data=data, formulation=RowMeans(),
+    batch_loss = train_lora.BatchLoss(pipe=pipe, unet=pipe.unet, caption_encoder=Text(), formulation=RowMeans(),
                                       accelerator=Accelerator(), prior_loss_weight=0.25)
     loss = batch_loss(fake_batch(raw_instance), fake_batch(raw_class), step=0)
     scale = pipe.vae.config.scaling_factor  # latents are normalised as the base model expects
