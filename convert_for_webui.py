@@ -392,11 +392,14 @@ def to_diffusers(source: Path, out: Path, force: bool, *, model: str | None = No
 
     from peft import LoraConfig
 
-    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, safetensors_keys, save_diffusers_lora
+    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, read_safetensors, save_diffusers_lora
 
     if not source.is_file():
         raise UserError(f"--to diffusers takes a kohya .safetensors file; {str(source)!r} is not a file")
-    safetensors_keys(source, "LoRA")
+    kinds = layer_kinds(read_safetensors(source, "LoRA"))
+    if set(kinds) - {"LoRA", "LoCon"}:
+        raise UserError(f"{str(source)!r} holds {', '.join(f'{n} {k}' for k, n in kinds.items())} layers: diffusers' SDXL loader "
+                        "reads LoRA and LoCon only; merge_lora.py and infer.py read this file as it is")
     target = out / DIFFUSERS_LORA_FILE
     if target.exists() and not force:
         raise UserError(f"{str(target)!r} exists; pass --force to replace it")

@@ -121,3 +121,9 @@ def test_a_diffusers_locon_exports_convolutions_under_sgm_names(trained, tmp_pat
     trained_file = load_file(trained["locon"] / "locon.safetensors")
     assert exported.keys() == trained_file.keys() and any("_in_layers_2.lora_down" in k for k in exported)
     assert all(torch.equal(exported[k], trained_file[k]) for k in exported)
+
+
+def test_a_loha_has_no_diffusers_form_and_says_so_in_one_line(trained, tmp_path, capsys):
+    code, _, err = run_convert(capsys, trained["loha"] / "loha.safetensors", "--to", "diffusers", "--out", tmp_path)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "LoHa layers: diffusers' SDXL loader reads LoRA and LoCon only" in lines[0], err
