@@ -61,8 +61,10 @@ def copy_checkpoint(straight: Path, step: int, out: Path) -> Path:
 # The child sends itself the signal from inside a step (at the start of its k-th batch), where a Ctrl-C or
 # kill -9 from outside would most often land; it then runs to the end of that step or dies there.
 SIGNALLED_CHILD = """
-import os, sys
+import os, signal, sys
 import train_lora
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it, even if the suite was started with SIGINT ignored
 from common.cli import run_app
 
 signal_number, at_batch = int(sys.argv.pop(1)), int(sys.argv.pop(1))
@@ -131,12 +133,17 @@ def test_a_second_ctrl_c_stops_at_once_and_the_previous_handler_comes_back(tiny_
         return original(*args)
 
     monkeypatch.setattr(train_lora, "batch_latents", twice_interrupted_batch_latents)
-    handler = signal.getsignal(signal.SIGINT)
-    code, _, err = train_cli(capsys, *run_args(tiny_sdxl_path, images, tmp_path, 4))
+    # Ctrl-C as a terminal gives it, even where the suite runs with SIGINT ignored (a background job's)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = train_cli(capsys, *run_args(tiny_sdxl_path, images, tmp_path, 4))
+        handler_after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130, err
     assert err.strip().splitlines()[-1] == "error: interrupted", err
     assert not list(tmp_path.glob("*checkpoint-*")), "a step half taken must not be saved"
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert handler_after is signal.default_int_handler, "the handler that was there before comes back"
 
 
 def test_extending_a_finished_constant_schedule_run_gives_the_longer_straight_runs_lora(tiny_sdxl_path, images, straight, tmp_path,
