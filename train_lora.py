@@ -1101,7 +1101,7 @@ def start_from_lora(unet, config: TrainConfig) -> None:
 
     from types import SimpleNamespace
 
-    from common.lora_formats import base_weight_reader, is_kohya_format, lora_file, read_peft_lora, safetensors_keys
+    from common.lora_formats import adapter_layers, base_weight_reader, is_kohya_format, lora_file, read_peft_lora, safetensors_keys
 
     path = Path(config.init_lora)
     if not path.exists():
@@ -1117,7 +1117,7 @@ def start_from_lora(unet, config: TrainConfig) -> None:
     state, module_alphas = states.get("unet"), alphas.get("unet", {})
     if not state:
         raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
-    trained = trained_layers(unet)
+    trained = adapter_layers(unet, "default")
     ranks = {module: state[f"{module}.lora_A.weight"].shape[0] for module in module_alphas}
     wrong_rank = sorted(m for m in ranks if m in trained and ranks[m] != trained[m].r["default"])
     if wrong_rank:
@@ -1142,13 +1142,6 @@ def start_from_lora(unet, config: TrainConfig) -> None:
         )
 
 
-def trained_layers(model) -> dict:
-    """{module path: peft layer} of the layers the run's adapter ("default") is on."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return {name: layer for name, layer in model.named_modules() if isinstance(layer, BaseTunerLayer) and "default" in getattr(layer, "r", {})}
-
-
 def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
     """A kohya/LyCORIS file's UNet layers as the run's adapter parameters (`peft_parameters`: the same ΔW), each
     checked to be of the run's type, form, rank and alpha."""
@@ -1157,7 +1150,7 @@ def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
     from types import SimpleNamespace
 
     from common.adapters import ADAPTERS, adapter_of_layer, file_layers, peft_parameters
-    from common.lora_formats import file_layer_names, read_safetensors
+    from common.lora_formats import adapter_layers, file_layer_names, read_safetensors
 
     targets = file_layer_names(SimpleNamespace(unet=unet))
     found = file_layers(read_safetensors(file, "--init_lora"))
@@ -1167,7 +1160,7 @@ def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
     layers = {targets[name][1]: tensors for name, tensors in found.items() if name in targets}
     if not layers:
         raise UserError(f"--init_lora {config.init_lora!r} has no UNet layers")
-    trained = trained_layers(unet)
+    trained = adapter_layers(unet, "default")
     untrained = sorted(set(layers) - set(trained))
     if untrained:
         raise UserError(f"--init_lora has layers this run does not train, e.g. {untrained[0]}; check --lora_unet_blocks and --conv_rank")

@@ -132,11 +132,12 @@ def lora_ranks(state: dict) -> dict[str, int]:
 
 
 def adapter_layers(model, adapter_name: str) -> dict:
-    """{module name: peft layer} of the modules of `model` that carry the adapter `adapter_name`."""
+    """{module name: peft layer} of the modules of `model` that carry the adapter `adapter_name` (a LoRA, LoHa or
+    LoKr layer: each keeps its rank per adapter in `r`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {})}
+            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "r", {})}
 
 
 def save_diffusers_lora(folder: Path, states: dict[str, dict], adapter_metadata: dict[str, dict] | None = None) -> Path:
@@ -422,16 +423,13 @@ def trained_adapter_file(models: dict, *, layers_per_block: int = 2, adapter_nam
     """The kohya/LyCORIS file of a trained adapter (LoRA, LoCon, LoHa, LoKr) on the pipeline's `models`
     ({component: model}): every peft layer's tensors (`peft_layer_file_tensors`) under its kohya name, which
     WebUI, ComfyUI and our loader read."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from common.adapters import peft_layer_file_tensors
 
     state = {}
     for component, model in models.items():
-        for path, layer in model.named_modules():
-            if isinstance(layer, BaseTunerLayer) and adapter_name in getattr(layer, "r", {}):
-                name = kohya_module_name(component, path, layers_per_block)
-                state |= {f"{name}.{tensor}": value for tensor, value in peft_layer_file_tensors(layer, adapter_name).items()}
+        for path, layer in adapter_layers(model, adapter_name).items():
+            name = kohya_module_name(component, path, layers_per_block)
+            state |= {f"{name}.{tensor}": value for tensor, value in peft_layer_file_tensors(layer, adapter_name).items()}
     return state
 
 
