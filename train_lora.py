@@ -73,6 +73,13 @@ class TrainConfig:
     caption_dropout_rate: float = option(0.0, help="train this share of examples unconditioned (an empty caption)", panel=DATA)
     caption_tag_dropout_rate: float = option(0.0, help="drop each tag after --keep_tokens with this probability", panel=DATA)
     prefix_instance_prompt: bool = option(False, help="put --instance_prompt before each caption file's caption", panel=DATA)
+    masked_loss: bool = option(
+        False, "--alpha_mask", help="weight the loss by a mask: the image's alpha channel, or its file in --mask_dir", panel=DATA
+    )
+    mask_dir: Optional[str] = option(
+        None, "--conditioning_data_dir", help="with --masked_loss: a mask per image, same file stem (white trains, black not)",
+        panel=DATA,
+    )
     dataset_name: Optional[str] = option(None, help="a local ImageFolder/dataset (or hub id, network)", panel=DATA)
     dataset_config_name: Optional[str] = option(None, help="the configuration of a hub --dataset_name", panel=DATA)
     image_column: str = option("image", panel=DATA)
@@ -156,7 +163,21 @@ class TrainConfig:
     snr_gamma: Optional[float] = option(None, "--min_snr_gamma", help="Min-SNR-gamma (5 is usual)", panel=LOSS)
     snr_weighting: str = option("hard", help="hard (min) or soft (smooth min) with --snr_gamma under EDM", panel=LOSS)
     prediction_type: Optional[str] = option(None, help="epsilon or v_prediction (default: the model's)", panel=LOSS)
-    noise_offset: float = option(0.0, panel=LOSS)
+    noise_offset: float = option(0.0, help="offset noise strength (0.05-0.1 is usual)", panel=LOSS)
+    noise_offset_random_strength: bool = option(False, help="draw each batch's offset strength in [0, --noise_offset)", panel=LOSS)
+    multires_noise_iterations: int = option(0, help="multi-resolution (pyramid) noise levels, kohya's (6-10 is usual)", panel=LOSS)
+    multires_noise_discount: float = option(0.3, help="weight ratio between multi-resolution noise levels", panel=LOSS)
+    ip_noise_gamma: float = option(0.0, help="input perturbation gamma (Ning et al. 2023; 0.1 is usual)", panel=LOSS)
+    ip_noise_gamma_random_strength: bool = option(False, help="draw each batch's gamma in [0, --ip_noise_gamma)", panel=LOSS)
+    min_timestep: Optional[int] = option(None, help="lowest timestep drawn (discrete training; default 0)", panel=LOSS)
+    max_timestep: Optional[int] = option(None, help="timesteps drawn are below this (default: the schedule's 1000)", panel=LOSS)
+    min_sigma: Optional[float] = option(None, help="EDM: the log-normal sigmas conditioned on sigma >= this", panel=LOSS)
+    max_sigma: Optional[float] = option(None, help="EDM: the log-normal sigmas conditioned on sigma <= this", panel=LOSS)
+    loss_type: str = option("l2", help="l2, l1, huber or smooth_l1 (scheduled pseudo-Huber, Khrapov et al. 2024)", panel=LOSS)
+    huber_c: float = option(0.1, help="pseudo-Huber threshold c in (0, 1]", panel=LOSS)
+    huber_schedule: str = option("snr", help="constant, exponential or snr: how c changes with the noise level", panel=LOSS)
+    huber_scale: float = option(1.0, help="multiplies c under the constant and exponential schedules (kohya's)", panel=LOSS)
+    debiased_estimation_loss: bool = option(False, help="weight by 1/sqrt(SNR) (Yu et al. 2024); discrete training", panel=LOSS)
     cache_latents: bool = option(False, help="encode every image once", panel=MEMORY)
     gradient_checkpointing: bool = option(False, panel=MEMORY)
     mixed_precision: Optional[str] = option(None, help="no, fp16, bf16", panel=MEMORY)
@@ -242,7 +263,7 @@ def main(**options) -> None:
 def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
     from common.data import INTERPOLATIONS
-    from common.losses import EDM_WEIGHTINGS
+    from common.losses import EDM_WEIGHTINGS, HUBER_SCHEDULES, LOSS_TYPES
     from common.models import BASE_FORMULATIONS
 
     if options["push_to_hub"]:
@@ -286,6 +307,7 @@ def make_config(options: dict) -> TrainConfig:
         (config.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {config.train_batch_size}"),
         (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
         (config.keep_tokens >= 0, f"--keep_tokens must be >= 0, got {config.keep_tokens}"),
+        (config.mask_dir is None or config.masked_loss, "--mask_dir gives --masked_loss its masks; add --masked_loss"),
         (
             0 <= config.caption_dropout_rate < 1 and 0 <= config.caption_tag_dropout_rate < 1,
             "--caption_dropout_rate and --caption_tag_dropout_rate must be in [0, 1), got "
@@ -302,6 +324,23 @@ def make_config(options: dict) -> TrainConfig:
         (config.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {config.checkpointing_steps}"),
         (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
         (config.edm_p_std > 0, f"--edm_p_std must be > 0, got {config.edm_p_std}"),
+        (config.loss_type in LOSS_TYPES, f"--loss_type {config.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}"),
+        (
+            config.huber_schedule in HUBER_SCHEDULES,
+            f"--huber_schedule {config.huber_schedule!r}; choose one of {', '.join(HUBER_SCHEDULES)}",
+        ),
+        (0 < config.huber_c <= 1, f"--huber_c must be in (0, 1] (0.1 is usual), got {config.huber_c}"),
+        (config.huber_scale > 0, f"--huber_scale must be > 0, got {config.huber_scale}"),
+        (config.noise_offset >= 0, f"--noise_offset must be >= 0, got {config.noise_offset}"),
+        (config.ip_noise_gamma >= 0, f"--ip_noise_gamma must be >= 0 (0.1 is usual), got {config.ip_noise_gamma}"),
+        (
+            config.multires_noise_iterations >= 0,
+            f"--multires_noise_iterations must be >= 0, got {config.multires_noise_iterations}",
+        ),
+        (
+            0 < config.multires_noise_discount <= 1,
+            f"--multires_noise_discount must be in (0, 1], got {config.multires_noise_discount}",
+        ),
         (
             config.edm_weighting in EDM_WEIGHTINGS,
             f"--edm_weighting {config.edm_weighting!r}; choose one of {', '.join(EDM_WEIGHTINGS)}",
@@ -528,14 +567,17 @@ class BatchLoss:
         latents = [batch_latents(b, self.pipe, self.accelerator) for b in parts]
         captions = [b["captions"] for b in parts]  # each example's caption as its dataset drew it
         time_ids = [b["time_ids"] for b in parts]
+        masks = [b["mask"].to(self.accelerator.device) if "mask" in b else None for b in parts]  # --masked_loss
         if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
+            joint_mask = torch.cat(masks) if masks[0] is not None else None
             joint = self.formulation.loss(
-                self.network(captions[0] + captions[1], torch.cat(time_ids), step), torch.cat(latents)
+                self.network(captions[0] + captions[1], torch.cat(time_ids), step), torch.cat(latents), mask=joint_mask
             )
             losses = [joint[: len(captions[0])], joint[len(captions[0]) :]]
         else:
             losses = [
-                self.formulation.loss(self.network(c, t, step), x) for x, c, t in zip(latents, captions, time_ids)
+                self.formulation.loss(self.network(c, t, step), x, mask=m)
+                for x, c, t, m in zip(latents, captions, time_ids, masks)
             ]
         if len(losses) == 1:
             return losses[0].mean()
@@ -667,7 +709,7 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
     """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM. The pipeline's
     sampler (validation images) is made to agree with the base's reading, and EDM defaults taken from the base
     are written into the config, so training_args.json records what ran."""
-    from common.losses import EDMFormulation, formulation_for_scheduler
+    from common.losses import EDMFormulation, LossRecipe, NoiseRecipe, formulation_for_scheduler
     from common.schedulers import make_scheduler
 
     formulation, note = formulation_for_scheduler(
@@ -678,7 +720,13 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
         p_std=config.edm_p_std,
         snr_gamma=config.snr_gamma,
         soft_min_snr=config.snr_weighting == "soft",
-        noise_offset=config.noise_offset,
+        noise=NoiseRecipe(offset=config.noise_offset, offset_random_strength=config.noise_offset_random_strength,
+                          multires_iterations=config.multires_noise_iterations, multires_discount=config.multires_noise_discount,
+                          input_perturbation=config.ip_noise_gamma, perturbation_random_strength=config.ip_noise_gamma_random_strength),
+        objective=LossRecipe(loss_type=config.loss_type, huber_c=config.huber_c, huber_schedule=config.huber_schedule,
+                             huber_scale=config.huber_scale, debiased=config.debiased_estimation_loss),
+        timestep_range=(config.min_timestep, config.max_timestep),
+        sigma_range=(config.min_sigma, config.max_sigma),
         base_formulation=config.base_formulation,
         weighting=config.edm_weighting,
     )
@@ -709,6 +757,11 @@ class TrainingData:
     classes: object = None
     class_captions: list = field(default_factory=list)
 
+    def instances_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each instance image."""
+        images = getattr(self.instances, "images", self.instances)  # CachedLatents wraps the TrainingImages
+        return images.sizes
+
     def all_captions(self) -> list[str]:
         return sorted(set(self.captions) | set(self.class_captions))
 
@@ -719,7 +772,7 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
 
     import dataclasses
 
-    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets
+    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets, with_masks
     from common.tokens import expand_abstractions, warn_about_long_prompts
 
     examples = find_examples(
@@ -736,12 +789,15 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map))
         for e in check_images(examples, config.skip_bad_images)
     ]
+    if config.masked_loss:
+        examples = with_masks(examples, Path(config.mask_dir) if config.mask_dir else None)
     augment = Augment(
         resolution=config.resolution,
         center_crop=config.center_crop,
         random_flip=config.random_flip,
         interpolation=config.image_interpolation_mode,
         buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
+        masked=config.masked_loss,
     )
     images = TrainingImages(examples, augment, config.repeats, config.seed, captions=caption_transform(config))
     data = TrainingData(images, [e.caption for e in examples])
@@ -784,6 +840,12 @@ def data_summary(examples: list, data: TrainingData, config: TrainConfig) -> str
     repeats = Counter(e.repeats * config.repeats for e in examples)
     buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
     classes = f"; {len(data.class_captions)} class images" if data.classes is not None else ""
+    if config.masked_loss:
+        from common.data import open_mask
+
+        masked = sum(open_mask(e, size) is not None for e, size in zip(examples, data.instances_sizes()))
+        source = f"from {config.mask_dir}" if config.mask_dir else "from alpha channels"
+        classes += f"; masked loss: {masked} of {len(examples)} images masked ({source}; the others train everywhere)"
     return (f"{len(examples)} images, captions {captions} ({len(set(data.captions))} distinct); "
             f"repeats {', '.join(f'{n} x{r}' for r, n in sorted(repeats.items()))}: {len(data.instances)} examples an epoch; "
             f"{len(buckets)} bucket(s): {', '.join(f'{h}x{w} ({n})' for (h, w), n in sorted(buckets.items()))}{classes}")

@@ -17,6 +17,7 @@ import torch
 
 from common.cli import UserError
 from common.files import IMAGE_SUFFIXES
+from common.losses import latent_grid_mask
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,17 @@ logger = logging.getLogger(__name__)
 class Example:
     """One training image and its caption; `image` is a path, the file's bytes (datasets) or a PIL image. `repeats`:
     how often an epoch shows it (a kohya N_prompt folder's N); `caption_from`: where its caption came from (a
-    caption file, a folder's name, the instance prompt, a dataset column)."""
+    caption file, a folder's name, the instance prompt, a dataset column); `mask`: where its loss mask comes from."""
 
     image: object
     caption: str
     name: str
     repeats: int = 1
     caption_from: str = "prompt"
+    mask: object = None  # --masked_loss: a mask file's path, or ALPHA (the image's own transparency)
+
+
+ALPHA = "alpha"
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,44 @@ def open_rgb(example: Example):
     return read_image(example.image)
 
 
+def with_masks(examples: list[Example], mask_dir: Path | None) -> list[Example]:
+    """Each example with the source of its --masked_loss mask: the file of the same stem in `mask_dir` (kohya's
+    conditioning images; any image type), else the image's own alpha channel. A folder missing some masks is refused
+    in one line naming one."""
+    import dataclasses
+
+    if mask_dir is None:
+        return [dataclasses.replace(e, mask=ALPHA) for e in examples]
+    if not mask_dir.is_dir():
+        raise UserError(f"--mask_dir {str(mask_dir)!r} is not a folder")
+    files = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    missing = [e.name for e in examples if Path(e.name).stem not in files]
+    if missing:
+        raise UserError(f"--mask_dir {str(mask_dir)!r} has no mask for {len(missing)} image(s), e.g. {missing[0]} (a mask "
+                        f"has the image's file stem: {Path(missing[0]).stem}.png)")
+    return [dataclasses.replace(e, mask=files[Path(e.name).stem]) for e in examples]
+
+
+def open_mask(example: Example, size: tuple[int, int]):
+    """The example's mask as an "L" image of the image's `size` (height, width), or None for an image without
+    transparency (it trains everywhere). A mask file of the image's aspect ratio but another size is scaled to it."""
+    from PIL import Image
+
+    from common.images import read_alpha, read_mask_file
+
+    if example.mask is None:
+        return None
+    if example.mask == ALPHA:
+        return read_alpha(example.image) if isinstance(example.image, (str, Path, bytes, bytearray)) else None
+    mask = read_mask_file(example.mask)
+    if (mask.height, mask.width) != size:
+        if abs(mask.width / mask.height - size[1] / size[0]) > 0.01:
+            raise UserError(f"mask {str(example.mask)!r} is {mask.width}x{mask.height}, its image {example.name} "
+                            f"{size[1]}x{size[0]}: a mask has its image's size (or at least its aspect ratio)")
+        mask = mask.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return mask
+
+
 def check_images(examples: list[Example], skip_bad: bool) -> list[Example]:
     """Every image decodes; a bad one is an error naming it, or is skipped with a warning when asked."""
     good = []
@@ -198,6 +241,7 @@ class Augment:
     random_flip: bool = False
     interpolation: str = "lanczos"
     buckets: tuple[tuple[int, int], ...] = ()  # empty: every image is a resolution x resolution square
+    masked: bool = False  # every item carries a loss mask (--masked_loss)
 
 
 INTERPOLATIONS = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
@@ -212,6 +256,14 @@ def bucket_of(size: tuple[int, int], augment: Augment) -> tuple[int, int]:
 
 def place_image(image, augment: Augment, rng: random.Random, flip: bool | None = None):
     """Resize to cover the bucket, crop to it, maybe flip: (pixel tensor in [-1, 1], Placement)."""
+    pixels, placement, _ = place_image_and_mask(image, None, augment, rng, flip)
+    return pixels, placement
+
+
+def place_image_and_mask(image, mask, augment: Augment, rng: random.Random, flip: bool | None = None):
+    """`place_image`, and the mask ("L" image of the image's size, or None) given the same resize, crop and flip (a
+    (height, width) tensor in [0, 1], all ones for None). The mask is resized bilinearly: a Lanczos kernel would ring
+    past 0 and 1 at its edges."""
     import numpy as np
     from PIL import Image
 
@@ -231,7 +283,15 @@ def place_image(image, augment: Augment, rng: random.Random, flip: bool | None =
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-    return pixels, Placement(original, (top, left), (target_h, target_w), flip)
+    placed_mask = None
+    if mask is not None:
+        mask = mask.resize((resized_w, resized_h), resample=Image.Resampling.BILINEAR).crop((left, top, left + target_w, top + target_h))
+        if flip:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        placed_mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)
+    elif mask is None and augment.masked:
+        placed_mask = torch.ones(target_h, target_w)
+    return pixels, Placement(original, (top, left), (target_h, target_w), flip), placed_mask
 
 
 def example_rng(seed: int, epoch: int, position: int) -> random.Random:
@@ -296,8 +356,11 @@ class TrainingImages(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         index = self.indices[position]
-        pixels, placement = place_image(open_rgb(self.examples[index]), self.augment, example_rng(self.seed, self.epoch, position))
-        return {"index": index, "pixels": pixels, "placement": placement, "caption": self.caption(position)}
+        example = self.examples[index]
+        pixels, placement, mask = place_image_and_mask(open_rgb(example), open_mask(example, self.sizes[index]), self.augment,
+                                                       example_rng(self.seed, self.epoch, position))
+        item = {"index": index, "pixels": pixels, "placement": placement, "caption": self.caption(position)}
+        return item | ({"mask": mask} if mask is not None else {})
 
     def caption(self, position: int) -> str:
         caption = self.examples[self.indices[position]].caption
@@ -361,14 +424,18 @@ class CachedLatents(torch.utils.data.Dataset):
         keys = [(index, flip) for index in range(len(images.examples)) for flip in flips]
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            placed = [place_image(open_rgb(images.examples[i]), images.augment, example_rng(images.seed, 0, i), flip) for i, flip in chunk]
+            placed = [place_image_and_mask(open_rgb(images.examples[i]), open_mask(images.examples[i], images.sizes[i]), images.augment,
+                                           example_rng(images.seed, 0, i), flip) for i, flip in chunk]
             by_size: dict[tuple[int, int], list[int]] = {}
-            for k, (pixels, _) in enumerate(placed):
+            for k, (pixels, _, _) in enumerate(placed):
                 by_size.setdefault(tuple(pixels.shape[1:]), []).append(k)
             for members in by_size.values():
                 means, stds = encode(torch.stack([placed[k][0] for k in members]))
                 for k, mean, std in zip(members, means, stds):
-                    self.cache[chunk[k]] = (mean, std, placed[k][1])
+                    mask = placed[k][2]
+                    if mask is not None:  # kept on the latent grid, where the loss uses it (`latent_grid_mask`)
+                        mask = latent_grid_mask(mask[None], mean.shape[-2:])[0, 0]
+                    self.cache[chunk[k]] = (mean, std, placed[k][1], mask)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -387,8 +454,9 @@ class CachedLatents(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         index = self.images.indices[position]
         flip = self.images.augment.random_flip and example_rng(self.images.seed, self.epoch, position).random() < 0.5
-        mean, std, placement = self.cache[(index, flip)]
-        return {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement, "caption": self.images.caption(position)}
+        mean, std, placement, mask = self.cache[(index, flip)]
+        item = {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement, "caption": self.images.caption(position)}
+        return item | ({"mask": mask} if mask is not None else {})
 
 
 def collate(items: list[dict]) -> dict:
@@ -397,7 +465,7 @@ def collate(items: list[dict]) -> dict:
         "time_ids": torch.stack([item["placement"].time_ids() for item in items]),
         "captions": [item["caption"] for item in items],
     }
-    for key in ("pixels", "latent_mean", "latent_std"):
+    for key in ("pixels", "latent_mean", "latent_std", "mask"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
     return batch

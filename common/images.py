@@ -106,3 +106,22 @@ def viewed_as_rgb(image, full_range: float | None = None) -> Image.Image:
         background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def read_alpha(source) -> Image.Image | None:
+    """The transparency of the image in `source` (a path or the file's bytes) as an 8-bit "L" image, oriented as
+    `read_image` orients the picture; None when the image has none (kohya's --alpha_mask reads the same channel)."""
+    from PIL import Image, ImageOps
+
+    opened = Image.open(source if isinstance(source, (str, os.PathLike)) else io.BytesIO(bytes(source)))
+    with opened as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode not in TRANSPARENT_MODES and "transparency" not in image.info:
+            return None
+        return image.convert("RGBA").getchannel("A")
+
+
+def read_mask_file(path: Path) -> Image.Image:
+    """A mask image as an 8-bit "L" image: its red channel (a grayscale mask's only one), as kohya's masked loss reads
+    a conditioning image; white trains, black is ignored."""
+    return read_image(path).getchannel("R")
