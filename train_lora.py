@@ -210,6 +210,10 @@ class TrainConfig:
     text_encoder_lr: float = option(5e-6, panel=TEXT)
     adam_weight_decay_text_encoder: Optional[float] = option(None, panel=TEXT)
     clip_skip: Optional[int] = option(None, panel=TEXT)
+    max_token_length: int = option(
+        75, help="75 (captions cut at CLIP's window), 150 or 225: longer captions in 75-token chunks, as ComfyUI and WebUI "
+        "encode prompts (sample with infer.py --max_token_length)", panel=TEXT,
+    )
     with_prior_preservation: bool = option(False, panel=TEXT)
     class_data_dir: Optional[str] = option(None, panel=TEXT)
     class_prompt: Optional[str] = option(None, panel=TEXT)
@@ -307,6 +311,7 @@ def make_config(options: dict) -> TrainConfig:
         (config.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {config.train_batch_size}"),
         (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
         (config.keep_tokens >= 0, f"--keep_tokens must be >= 0, got {config.keep_tokens}"),
+        (config.max_token_length in (75, 150, 225), f"--max_token_length must be 75, 150 or 225, got {config.max_token_length}"),
         (config.mask_dir is None or config.masked_loss, "--mask_dir gives --masked_loss its masks; add --masked_loss"),
         (
             0 <= config.caption_dropout_rate < 1 and 0 <= config.caption_tag_dropout_rate < 1,
@@ -816,7 +821,7 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
                 data.classes = CachedLatents(data.classes, encode)
         pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
     if accelerator.is_main_process:
-        warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning)
+        warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning, max_tokens=config.max_token_length)
     if accelerator.is_main_process:
         accelerator.print(data_summary(examples, data, config))
     return data
@@ -932,21 +937,15 @@ def add_text_encoder_lora(pipe, config: TrainConfig) -> None:
         cast_training_params(encoder)
 
 
-def encode_captions(tokenizers, encoders, captions: list[str], clip_skip: int | None, device):
+def encode_captions(tokenizers, encoders, captions: list[str], clip_skip: int | None, device, max_token_length: int = 75):
     """SDXL's prompt encoding through the (possibly wrapped, possibly training) encoders: the penultimate
     (or clip_skip-th from last) hidden state of both encoders side by side, and the second one's pooled
-    projection, as diffusers' StableDiffusionXLPipeline.encode_prompt computes them."""
-    import torch
+    projection, as diffusers' StableDiffusionXLPipeline.encode_prompt computes them for 75 tokens; longer captions
+    (--max_token_length 150 or 225) in 75-token chunks as ComfyUI and WebUI encode them when sampling
+    (common/long_prompts.py), so the LoRA meets at use the encoding it was trained with."""
+    from common.long_prompts import encode_long_prompts
 
-    hidden = []
-    for tokenizer, encoder in zip(tokenizers, encoders):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        output = encoder(ids, output_hidden_states=True)
-        pooled = output[0]
-        hidden.append(output.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
-    return torch.cat(hidden, dim=-1), pooled
+    return encode_long_prompts(tokenizers, encoders, captions, max_token_length=max_token_length, clip_skip=clip_skip, device=device)
 
 
 class CaptionEncoder:
@@ -993,25 +992,30 @@ class CaptionEncoder:
         """(prompt embeddings, pooled embeddings) for a batch of captions, in the compute dtype."""
         import torch
 
+        from common.long_prompts import repeat_to_common_length
+
         device, dtype = self.accelerator.device, weight_dtype(self.accelerator)
         tokenizers = [self.pipe.tokenizer, self.pipe.tokenizer_2]
         if step < max(self.rows_stop, self.lora_stop) or self.varying:
             with torch.no_grad() if step >= max(self.rows_stop, self.lora_stop) else contextlib.nullcontext():
-                embeds, pooled = encode_captions(tokenizers, self.encoders, captions, self.config.clip_skip, device)
+                embeds, pooled = encode_captions(tokenizers, self.encoders, captions, self.config.clip_skip, device,
+                                                 self.config.max_token_length)
             return self.unconditional_where_empty(captions, embeds.to(dtype), pooled.to(dtype))
         if self.cache is None:
             with torch.no_grad():
                 self.cache = {
                     c: tuple(
-                        t[0].cpu()
-                        for t in encode_captions(tokenizers, self.encoders, [c], self.config.clip_skip, device)
+                        t[:1].cpu()
+                        for t in encode_captions(tokenizers, self.encoders, [c], self.config.clip_skip, device,
+                                                 self.config.max_token_length)
                     )
                     for c in self.captions
                 }
             for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 encoder.to("cpu")  # frozen from here on: about 1.6 GiB of GPU memory for SDXL in bf16
-        embeds = torch.stack([self.cache[c][0] for c in captions]).to(device, dtype)
-        pooled = torch.stack([self.cache[c][1] for c in captions]).to(device, dtype)
+        # captions of different chunk counts batch as the samplers batch them (exact for cross-attention)
+        embeds = torch.cat(repeat_to_common_length([self.cache[c][0] for c in captions])).to(device, dtype)
+        pooled = torch.cat([self.cache[c][1] for c in captions]).to(device, dtype)
         return self.unconditional_where_empty(captions, embeds, pooled)
 
     def unconditional_where_empty(self, captions: list[str], embeds, pooled):
@@ -1623,6 +1627,7 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
         scheduler_name="default",
         webui_sampler="default",
         model=config.pretrained_model_name_or_path,
+        max_token_length=config.max_token_length,
     )
     prompt = expand_abstractions(config.validation_prompt, config.token_map)
     jobs = plan_jobs([prompt], negative_prompt=None, num_images=config.num_validation_images, seeds=[config.seed])

@@ -11,6 +11,7 @@ from typing import Callable
 
 from common.cli import UserError
 from common.files import IMAGE_SUFFIXES, PARTIAL_SUFFIX, atomic_path
+from common.long_prompts import CLIP_WINDOW
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class SamplingSettings:
     webui_schedule: str = ""
     eta: float = 0.0
     model: str = ""
+    max_token_length: int = CLIP_WINDOW  # longer prompts cut there; a multiple of it: encoded in chunks
     adapters: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
 
 
@@ -74,6 +76,9 @@ def webui_parameters(job: ImageJob, settings: SamplingSettings) -> str:
         "Model": settings.model,
         "Scheduler": settings.scheduler_name,
         "Eta": settings.eta if settings.eta else "",
+        # beside WebUI's other text-encoding fields (Clip skip, Emphasis, Pad conds), and only where it departs from
+        # the default, so that a resumed run can tell images encoded otherwise
+        "Max token length": settings.max_token_length if settings.max_token_length != CLIP_WINDOW else "",
         **settings.adapters,
     }
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value != "")
@@ -144,7 +149,7 @@ def generate_images(
     if batches is None:
         batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
     texts = [text for batch in batches for job in batch for text in (job.prompt, job.negative_prompt) if text]
-    warn_about_long_prompts(pipe.tokenizer, texts)
+    warn_about_long_prompts(pipe.tokenizer, texts, max_tokens=settings.max_token_length)
     saved = []
     with tqdm(total=sum(map(len, batches)), unit="img", desc="generating", disable=not show_progress) as progress:
         for batch in batches:
@@ -161,17 +166,23 @@ def generate_images(
 
 def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
     """Images for one batch; each image's noise comes from its own CPU generator seeded with its seed,
-    so an image does not depend on its batch, its position or the device."""
+    so an image does not depend on its batch, its position or the device. Prompts are cut at CLIP's 75
+    tokens by the pipeline itself, or encoded here in chunks up to settings.max_token_length."""
     import torch
 
+    from common.long_prompts import pipeline_prompt_embeds
     from common.models import quiet_libraries
 
+    prompts = [job.prompt for job in batch]
     negative = [job.negative_prompt or "" for job in batch] if any(job.negative_prompt for job in batch) else None
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
     with torch.inference_mode(), quiet_libraries():  # diffusers' own truncation note would repeat ours every batch
+        if settings.max_token_length == CLIP_WINDOW:
+            text = {"prompt": prompts, "negative_prompt": negative}
+        else:
+            text = pipeline_prompt_embeds(pipe, prompts, negative, max_token_length=settings.max_token_length)
         return pipe(
-            prompt=[job.prompt for job in batch],
-            negative_prompt=negative,
+            **text,
             width=settings.width,
             height=settings.height,
             num_inference_steps=settings.num_inference_steps,

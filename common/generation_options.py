@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from common.cli import REQUIRED, UserError, option
 from common.generation import SamplingSettings
+from common.long_prompts import CLIP_WINDOW, check_max_token_length
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
 from common.models import BASE_FORMULATIONS, parse_dtype
 from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
@@ -42,6 +43,9 @@ class GenerationOptions:
     width: Optional[int] = option(None, panel=SAMPLING, help="image width, a multiple of 8 (default: the model's, 1024 for SDXL)")
     height: Optional[int] = option(None, panel=SAMPLING, help="image height, a multiple of 8 (default: the model's)")
     scheduler: str = option("default", panel=SAMPLING, help=", ".join(SCHEDULER_NAMES))
+    max_token_length: int = option(CLIP_WINDOW, panel=SAMPLING,
+                                   help="75: prompts cut at CLIP's 75 tokens, as diffusers cuts them; 150, 225, ...: "
+                                        "long prompts encoded in 75-token chunks up to this length, as ComfyUI and WebUI do")
     eta: Optional[float] = option(None, panel=SAMPLING,
                                   help="stochasticity of DDIM-like steps; TCD's gamma (default 0.3 for tcd, else 0)")
     lora: Optional[list[str]] = option(None, panel=ADAPTERS, help="PATH[:WEIGHT], diffusers or kohya format; repeat to combine")
@@ -68,6 +72,7 @@ class GenerationOptions:
             raise UserError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        check_max_token_length(self.max_token_length)
         if self.base_formulation not in BASE_FORMULATIONS:
             raise UserError(f"--base_formulation {self.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
         object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
@@ -141,6 +146,7 @@ def sampling_settings(pipe, options: GenerationOptions) -> SamplingSettings:
         webui_schedule=choice.webui_schedule if choice else "",
         eta=options.eta if options.eta is not None else (choice.default_eta if choice else 0.0),
         model=Path(options.model).name or options.model,
+        max_token_length=options.max_token_length,
         adapters=adapter_description(options),
     )
 

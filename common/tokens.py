@@ -15,29 +15,33 @@ CLIP_L_KEY = "clip_l"  # first text encoder (CLIP ViT-L)
 CLIP_G_KEY = "clip_g"  # second text encoder (OpenCLIP ViT-bigG)
 
 
-def cut_off_part(tokenizer, text: str) -> str | None:
+def cut_off_part(tokenizer, text: str, max_tokens: int | None = None) -> str | None:
     """The end of `text` that CLIP never reads, or None when it all fits.
 
     SDXL's text encoders see 77 positions: <|startoftext|>, 75 tokens, <|endoftext|>. diffusers (and so
-    training and sampling here) cut a longer prompt there; WebUI and ComfyUI instead encode it in chunks of
-    75 tokens, so a prompt that is cut here means more to them.
+    training and sampling here, by default) cut a longer prompt there; WebUI and ComfyUI instead encode it in
+    chunks of 75 tokens (common/long_prompts.py, --max_token_length), so a prompt that is cut here means more to
+    them. `max_tokens`: where the cut is (default CLIP's 75).
     """
     ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-    room = tokenizer.model_max_length - 2
+    room = max_tokens or tokenizer.model_max_length - 2
     return tokenizer.decode(ids[room:], clean_up_tokenization_spaces=True) if len(ids) > room else None
 
 
-def warn_about_long_prompts(tokenizer, prompts, what: str = "prompt", warn=None, limit: int = 5) -> int:
-    """A warning for each distinct prompt that CLIP cuts, naming the part it drops (the first `limit`, then a
-    count; `warning: ...` lines on stderr unless `warn` is given); returns how many are cut."""
+def warn_about_long_prompts(tokenizer, prompts, what: str = "prompt", warn=None, limit: int = 5, max_tokens: int | None = None) -> int:
+    """A warning for each distinct prompt that is cut (at CLIP's 75 tokens, or at `max_tokens` where prompts are
+    encoded in chunks), naming the part it drops (the first `limit`, then a count; `warning: ...` lines on stderr
+    unless `warn` is given); returns how many are cut."""
     import sys
 
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-    cut = [(prompt, dropped) for prompt in dict.fromkeys(prompts) if (dropped := cut_off_part(tokenizer, prompt)) is not None]
+    room = max_tokens or tokenizer.model_max_length - 2
+    where = "CLIP's 75 tokens" if room == tokenizer.model_max_length - 2 else f"--max_token_length {room}"
+    cut = [(prompt, dropped) for prompt in dict.fromkeys(prompts) if (dropped := cut_off_part(tokenizer, prompt, room)) is not None]
     for prompt, dropped in cut[:limit]:
-        warn(f"{what} longer than CLIP's 75 tokens is cut there: {prompt[:50]!r}... loses {dropped!r}")
+        warn(f"{what} longer than {where} is cut there: {prompt[:50]!r}... loses {dropped!r}")
     if len(cut) > limit:
-        warn(f"... and {len(cut) - limit} more {what}s longer than 75 tokens")
+        warn(f"... and {len(cut) - limit} more {what}s longer than {room} tokens")
     return len(cut)
 
 

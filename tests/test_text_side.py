@@ -144,7 +144,7 @@ def test_batch_loss_with_prior_preservation_on_a_hand_built_batch(tiny_sdxl_path
     from accelerate import Accelerator
 
     class RowMeans:  # a formulation whose per-sample loss is the mean of each latent
-        def loss(self, network, x0):
+        def loss(self, network, x0, mask=None):
             return x0.flatten(1).mean(1)
 
     class Text:
