@@ -40,7 +40,7 @@ logger = logging.getLogger("train_lora")
 MODEL, DATA, LORA, OPTIM, LOSS, OUTPUT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Output"
 MEMORY, TEXT = "Memory and speed", "Pivotal tuning, text encoders, prior preservation"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-OPTIMIZERS = ("adamw", "prodigy")
+OPTIMIZERS = ("adamw", "prodigy", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -123,8 +123,25 @@ class TrainConfig:
     init_lora: Optional[str] = option(
         None, help="start the UNet LoRA from this one (diffusers or kohya file or folder)", panel=LORA
     )
-    optimizer: str = option("adamw", help="adamw or prodigy (any case)", panel=OPTIM)
+    optimizer: str = option(
+        "adamw", help="adamw, prodigy or adafactor (any case; Adafactor at --learning_rate, no relative step)", panel=OPTIM
+    )
     learning_rate: float = option(1e-4, "--unet_lr", panel=OPTIM)
+    loraplus_lr_ratio: Optional[float] = option(
+        None, help="LoRA+ (Hayou et al. 2024): B matrices learn at this multiple of the rate (16 is usual)", panel=OPTIM
+    )
+    down_lr_weight: Optional[str] = option(
+        None, help="9 comma-separated weights of SDXL's input blocks' learning rates, or a preset (cosine, sine, linear, "
+        "reverse_linear, zeros, NAME+BASE), as kohya's; a block of weight 0 is not trained", panel=OPTIM,
+    )
+    mid_lr_weight: Optional[str] = option(None, help="3 weights of the middle block's parts", panel=OPTIM)
+    up_lr_weight: Optional[str] = option(None, help="9 weights of the output blocks, or a preset", panel=OPTIM)
+    block_lr_zero_threshold: float = option(0.0, help="block weights at or below this are 0 (not trained)", panel=OPTIM)
+    use_ema: bool = option(
+        False, help="keep an EMA of the UNet adapter's weights: saved beside the raw ones (NAME_ema) and used for samples",
+        panel=OPTIM,
+    )
+    ema_decay: float = option(0.999, help="EMA decay, reached after a warm-up of min(decay, (1 + t) / (10 + t))", panel=OPTIM)
     scale_lr: bool = option(False, panel=OPTIM)
     use_8bit_adam: bool = option(False, help="bitsandbytes AdamW8bit (CUDA)", panel=OPTIM)
     adam_beta1: float = option(0.9, panel=OPTIM)
@@ -291,7 +308,16 @@ def make_config(options: dict) -> TrainConfig:
             config.snr_weighting in ("hard", "soft"),
             f"--snr_weighting must be hard or soft, got {config.snr_weighting!r}",
         ),
-        (config.optimizer in OPTIMIZERS, f"--optimizer {config.optimizer!r} is not supported; use AdamW or Prodigy"),
+        (config.optimizer in OPTIMIZERS, f"--optimizer {config.optimizer!r} is not supported; use AdamW, Prodigy or Adafactor"),
+        (
+            config.loraplus_lr_ratio is None or config.loraplus_lr_ratio > 0,
+            f"--loraplus_lr_ratio must be > 0 (16 is usual), got {config.loraplus_lr_ratio}",
+        ),
+        (
+            config.loraplus_lr_ratio is None or config.adapter == "lora",
+            f"--loraplus_lr_ratio scales a LoRA's B matrix; --adapter {config.adapter} has none (use --adapter lora)",
+        ),
+        (0 < config.ema_decay < 1, f"--ema_decay must be in (0, 1) (0.999 is usual), got {config.ema_decay}"),
         (
             config.lr_scheduler in LR_SCHEDULERS,
             f"--lr_scheduler {config.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}",
@@ -392,6 +418,7 @@ def make_config(options: dict) -> TrainConfig:
         raise UserError(
             f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}"
         )
+    block_weights(config)  # refuses malformed --down_lr_weight, --mid_lr_weight, --up_lr_weight here
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
         if not (Path(config.resume_from_checkpoint) / "lora.safetensors").is_file():
             raise UserError(
@@ -486,6 +513,7 @@ def train(config: TrainConfig) -> None:
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     class_batches = ClassBatches(data, config, accelerator) if data.classes is not None else None
     register_checkpoint_hooks(accelerator, config, caption_encoder)
+    ema = make_ema(config, unet, accelerator)
     step = resume(config, accelerator, total_steps)
     caption_encoder.update_phase(step)
     accelerator.print(
@@ -522,6 +550,8 @@ def train(config: TrainConfig) -> None:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                if ema is not None:
+                    ema.step([p for p in unet.parameters() if p.requires_grad])
                 caption_encoder.update_phase(step)
                 progress.update(loss, optimizer, lr_scheduler)
                 if step % config.checkpointing_steps == 0 or step == total_steps:
@@ -535,13 +565,14 @@ def train(config: TrainConfig) -> None:
                 if step >= total_steps:
                     break
             if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
-                validate_images(pipe, unet, config, accelerator, step)
+                with ema_weights(ema, unet) if ema is not None else contextlib.nullcontext():
+                    validate_images(pipe, unet, config, accelerator, step)
     progress.close()
 
     accelerator.wait_for_everyone()
     caption_encoder.check_original_rows()
     if accelerator.is_main_process:
-        save_outputs(accelerator.unwrap_model(unet), pipe, caption_encoder, config)
+        save_outputs(accelerator.unwrap_model(unet), pipe, caption_encoder, config, ema)
     seconds = time.time() - started
     steps_done = max(1, step - first_step)
     accelerator.print(
@@ -1121,8 +1152,35 @@ def lora_target_modules(unet, config: TrainConfig) -> list[str]:
                 raise UserError(
                     f"--lora_unet_blocks: no {kinds} layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0"
                 )
-        return chosen
+        names = chosen
+    weight_of = unet_lr_weight(config, unet.config.layers_per_block)
+    if weight_of is not None:  # kohya creates no LoRA in a block of weight 0
+        names = [n for n in names if weight_of(n) > 0]
+        if not names:
+            raise UserError("--down_lr_weight, --mid_lr_weight and --up_lr_weight leave no adapted layer a weight above 0")
     return names
+
+
+def block_weights(config: TrainConfig):
+    """(down, mid, up) learning-rate weights of SDXL's blocks (kohya's), or None when none is given."""
+    from common.optim import SDXL_DOWN_BLOCKS, SDXL_MID_BLOCKS, SDXL_UP_BLOCKS, parse_block_weights
+
+    if config.down_lr_weight is None and config.mid_lr_weight is None and config.up_lr_weight is None:
+        return None
+    return (parse_block_weights(config.down_lr_weight, SDXL_DOWN_BLOCKS, "--down_lr_weight"),
+            parse_block_weights(config.mid_lr_weight, SDXL_MID_BLOCKS, "--mid_lr_weight", presets=False),
+            parse_block_weights(config.up_lr_weight, SDXL_UP_BLOCKS, "--up_lr_weight"))
+
+
+def unet_lr_weight(config: TrainConfig, layers_per_block: int = 2):
+    """name -> the learning-rate weight of the UNet block a module or parameter is in, or None without block weights."""
+    from common.lora_formats import unet_module_to_sgm
+    from common.optim import block_lr_weight
+
+    weights = block_weights(config)
+    if weights is None:
+        return None
+    return lambda name: block_lr_weight(unet_module_to_sgm(name, layers_per_block), *weights, config.block_lr_zero_threshold)
 
 
 def adapter_config(config: TrainConfig, target_modules: list[str]):
@@ -1258,21 +1316,26 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
     import torch
     from diffusers.optimization import get_scheduler
 
+    from common.optim import parameter_groups
+
     text_decay = (
         config.adam_weight_decay
         if config.adam_weight_decay_text_encoder is None
         else config.adam_weight_decay_text_encoder
     )
-    text_parameters = [p for e in (pipe.text_encoder, pipe.text_encoder_2) for p in e.parameters() if p.requires_grad]
-    parameters = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
-    if text_parameters:
-        parameters.append({"params": text_parameters, "lr": config.text_encoder_lr, "weight_decay": text_decay})
+    text_parameters = [(n, p) for e in (pipe.text_encoder, pipe.text_encoder_2) for n, p in e.named_parameters() if p.requires_grad]
     batches_per_epoch = math.ceil(len(dataset) / config.train_batch_size / accelerator.num_processes)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     learning_rate = config.learning_rate
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    # one group per learning rate: the UNet's by block weight and LoRA+, the text encoders' at --text_encoder_lr
+    parameters = parameter_groups([(n, p) for n, p in unet.named_parameters() if p.requires_grad], lr=learning_rate,
+                                  weight_decay=config.adam_weight_decay, loraplus_ratio=config.loraplus_lr_ratio,
+                                  lr_weight_of=unet_lr_weight(config, unet.config.layers_per_block))
+    parameters += parameter_groups(text_parameters, lr=config.text_encoder_lr, weight_decay=text_decay,
+                                   loraplus_ratio=config.loraplus_lr_ratio)
     if config.optimizer == "prodigy":
         import prodigyopt
 
@@ -1293,6 +1356,13 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
             use_bias_correction=config.prodigy_use_bias_correction,
             safeguard_warmup=config.prodigy_safeguard_warmup,
         )
+    elif config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # at a given rate, as LoRA recipes run it (kohya's docs: relative_step, scale_parameter and warmup_init off), so
+        # that --lr_scheduler, LoRA+ and block weights apply to it as to AdamW
+        optimizer = Adafactor(parameters, lr=learning_rate, relative_step=False, scale_parameter=False, warmup_init=False,
+                              weight_decay=config.adam_weight_decay)
     else:
         optimizer_class = torch.optim.AdamW
         if config.use_8bit_adam:
@@ -1639,27 +1709,23 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
         module.to("cpu")
 
 
-def save_outputs(unet, pipe, caption_encoder, config: TrainConfig) -> None:
+def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, ema=None) -> None:
     """The diffusers LoRA file (LoRA and LoCon: what diffusers loads), the kohya/LyCORIS file WebUI and ComfyUI
-    read (every type but DoRA), pivotal-tuning embeddings, training_args.json and a model card, each written
-    atomically."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from common.adapters import ADAPTERS
-    from common.lora_formats import kohya_metadata, save_diffusers_lora, trained_adapter_file
+    read (every type but DoRA), the same two for the EMA weights (`NAME_ema.safetensors`, `ema/`) with --use_ema,
+    pivotal-tuning embeddings, training_args.json and a model card, each written atomically."""
     from common.tokens import save_embedding
 
     output, name = Path(config.output_dir), output_name(config)
     models = {"unet": unet}
     if config.train_text_encoder:
         models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    if config.adapter == "lora":
-        states = {
-            component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-            for component, model in models.items()
-        }
-        save_diffusers_lora(output, states, {component: model.peft_config["default"].to_dict() for component, model in models.items()})
+    save_adapter_files(models, output, name, config, pipe.unet.config.layers_per_block)
+    if ema is not None:
+        with ema_weights(ema, unet):
+            save_adapter_files(models, output / "ema", f"{name}_ema", config, pipe.unet.config.layers_per_block)
+        (output / "ema" / f"{name}_ema.safetensors").replace(output / f"{name}_ema.safetensors")  # beside the raw one
+        if not any((output / "ema").iterdir()):  # LoHa and LoKr have no diffusers file
+            (output / "ema").rmdir()
 
     if caption_encoder.rows:
         save_embedding(
@@ -1667,21 +1733,63 @@ def save_outputs(unet, pipe, caption_encoder, config: TrainConfig) -> None:
             *[r.new_rows for r in caption_encoder.rows],
             [t for group in config.token_map.values() for t in group],
         )
-    if config.use_dora:
-        logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
-    else:
-        state = trained_adapter_file(models, layers_per_block=pipe.unet.config.layers_per_block)
-        network_args = {"algo": "locon" if config.adapter == "lora" and config.conv_rank else config.adapter}
-        if config.conv_rank:
-            network_args |= {"conv_dim": config.conv_rank, "conv_alpha": config.conv_alpha or config.conv_rank}
-        metadata = kohya_metadata(rank=config.rank, alpha=config.lora_alpha or config.rank,
-                                  network_module=ADAPTERS[config.adapter].network_module, network_args=json.dumps(network_args))
-        with atomic_path(output / f"{name}.safetensors") as partial:
-            save_file(state, str(partial), metadata=metadata)
     with atomic_path(output / "training_args.json") as partial:
         partial.write_text(json.dumps(asdict(config), indent=2, default=str))
     with atomic_path(output / "README.md") as partial:
         partial.write_text(model_card(config, name))
+
+
+def save_adapter_files(models: dict, output: Path, name: str, config: TrainConfig, layers_per_block: int) -> None:
+    """The adapter of `models` as the diffusers file (LoRA and LoCon) in `output` and the kohya/LyCORIS file NAME.safetensors."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from common.adapters import ADAPTERS
+    from common.lora_formats import kohya_metadata, save_diffusers_lora, trained_adapter_file
+
+    output.mkdir(parents=True, exist_ok=True)
+    if config.adapter == "lora":
+        states = {
+            component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            for component, model in models.items()
+        }
+        save_diffusers_lora(output, states, {component: model.peft_config["default"].to_dict() for component, model in models.items()})
+    if config.use_dora:
+        logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
+        return
+    state = trained_adapter_file(models, layers_per_block=layers_per_block)
+    network_args = {"algo": "locon" if config.adapter == "lora" and config.conv_rank else config.adapter}
+    if config.conv_rank:
+        network_args |= {"conv_dim": config.conv_rank, "conv_alpha": config.conv_alpha or config.conv_rank}
+    metadata = kohya_metadata(rank=config.rank, alpha=config.lora_alpha or config.rank,
+                              network_module=ADAPTERS[config.adapter].network_module, network_args=json.dumps(network_args))
+    with atomic_path(output / f"{name}.safetensors") as partial:
+        save_file(state, str(partial), metadata=metadata)
+
+
+def make_ema(config: TrainConfig, unet, accelerator):
+    """diffusers' EMAModel of the UNet adapter's trained weights (--use_ema), on the device and in every checkpoint;
+    its decay warms up as min(--ema_decay, (1 + t) / (10 + t)) (EMAModel.get_decay without use_ema_warmup)."""
+    from diffusers.training_utils import EMAModel
+
+    if not config.use_ema:
+        return None
+    ema = EMAModel([p for p in unet.parameters() if p.requires_grad], decay=config.ema_decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextlib.contextmanager
+def ema_weights(ema, unet):
+    """The UNet adapter with its EMA weights inside the block, its raw weights after it."""
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    ema.store(trained)
+    ema.copy_to(trained)
+    try:
+        yield
+    finally:
+        ema.restore(trained)
 
 
 def model_card(config: TrainConfig, name: str) -> str:
