@@ -207,9 +207,17 @@ class TrainConfig:
     force: bool = option(
         False, help="start over in an --output_dir that holds another run (its checkpoints are removed)", panel=OUTPUT
     )
-    validation_prompt: Optional[str] = option(None, panel=OUTPUT)
-    num_validation_images: int = option(4, panel=OUTPUT)
-    validation_epochs: int = option(50, panel=OUTPUT)
+    validation_prompt: Optional[list[str]] = option(
+        None, help="a prompt to sample during training; repeat the option for several", panel=OUTPUT
+    )
+    sample_prompts: Optional[str] = option(
+        None, help="a file of sample prompts, one per line, with kohya's --n, --w, --h, --d, --l and --s options", panel=OUTPUT
+    )
+    num_validation_images: int = option(4, help="images per sample prompt (seeds fixed per prompt)", panel=OUTPUT)
+    validation_steps: Optional[int] = option(None, "--sample_every_n_steps", help="sample every N steps", panel=OUTPUT)
+    validation_epochs: Optional[int] = option(
+        None, "--sample_every_n_epochs", help="sample every N epochs (default: 50 without --validation_steps)", panel=OUTPUT
+    )
     seed: int = option(
         0, help="seeds the LoRA's initialisation, the noise, the data order and augmentation", panel=OUTPUT
     )
@@ -338,6 +346,15 @@ def make_config(options: dict) -> TrainConfig:
         (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
         (config.keep_tokens >= 0, f"--keep_tokens must be >= 0, got {config.keep_tokens}"),
         (config.max_token_length in (75, 150, 225), f"--max_token_length must be 75, 150 or 225, got {config.max_token_length}"),
+        (config.num_validation_images >= 1, f"--num_validation_images must be >= 1, got {config.num_validation_images}"),
+        (
+            config.validation_steps is None or config.validation_steps >= 1,
+            f"--validation_steps must be >= 1, got {config.validation_steps}",
+        ),
+        (
+            config.validation_epochs is None or config.validation_epochs >= 1,
+            f"--validation_epochs must be >= 1, got {config.validation_epochs}",
+        ),
         (config.mask_dir is None or config.masked_loss, "--mask_dir gives --masked_loss its masks; add --masked_loss"),
         (
             0 <= config.caption_dropout_rate < 1 and 0 <= config.caption_tag_dropout_rate < 1,
@@ -419,6 +436,7 @@ def make_config(options: dict) -> TrainConfig:
             f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}"
         )
     block_weights(config)  # refuses malformed --down_lr_weight, --mid_lr_weight, --up_lr_weight here
+    sample_prompts(config)  # and a malformed --sample_prompts file
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
         if not (Path(config.resume_from_checkpoint) / "lora.safetensors").is_file():
             raise UserError(
@@ -529,6 +547,7 @@ def train(config: TrainConfig) -> None:
         prior_loss_weight=config.prior_loss_weight,
     )
     progress = Progress(total_steps, step, accelerator)
+    sampling = Sampling(pipe, unet, config, accelerator, ema)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     started, first_step, saved_step = time.time(), step, step
     with CtrlC(accelerator) as ctrl_c:
@@ -557,6 +576,8 @@ def train(config: TrainConfig) -> None:
                 if step % config.checkpointing_steps == 0 or step == total_steps:
                     save_checkpoint(accelerator, config, step, total_steps)
                     saved_step = step
+                if sampling.due_at_step(step):
+                    sampling(step)
                 if ctrl_c.pressed():  # here, between steps, the state is whole: safe to save and stop
                     if saved_step != step:
                         save_checkpoint(accelerator, config, step, total_steps)
@@ -564,9 +585,8 @@ def train(config: TrainConfig) -> None:
                     raise Interrupted(f"interrupted at step {step}; resume with --resume_from_checkpoint latest")
                 if step >= total_steps:
                     break
-            if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
-                with ema_weights(ema, unet) if ema is not None else contextlib.nullcontext():
-                    validate_images(pipe, unet, config, accelerator, step)
+            if sampling.due_after_epoch(epoch, step):
+                sampling(step)
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -1675,11 +1695,50 @@ class Progress:
         self.bar.close()
 
 
-def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> None:
-    """Validation images with the LoRA as trained so far, under OUTPUT/validation/step-N/."""
-    import torch
+def sample_prompts(config: TrainConfig) -> list:
+    """The prompts sampled during training: each --validation_prompt, then the lines of --sample_prompts."""
+    from common.gallery import SamplePrompt, read_prompt_file
 
-    from common.generation import SamplingSettings, generate_images, plan_jobs
+    prompts = [SamplePrompt(prompt) for prompt in config.validation_prompt or []]
+    if config.sample_prompts:
+        prompts += read_prompt_file(Path(config.sample_prompts))
+    return prompts
+
+
+class Sampling:
+    """Sample images during training, every --validation_steps steps and/or every --validation_epochs epochs (50
+    when neither is given, the reference script's default), at most once per step; with the EMA weights under
+    --use_ema."""
+
+    def __init__(self, pipe, unet, config: TrainConfig, accelerator, ema):
+        self.pipe, self.unet, self.config, self.accelerator, self.ema = pipe, unet, config, accelerator, ema
+        self.prompts = sample_prompts(config)
+        self.every_epochs = config.validation_epochs or (None if config.validation_steps else 50)
+        self.last_step = None
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.prompts and self.config.validation_steps and step % self.config.validation_steps == 0)
+
+    def due_after_epoch(self, epoch: int, step: int) -> bool:
+        return bool(self.prompts and self.every_epochs and (epoch + 1) % self.every_epochs == 0 and step != self.last_step)
+
+    def __call__(self, step: int) -> None:
+        self.last_step = step
+        with ema_weights(self.ema, self.unet) if self.ema is not None else contextlib.nullcontext():
+            validate_images(self.pipe, self.unet, self.config, self.accelerator, step, self.prompts)
+
+
+def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, prompts: list) -> None:
+    """Sample images with the adapter as trained so far: each prompt's --num_validation_images images (prompt i's
+    seeds start at its --d or --seed + i, the same at every step, so galleries compare) under
+    OUTPUT/validation/step-N/, their grid (a row per prompt) as OUTPUT/samples/step-N.png carrying the first image's
+    WebUI parameters, and the grid in every tracker that takes images (TensorBoard, wandb)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from common.gallery import image_grid
+    from common.generation import SamplingSettings, generate_images, plan_jobs, save_png, webui_parameters
     from common.tokens import expand_abstractions
 
     if not accelerator.is_main_process:
@@ -1689,24 +1748,36 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int) -> 
     for module in parked:
         module.to(accelerator.device)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    settings = SamplingSettings(
-        width=native,
-        height=native,
-        num_inference_steps=25,
-        guidance_scale=5.0,
-        scheduler_name="default",
-        webui_sampler="default",
-        model=config.pretrained_model_name_or_path,
-        max_token_length=config.max_token_length,
-    )
-    prompt = expand_abstractions(config.validation_prompt, config.token_map)
-    jobs = plan_jobs([prompt], negative_prompt=None, num_images=config.num_validation_images, seeds=[config.seed])
-    with torch.no_grad(), accelerator.autocast():
-        generate_images(
-            pipe, jobs, settings, output_dir=Path(config.output_dir) / "validation" / f"step-{step}", batch_size=1
+    rows, first = [], None
+    for index, sample in enumerate(prompts):
+        settings = SamplingSettings(
+            width=sample.width or native,
+            height=sample.height or native,
+            num_inference_steps=sample.steps or 25,
+            guidance_scale=5.0 if sample.guidance_scale is None else sample.guidance_scale,
+            scheduler_name="default",
+            webui_sampler="default",
+            model=config.pretrained_model_name_or_path,
+            max_token_length=config.max_token_length,
         )
+        negative = expand_abstractions(sample.negative_prompt, config.token_map) if sample.negative_prompt else None
+        jobs = plan_jobs([expand_abstractions(sample.prompt, config.token_map)], negative_prompt=negative,
+                         num_images=config.num_validation_images, seeds=[config.seed + index if sample.seed is None else sample.seed])
+        with torch.no_grad(), accelerator.autocast():
+            paths = generate_images(pipe, jobs, settings, output_dir=Path(config.output_dir) / "validation" / f"step-{step}",
+                                    batch_size=1, show_progress=False)
+        rows.append([Image.open(path).convert("RGB") for path in paths])  # read now: the files stay closed
+        first = first or webui_parameters(jobs[0], settings)
     for module in parked:
         module.to("cpu")
+    grid = image_grid(rows)
+    (Path(config.output_dir) / "samples").mkdir(exist_ok=True)
+    save_png(grid, Path(config.output_dir) / "samples" / f"step-{step}.png", first)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid)}, step=step, dataformats="HWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"samples": np.asarray(grid)}, step=step)
 
 
 def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, ema=None) -> None:
