@@ -196,6 +196,18 @@ class TrainConfig:
     huber_scale: float = option(1.0, help="multiplies c under the constant and exponential schedules (kohya's)", panel=LOSS)
     debiased_estimation_loss: bool = option(False, help="weight by 1/sqrt(SNR) (Yu et al. 2024); discrete training", panel=LOSS)
     cache_latents: bool = option(False, help="encode every image once", panel=MEMORY)
+    cache_latents_to_disk: bool = option(
+        False, help="keep the encoded images on disk, named by content: reused by later runs and resumes, memory flat in "
+        "the dataset's size (implies --cache_latents)", panel=MEMORY,
+    )
+    cache_text_encoder_outputs_to_disk: bool = option(
+        False, help="keep the captions' text-encoder outputs on disk the same way once the text encoders are frozen",
+        panel=MEMORY,
+    )
+    disk_cache_dir: Optional[str] = option(
+        None, help="where the disk caches live (default: $SDXL_PERSONALIZE_CACHE/train_cache, else ~/.cache/sdxl_personalize/"
+        "train_cache)", panel=MEMORY,
+    )
     gradient_checkpointing: bool = option(False, panel=MEMORY)
     mixed_precision: Optional[str] = option(None, help="no, fp16, bf16", panel=MEMORY)
     allow_tf32: bool = option(False, panel=MEMORY)
@@ -354,6 +366,11 @@ def make_config(options: dict) -> TrainConfig:
         (
             config.validation_epochs is None or config.validation_epochs >= 1,
             f"--validation_epochs must be >= 1, got {config.validation_epochs}",
+        ),
+        (
+            not config.cache_text_encoder_outputs_to_disk or not (config.shuffle_caption or config.caption_tag_dropout_rate),
+            "--cache_text_encoder_outputs_to_disk keeps fixed captions; --shuffle_caption and --caption_tag_dropout_rate "
+            "make new ones every step (drop one or the other)",
         ),
         (config.mask_dir is None or config.masked_loss, "--mask_dir gives --masked_loss its masks; add --masked_loss"),
         (
@@ -864,18 +881,33 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         class_examples = check_images(class_examples, config.skip_bad_images)[: config.num_class_images]
         data.classes = TrainingImages(class_examples, augment, 1, config.seed + 1)
         data.class_captions = [e.caption for e in class_examples]
-    if config.cache_latents:
+    if config.cache_latents or config.cache_latents_to_disk:
         encode = lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device)  # noqa: E731
+        files, vae_key = None, ""
+        if config.cache_latents_to_disk:
+            from common.disk_cache import TensorFiles, module_digest
+
+            files, vae_key = TensorFiles(disk_cache_folder(config) / "latents"), module_digest(pipe.vae)
         with torch.no_grad():
-            data.instances = CachedLatents(data.instances, encode)
+            data.instances = CachedLatents(data.instances, encode, files=files, model_key=vae_key)
             if data.classes is not None:
-                data.classes = CachedLatents(data.classes, encode)
+                data.classes = CachedLatents(data.classes, encode, files=files, model_key=vae_key)
+        if files is not None and accelerator.is_main_process:
+            parts = [d for d in (data.instances, data.classes) if d is not None]
+            accelerator.print(f"latents: {sum(d.encoded for d in parts)} encoded, {sum(d.found for d in parts)} read from the "
+                              f"disk cache {files.folder}")
         pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
     if accelerator.is_main_process:
         warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning, max_tokens=config.max_token_length)
     if accelerator.is_main_process:
         accelerator.print(data_summary(examples, data, config))
     return data
+
+
+def disk_cache_folder(config: TrainConfig) -> Path:
+    from common.disk_cache import default_cache_folder
+
+    return Path(config.disk_cache_dir) if config.disk_cache_dir else default_cache_folder()
 
 
 def caption_transform(config: TrainConfig):
@@ -1010,8 +1042,12 @@ class CaptionEncoder:
         self.rows = [e.get_input_embeddings() for e in self.encoders] if config.train_text_encoder_ti else []
         self.rows_stop = int(config.train_text_encoder_ti_frac * total_steps) if self.rows else 0
         self.lora_stop = int(config.train_text_encoder_frac * total_steps) if config.train_text_encoder else 0
-        # shuffled or dropped tags make captions no list can hold ahead: encoded as they come, the encoders stay
-        self.varying = caption_transform(config).changes_captions
+        # shuffled or dropped tags make captions no list can hold ahead: encoded as they come, the encoders stay;
+        # a dropped caption is the empty one, which the list holds
+        self.varying = config.shuffle_caption or config.caption_tag_dropout_rate > 0
+        if config.caption_dropout_rate > 0:
+            self.captions = sorted(set(captions) | {""})
+        self.files = None
         self.zeros_for_empty = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
         self.cache = None
         self.original_digests = [self._digest(r.table.weight) for r in self.rows]
@@ -1054,20 +1090,47 @@ class CaptionEncoder:
             return self.unconditional_where_empty(captions, embeds.to(dtype), pooled.to(dtype))
         if self.cache is None:
             with torch.no_grad():
-                self.cache = {
-                    c: tuple(
-                        t[:1].cpu()
-                        for t in encode_captions(tokenizers, self.encoders, [c], self.config.clip_skip, device,
-                                                 self.config.max_token_length)
-                    )
-                    for c in self.captions
-                }
+                self.cache = self.encode_once(tokenizers, device)
             for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 encoder.to("cpu")  # frozen from here on: about 1.6 GiB of GPU memory for SDXL in bf16
+        cached = [self.cached(c) for c in captions]
         # captions of different chunk counts batch as the samplers batch them (exact for cross-attention)
-        embeds = torch.cat(repeat_to_common_length([self.cache[c][0] for c in captions])).to(device, dtype)
-        pooled = torch.cat([self.cache[c][1] for c in captions]).to(device, dtype)
+        embeds = torch.cat(repeat_to_common_length([e for e, _ in cached])).to(device, dtype)
+        pooled = torch.cat([p for _, p in cached]).to(device, dtype)
         return self.unconditional_where_empty(captions, embeds, pooled)
+
+    def encode_once(self, tokenizers, device) -> dict:
+        """Every caption encoded by the frozen encoders: caption -> (embeddings, pooled) in memory, or with
+        --cache_text_encoder_outputs_to_disk caption -> the name of its entry on disk, named by the caption and the
+        encoders' exact weights (pivotal rows and text LoRA included) and encoding options, read where it exists."""
+        from common.disk_cache import TensorFiles, content_key, module_digest
+
+        def encode(caption):
+            return tuple(t[:1].cpu() for t in encode_captions(tokenizers, self.encoders, [caption], self.config.clip_skip, device,
+                                                              self.config.max_token_length))
+
+        if not self.config.cache_text_encoder_outputs_to_disk:
+            return {c: encode(c) for c in self.captions}
+        self.files = TensorFiles(disk_cache_folder(self.config) / "text")
+        encoders = module_digest(self.pipe.text_encoder, self.pipe.text_encoder_2)
+        vocabulary = [len(self.pipe.tokenizer), len(self.pipe.tokenizer_2)]
+        names = {}
+        for caption in self.captions:
+            names[caption] = content_key(caption=caption, encoders=encoders, vocabulary=vocabulary, clip_skip=self.config.clip_skip,
+                                         max_token_length=self.config.max_token_length)
+            if names[caption] not in self.files:
+                embeds, pooled = encode(caption)
+                self.files.put(names[caption], {"embeds": embeds, "pooled": pooled})
+        return names
+
+    def cached(self, caption: str):
+        entry = self.cache[caption]
+        if not isinstance(entry, str):
+            return entry
+        tensors = self.files.get(entry)
+        if tensors is None:
+            raise UserError(f"cached text embedding {self.files.path(entry)} could not be read; delete it and run again")
+        return tensors["embeds"], tensors["pooled"]
 
     def unconditional_where_empty(self, captions: list[str], embeds, pooled):
         """An empty caption (--caption_dropout_rate) as the unconditional case SDXL samples with: zero embeddings, where

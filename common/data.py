@@ -414,10 +414,15 @@ ENCODE_PIXELS = 1024 * 1024
 class CachedLatents(torch.utils.data.Dataset):
     """TrainingImages encoded once: the VAE posterior (mean, std) of each example's fixed crop, for both
     flips when flipping is on; each step draws its flip and samples the posterior. Items keep their
-    example index, so latent, caption and size stay paired whatever order the loader takes."""
+    example index, so latent, caption and size stay paired whatever order the loader takes.
 
-    def __init__(self, images: TrainingImages, encode, batch_size: int | None = None):
-        self.images, self.cache = images, {}
+    With `files` (a common.disk_cache.TensorFiles) the posteriors live on disk, not in memory, named by their content
+    (`latent_key`: the image's and mask's bytes, its placement and flip, and `model_key`, the VAE's weights): entries
+    already there are read instead of encoded, and memory stays flat in the dataset's size."""
+
+    def __init__(self, images: TrainingImages, encode, batch_size: int | None = None, files=None, model_key: str = ""):
+        self.images, self.files, self.cache = images, files, {}
+        self.encoded = self.found = 0  # entries encoded now, and found already on disk
         if batch_size is None:  # the fp32 VAE encoder's activations grow with the pixels: about 1 Mpx at a time
             batch_size = max(1, ENCODE_PIXELS // images.augment.resolution**2)
         flips = (False, True) if images.augment.random_flip else (False,)
@@ -426,16 +431,27 @@ class CachedLatents(torch.utils.data.Dataset):
             chunk = keys[start : start + batch_size]
             placed = [place_image_and_mask(open_rgb(images.examples[i]), open_mask(images.examples[i], images.sizes[i]), images.augment,
                                            example_rng(images.seed, 0, i), flip) for i, flip in chunk]
+            names = [latent_key(images.examples[i], images.augment, placed[k][1], model_key) if files is not None else None
+                     for k, (i, _) in enumerate(chunk)]
             by_size: dict[tuple[int, int], list[int]] = {}
             for k, (pixels, _, _) in enumerate(placed):
+                if names[k] is not None and names[k] in files:
+                    self.cache[chunk[k]] = (names[k], placed[k][1])
+                    self.found += 1
+                    continue
                 by_size.setdefault(tuple(pixels.shape[1:]), []).append(k)
             for members in by_size.values():
                 means, stds = encode(torch.stack([placed[k][0] for k in members]))
+                self.encoded += len(members)
                 for k, mean, std in zip(members, means, stds):
                     mask = placed[k][2]
                     if mask is not None:  # kept on the latent grid, where the loss uses it (`latent_grid_mask`)
                         mask = latent_grid_mask(mask[None], mean.shape[-2:])[0, 0]
-                    self.cache[chunk[k]] = (mean, std, placed[k][1], mask)
+                    if files is None:
+                        self.cache[chunk[k]] = (mean, std, placed[k][1], mask)
+                    else:
+                        files.put(names[k], {"mean": mean, "std": std} | ({"mask": mask} if mask is not None else {}))
+                        self.cache[chunk[k]] = (names[k], placed[k][1])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -454,9 +470,28 @@ class CachedLatents(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         index = self.images.indices[position]
         flip = self.images.augment.random_flip and example_rng(self.images.seed, self.epoch, position).random() < 0.5
-        mean, std, placement, mask = self.cache[(index, flip)]
+        mean, std, placement, mask = self._entry(index, flip)
         item = {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement, "caption": self.images.caption(position)}
         return item | ({"mask": mask} if mask is not None else {})
+
+    def _entry(self, index: int, flip: bool):
+        if self.files is None:
+            return self.cache[(index, flip)]
+        name, placement = self.cache[(index, flip)]
+        entry = self.files.get(name)
+        if entry is None:
+            raise UserError(f"cached latent {self.files.path(name)} of {self.images.examples[index].name} could not be read; "
+                            "delete it and run again")
+        return entry["mean"], entry["std"], placement, entry.get("mask")
+
+
+def latent_key(example: Example, augment: Augment, placement: Placement, model_key: str) -> str:
+    """The name of an example's cached posterior: everything it depends on."""
+    from common.disk_cache import content_key, source_digest
+
+    mask = None if example.mask is None else (ALPHA if example.mask == ALPHA else source_digest(example.mask))
+    return content_key(image=source_digest(example.image), mask=mask, placement=placement, interpolation=augment.interpolation,
+                       model=model_key)
 
 
 def collate(items: list[dict]) -> dict:
