@@ -85,19 +85,22 @@ class TrainConfig:
     image_column: str = option("image", panel=DATA)
     caption_column: Optional[str] = option(None, help="per-image captions", panel=DATA)
     repeats: int = option(1, help="how often an epoch shows each image (times an N_prompt folder's N)", panel=DATA)
-    resolution: int = option(1024, help="side of the square (or the bucket area's side)", panel=DATA)
+    resolution: int = option(
+        1024, help="side of the square (or the bucket area's side); kohya's 1024,1024 is read as 1024", panel=DATA,
+        cli_type=str, parse=lambda name, value: parse_square_resolution(value),
+    )
     center_crop: bool = option(False, panel=DATA)
-    random_flip: bool = option(False, panel=DATA)
+    random_flip: bool = option(False, "--flip_aug", panel=DATA)
     image_interpolation_mode: str = option(
         "lanczos", help="lanczos, bicubic, bilinear, nearest, box, hamming", panel=DATA
     )
-    aspect_buckets: bool = option(False, help="train each image at the SDXL bucket of its aspect ratio", panel=DATA)
+    aspect_buckets: bool = option(False, "--enable_bucket", help="train each image at the SDXL bucket of its aspect ratio", panel=DATA)
     skip_bad_images: bool = option(False, help="skip unreadable images with a warning", panel=DATA)
     train_batch_size: int = option(4, panel=DATA)
     num_train_epochs: int = option(1, "--max_train_epochs", panel=DATA)
     max_train_steps: Optional[int] = option(None, help="optimizer steps (overrides epochs)", panel=DATA)
     gradient_accumulation_steps: int = option(1, panel=DATA)
-    dataloader_num_workers: int = option(0, panel=DATA)
+    dataloader_num_workers: int = option(0, "--max_data_loader_n_workers", panel=DATA)
     adapter: str = option(
         "lora", help="lora (LoCon with --conv_rank), loha or lokr: trained by peft, written as LyCORIS writes them",
         panel=LORA,
@@ -121,7 +124,7 @@ class TrainConfig:
     )
     use_blora: bool = option(False, help="B-LoRA: only the content and style blocks", panel=LORA)
     init_lora: Optional[str] = option(
-        None, help="start the UNet LoRA from this one (diffusers or kohya file or folder)", panel=LORA
+        None, "--network_weights", help="start the UNet LoRA from this one (diffusers or kohya file or folder)", panel=LORA
     )
     optimizer: str = option(
         "adamw", help="adamw, prodigy or adafactor (any case; Adafactor at --learning_rate, no relative step)", panel=OPTIM
@@ -155,8 +158,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, panel=OPTIM)
     lr_scheduler: str = option("constant", help=", ".join(LR_SCHEDULERS), panel=OPTIM)
     lr_warmup_steps: int = option(500, panel=OPTIM)
-    lr_num_cycles: int = option(1, panel=OPTIM)
-    lr_power: float = option(1.0, panel=OPTIM)
+    lr_num_cycles: int = option(1, "--lr_scheduler_num_cycles", panel=OPTIM)
+    lr_power: float = option(1.0, "--lr_scheduler_power", panel=OPTIM)
     edm: bool = option(
         False,
         "--do_edm_style_training",
@@ -215,7 +218,7 @@ class TrainConfig:
     output_dir: str = option("lora-dreambooth-model", "-o", panel=OUTPUT)
     checkpointing_steps: int = option(500, "--save_every_n_steps", panel=OUTPUT)
     checkpoints_total_limit: Optional[int] = option(None, panel=OUTPUT)
-    resume_from_checkpoint: Optional[str] = option(None, help="latest or a checkpoint folder", panel=OUTPUT)
+    resume_from_checkpoint: Optional[str] = option(None, "--resume", help="latest or a checkpoint folder", panel=OUTPUT)
     force: bool = option(
         False, help="start over in an --output_dir that holds another run (its checkpoints are removed)", panel=OUTPUT
     )
@@ -262,6 +265,19 @@ class TrainConfig:
     token_map: dict = field(default_factory=dict)
 
 
+def parse_square_resolution(value) -> int:
+    """--resolution N, or kohya's "N,N" (a square); another shape is refused: images here are squares or SDXL buckets."""
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--resolution {value!r} is not a number of pixels, e.g. 1024") from None
+    if len(sides) > 2 or len(set(sides)) != 1:
+        raise UserError(f"--resolution {value!r}: give one side ({sides[0]}); images are that square or, with --aspect_buckets "
+                        "(kohya's --enable_bucket), the SDXL bucket of their aspect ratio at that area")
+    return sides[0]
+
+
 @dataclass
 class IgnoredOptions:
     """Flags of diffusers' script accepted so that its command lines run unchanged; never recorded (a token is
@@ -287,12 +303,53 @@ class IgnoredOptions:
     )
     network_args: Optional[list[str]] = option(
         None, panel=LORA, refused="use --adapter, --conv_rank, --conv_alpha, --rank_dropout, --module_dropout, "
-        "--use_tucker, --lokr_factor and --decompose_both",
+        "--use_tucker, --lokr_factor, --decompose_both, --loraplus_lr_ratio and --down_lr_weight/--mid_lr_weight/--up_lr_weight",
     )
     network_dropout: Optional[float] = option(
         None, panel=LORA, refused="kohya drops a LoRA's hidden units, peft its inputs: --lora_dropout is the nearest"
     )
-    optimizer_type: Optional[str] = option(None, panel=OPTIM, refused="use --optimizer adamw|prodigy (and --use_8bit_adam)")
+    optimizer_type: Optional[str] = option(
+        None, panel=OPTIM, refused="use --optimizer adamw|prodigy|adafactor (and --use_8bit_adam)"
+    )
+    optimizer_args: Optional[list[str]] = option(
+        None, panel=OPTIM, refused="the optimizers' settings are options here: --adam_beta1, --adam_weight_decay, --prodigy_* ..."
+    )
+    save_every_n_epochs: Optional[int] = option(None, panel=OUTPUT, refused="checkpoints are taken every --checkpointing_steps steps")
+    save_precision: Optional[str] = option(
+        None, panel=OUTPUT, refused="the LoRA files are float32; convert_for_webui.py writes fp16 exports for the UIs"
+    )
+    save_model_as: str = option("safetensors", panel=OUTPUT, refused="every file is written as safetensors")
+    reg_data_dir: Optional[str] = option(
+        None, panel=TEXT, refused="prior preservation is --with_prior_preservation --class_data_dir DIR --class_prompt TEXT"
+    )
+    dataset_config: Optional[str] = option(
+        None, panel=DATA, refused="give --train_data_dir with caption files and N_prompt folders (kohya's DreamBooth layout)"
+    )
+    in_json: Optional[str] = option(None, panel=DATA, refused="captions come from caption files or a metadata.jsonl imagefolder")
+    v_parameterization: bool = option(False, panel=LOSS, refused="use --prediction_type v_prediction")
+    zero_terminal_snr: bool = option(False, panel=LOSS, refused="not supported: the noise schedule is the base model's own")
+    full_bf16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision bf16 autocast")
+    full_fp16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision fp16 autocast")
+    color_aug: bool = option(False, panel=DATA, refused="no colour augmentation here")
+    network_train_text_encoder_only: bool = option(False, panel=LORA, refused="the UNet adapter always trains")
+    min_bucket_reso: Optional[int] = option(None, panel=DATA, refused="buckets are SDXL's list at --resolution's area")
+    max_bucket_reso: Optional[int] = option(None, panel=DATA, refused="buckets are SDXL's list at --resolution's area")
+    bucket_reso_steps: Optional[int] = option(None, panel=DATA, refused="buckets are SDXL's list at --resolution's area")
+    # kohya's flags that change nothing here: accepted with a warning
+    xformers: bool = option(False, panel=MEMORY, no_effect="PyTorch's scaled-dot-product attention is always used")
+    sdpa: bool = option(False, panel=MEMORY, no_effect="PyTorch's scaled-dot-product attention is always used")
+    no_half_vae: bool = option(False, panel=MEMORY, no_effect="the VAE runs in float32 unless an fp16-safe one is given")
+    cache_text_encoder_outputs: bool = option(
+        False, panel=MEMORY, no_effect="caption embeddings are cached in memory whenever the text encoders are frozen"
+    )
+    network_train_unet_only: bool = option(
+        False, panel=LORA, no_effect="only the UNet trains unless --train_text_encoder"
+    )
+    random_crop: bool = option(False, panel=DATA, no_effect="crops are random unless --center_crop (kohya's default is centred)")
+    persistent_data_loader_workers: bool = option(False, panel=DATA, no_effect="workers are started per epoch")
+    save_state: bool = option(False, panel=OUTPUT, no_effect="every checkpoint holds the whole training state")
+    highvram: bool = option(False, panel=MEMORY, no_effect="memory is managed the same way on every device")
+    lowram: bool = option(False, panel=MEMORY, no_effect="memory is managed the same way on every device")
 
 
 @options_command(app, TrainConfig, IgnoredOptions)

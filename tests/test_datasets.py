@@ -87,7 +87,7 @@ REFUSED_KOHYA = {
     "--network_module": (["--network_module", "lycoris.kohya"], "use --adapter lora|loha|lokr"),
     "--network_args": (["--network_args", "algo=lokr"], "use --adapter, --conv_rank"),
     "--network_dropout": (["--network_dropout", "0.1"], "--lora_dropout is the nearest"),
-    "--optimizer_type": (["--optimizer_type", "AdamW8bit"], "use --optimizer adamw|prodigy (and --use_8bit_adam)"),
+    "--optimizer_type": (["--optimizer_type", "AdamW8bit"], "use --optimizer adamw|prodigy|adafactor (and --use_8bit_adam)"),
     "--report_to wandb": (["--report_to", "wandb"], "--report_to wandb: the wandb package is not installed (pip install wandb)"),
     "kohya's --log_with wandb": (["--log_with", "wandb"], "--report_to wandb: the wandb package is not installed"),
     "--report_to unknown": (["--report_to", "neptune"], "--report_to 'neptune'; choose none, all or any of tensorboard, wandb"),
