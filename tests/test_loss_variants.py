@@ -353,3 +353,18 @@ def test_min_snr_weight_still_multiplies_the_robust_loss(sdxl_scheduler):
     ours = weighted.loss(network, x0, torch.Generator().manual_seed(3))
     snr = sdxl_scheduler.alphas_cumprod[fed["time"]] / (1 - sdxl_scheduler.alphas_cumprod[fed["time"]])
     torch.testing.assert_close(ours, plain.loss(network, x0, torch.Generator().manual_seed(3)) * min_snr_weight(snr.float(), 5.0, "epsilon"))
+
+
+@pytest.mark.parametrize("kind", ["edm-native", "edm on a discrete base"])
+def test_masks_weight_the_edm_loss_as_they_weight_the_discrete_one(sdxl_scheduler, kind):
+    schedule = None if kind == "edm-native" else discrete_sigmas(sdxl_scheduler.alphas_cumprod)
+    formulation = EDMFormulation(sigma_data=0.5 if schedule is None else 1.0, schedule_sigmas=schedule)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    network = fake_network(5)
+    masks = torch.ones(2, 64, 64)
+    masks[1, :, 32:] = 0
+    plain = formulation.loss(network, x0, torch.Generator().manual_seed(1))
+    masked = formulation.loss(network, x0, torch.Generator().manual_seed(1), mask=masks)
+    torch.testing.assert_close(masked[0], plain[0])
+    elementwise = formulation.loss(network, x0[1:], torch.Generator().manual_seed(1), mask=torch.zeros(1, 64, 64))
+    assert float(elementwise) == 0 and 0 < float(masked[1]) < float(plain[1])
