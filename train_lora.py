@@ -237,6 +237,10 @@ class TrainConfig:
         0, help="seeds the LoRA's initialisation, the noise, the data order and augmentation", panel=OUTPUT
     )
     report_to: str = option("none", "--log_with", help="none, tensorboard, wandb, ... (must be installed)", panel=OUTPUT)
+    logging_steps: int = option(
+        10, help="show and log the mean loss every N steps: reading it waits for the GPU, so the steps between run ahead",
+        panel=OUTPUT,
+    )
     logging_dir: str = option("logs", panel=OUTPUT)
     train_text_encoder_ti: bool = option(False, panel=TEXT)
     train_text_encoder_ti_frac: float = option(0.5, panel=TEXT)
@@ -415,6 +419,7 @@ def make_config(options: dict) -> TrainConfig:
         (config.repeats >= 1, f"--repeats must be >= 1, got {config.repeats}"),
         (config.keep_tokens >= 0, f"--keep_tokens must be >= 0, got {config.keep_tokens}"),
         (config.max_token_length in (75, 150, 225), f"--max_token_length must be 75, 150 or 225, got {config.max_token_length}"),
+        (config.logging_steps >= 1, f"--logging_steps must be >= 1, got {config.logging_steps}"),
         (config.num_validation_images >= 1, f"--num_validation_images must be >= 1, got {config.num_validation_images}"),
         (
             config.validation_steps is None or config.validation_steps >= 1,
@@ -577,7 +582,7 @@ def train(config: TrainConfig) -> None:
     -> save."""
     import torch
 
-    from common.models import peak_memory_gib
+    from common.models import graph_break_summary, peak_memory_gib, speed_up_unet
 
     accelerator = make_accelerator(config)
     _output_lock = claim_output_dir(config, accelerator)  # held until this function returns
@@ -594,9 +599,9 @@ def train(config: TrainConfig) -> None:
         start_from_lora(unet, config)
     optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances)
     caption_encoder = CaptionEncoder(pipe, config, total_steps, data.all_captions(), accelerator)
-    if config.torch_compile:
-        unet = torch.compile(unet)
-    loader, batch_order = make_loader(config, data.instances)
+    # infer.py --compile's recipe: channels-last on a GPU (TF32 only with --allow_tf32), compiled with --torch_compile
+    unet = speed_up_unet(unet, accelerator.device, compile_unet=config.torch_compile, allow_tf32=config.allow_tf32)
+    loader, batch_order = make_loader(config, data.instances, pin_memory=accelerator.device.type == "cuda")
     unet, *encoders, optimizer, lr_scheduler = accelerator.prepare(
         unet, *caption_encoder.trainable_encoders(), optimizer, lr_scheduler
     )
@@ -620,11 +625,11 @@ def train(config: TrainConfig) -> None:
         accelerator=accelerator,
         prior_loss_weight=config.prior_loss_weight,
     )
-    progress = Progress(total_steps, step, accelerator)
+    progress = Progress(total_steps, step, accelerator, config.logging_steps)
     sampling = Sampling(pipe, unet, config, accelerator, ema)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     started, first_step, saved_step = time.time(), step, step
-    with CtrlC(accelerator) as ctrl_c:
+    with CtrlC(accelerator, config.logging_steps) as ctrl_c:
         while step < total_steps:
             epoch = step // steps_per_epoch
             batch_order.start_epoch(epoch)
@@ -643,6 +648,8 @@ def train(config: TrainConfig) -> None:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                if config.torch_compile and step == first_step + 1:
+                    accelerator.print(graph_break_summary())
                 if ema is not None:
                     ema.step([p for p in unet.parameters() if p.requires_grad])
                 caption_encoder.update_phase(step)
@@ -652,7 +659,7 @@ def train(config: TrainConfig) -> None:
                     saved_step = step
                 if sampling.due_at_step(step):
                     sampling(step)
-                if ctrl_c.pressed():  # here, between steps, the state is whole: safe to save and stop
+                if ctrl_c.pressed(step):  # here, between steps, the state is whole: safe to save and stop
                     if saved_step != step:
                         save_checkpoint(accelerator, config, step, total_steps)
                     progress.close()  # the error gets a line of its own
@@ -697,7 +704,7 @@ class BatchLoss:
         latents = [batch_latents(b, self.pipe, self.accelerator) for b in parts]
         captions = [b["captions"] for b in parts]  # each example's caption as its dataset drew it
         time_ids = [b["time_ids"] for b in parts]
-        masks = [b["mask"].to(self.accelerator.device) if "mask" in b else None for b in parts]  # --masked_loss
+        masks = [b["mask"].to(self.accelerator.device, non_blocking=True) if "mask" in b else None for b in parts]  # --masked_loss
         if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
             joint_mask = torch.cat(masks) if masks[0] is not None else None
             joint = self.formulation.loss(
@@ -862,6 +869,7 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
     )
     if note:
         accelerator.print(note)
+    formulation = formulation.to(accelerator.device)
     edm_native = formulation.base_is_edm
     pipe.scheduler = make_scheduler("default", pipe.scheduler, model_is_edm=edm_native)
     if isinstance(formulation, EDMFormulation):
@@ -1150,10 +1158,11 @@ class CaptionEncoder:
                 self.cache = self.encode_once(tokenizers, device)
             for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 encoder.to("cpu")  # frozen from here on: about 1.6 GiB of GPU memory for SDXL in bf16
-        cached = [self.cached(c) for c in captions]
+        # each cached tensor copied as it is (pinned on a GPU: without waiting for it), then batched there
+        cached = [tuple(t.to(device, non_blocking=True) for t in self.cached(c)) for c in captions]
         # captions of different chunk counts batch as the samplers batch them (exact for cross-attention)
-        embeds = torch.cat(repeat_to_common_length([e for e, _ in cached])).to(device, dtype)
-        pooled = torch.cat([p for _, p in cached]).to(device, dtype)
+        embeds = torch.cat(repeat_to_common_length([e for e, _ in cached])).to(dtype)
+        pooled = torch.cat([p for _, p in cached]).to(dtype)
         return self.unconditional_where_empty(captions, embeds, pooled)
 
     def encode_once(self, tokenizers, device) -> dict:
@@ -1163,11 +1172,14 @@ class CaptionEncoder:
         from common.disk_cache import TensorFiles, content_key, module_digest
 
         def encode(caption):
-            return tuple(t[:1].cpu() for t in encode_captions(tokenizers, self.encoders, [caption], self.config.clip_skip, device,
-                                                              self.config.max_token_length))
+            encoded = encode_captions(tokenizers, self.encoders, [caption], self.config.clip_skip, device, self.config.max_token_length)
+            return tuple(t[:1].cpu() for t in encoded)
+
+        def pinned(tensors):  # page-locked host memory: copies to the GPU need not wait for it
+            return tuple(t.pin_memory() for t in tensors) if device.type == "cuda" else tensors
 
         if not self.config.cache_text_encoder_outputs_to_disk:
-            return {c: encode(c) for c in self.captions}
+            return {c: pinned(encode(c)) for c in self.captions}
         self.files = TensorFiles(disk_cache_folder(self.config) / "text")
         encoders = module_digest(self.pipe.text_encoder, self.pipe.text_encoder_2)
         vocabulary = [len(self.pipe.tokenizer), len(self.pipe.tokenizer_2)]
@@ -1241,11 +1253,13 @@ def batch_latents(batch, pipe, accelerator):
     from common.models import normalise_latents
 
     if "latent_mean" in batch:
-        mean, std = batch["latent_mean"].to(accelerator.device), batch["latent_std"].to(accelerator.device)
+        mean = batch["latent_mean"].to(accelerator.device, non_blocking=True)  # pinned batches: no wait on a GPU
+        std = batch["latent_std"].to(accelerator.device, non_blocking=True)
         raw = mean + std * torch.randn_like(mean)
     else:
         with torch.no_grad():
-            raw = pipe.vae.encode(batch["pixels"].to(accelerator.device, pipe.vae.dtype)).latent_dist.sample().float()
+            pixels = batch["pixels"].to(accelerator.device, non_blocking=True).to(pipe.vae.dtype)
+            raw = pipe.vae.encode(pixels).latent_dist.sample().float()
     return normalise_latents(raw, pipe.vae.config)
 
 
@@ -1253,7 +1267,7 @@ def conditioned_unet(unet, text_embeddings, time_ids, accelerator):
     """network(model_input, timestep) for a batch's caption embeddings and SDXL micro-conditioning."""
     embeds, pooled = text_embeddings
     dtype = weight_dtype(accelerator)
-    time_ids = time_ids.to(accelerator.device, dtype)
+    time_ids = time_ids.to(accelerator.device, non_blocking=True).to(dtype)
 
     def network(model_input, timestep):
         return unet(
@@ -1513,12 +1527,15 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
             except ImportError:
                 raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
             optimizer_class = bitsandbytes.optim.AdamW8bit
+        # one fused kernel for every parameter on a GPU, instead of a few per parameter (the CPU keeps its default)
+        fused = {"fused": True} if accelerator.device.type == "cuda" and not config.use_8bit_adam else {}
         optimizer = optimizer_class(
             parameters,
             lr=learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
+            **fused,
         )
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
@@ -1531,7 +1548,9 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
     return optimizer, lr_scheduler, total_steps
 
 
-def make_loader(config: TrainConfig, dataset):
+def make_loader(config: TrainConfig, dataset, pin_memory: bool = False):
+    """The instance batches in BucketBatches' order; on a GPU in pinned memory, so that their copies to it need not wait
+    for the device (batch_latents copies them with non_blocking)."""
     import torch
 
     from common.data import BucketBatches, collate
@@ -1546,6 +1565,7 @@ def make_loader(config: TrainConfig, dataset):
         collate_fn=collate,
         num_workers=config.dataloader_num_workers,
         generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=pin_memory,
     )
     return loader, batch_order
 
@@ -1759,10 +1779,11 @@ class CtrlC:
     """Ctrl-C (SIGINT) during the loop asks for a stop at the next step boundary, where the state is whole
     and can be saved: stopping mid-step would save half a step's random state under the last step's name.
     The handler that was there before comes back with the first Ctrl-C, so a second one stops at once.
-    In a run of several processes, a request in any of them stops all at the same step."""
+    In a run of several processes, a request in any of them stops all at the same step: the processes share
+    their requests every `every` steps (--logging_steps), not with a collective, and its wait, every step."""
 
-    def __init__(self, accelerator):
-        self.accelerator, self.requested, self.previous = accelerator, False, None
+    def __init__(self, accelerator, every: int = 1):
+        self.accelerator, self.every, self.requested, self.previous = accelerator, every, False, None
 
     def __enter__(self) -> CtrlC:
         current = signal.getsignal(signal.SIGINT)
@@ -1784,9 +1805,11 @@ class CtrlC:
     def __exit__(self, *exc) -> None:
         self._restore()
 
-    def pressed(self) -> bool:
+    def pressed(self, step: int) -> bool:
         if self.accelerator.num_processes == 1:
             return self.requested
+        if step % self.every:
+            return False
         import torch
 
         flag = torch.tensor([float(self.requested)], device=self.accelerator.device)
@@ -1794,24 +1817,43 @@ class CtrlC:
 
 
 class Progress:
-    """A progress bar with loss, learning rate and, for Prodigy, the adapted step size d*lr."""
+    """A progress bar with loss, learning rate and, for Prodigy, the adapted step size d*lr.
 
-    def __init__(self, total: int, start: int, accelerator):
+    The loss stays on the device, summed, and is read once every `every` steps (--logging_steps) and at the end:
+    reading it waits for the device to finish, so the steps in between queue their work without waiting. The mean
+    over those steps is shown and logged at the step it was read."""
+
+    def __init__(self, total: int, start: int, accelerator, every: int = 1):
         self.bar = tqdm(
             total=total, initial=start, desc="training", unit="step", disable=not accelerator.is_local_main_process
         )
-        self.accelerator = accelerator
+        self.accelerator, self.every = accelerator, every
+        self.loss_sum, self.summed, self.schedule = None, 0, None
 
     def update(self, loss, optimizer, lr_scheduler) -> None:
+        loss = loss.detach()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.summed += 1
+        self.schedule = (optimizer, lr_scheduler)
+        self.bar.update(1)
+        if self.bar.n % self.every == 0 or self.bar.n == self.bar.total:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read, show and log the mean loss of the steps since the last read (the one host synchronisation)."""
+        if not self.summed:
+            return
+        optimizer, lr_scheduler = self.schedule
         group = optimizer.param_groups[0]
-        values = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0]}
+        values = {"loss": float(self.loss_sum) / self.summed, "lr": lr_scheduler.get_last_lr()[0]}
         if "d" in group:
             values["d*lr"] = group["d"] * group["lr"]
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
-        self.bar.update(1)
         self.accelerator.log(values, step=self.bar.n)
+        self.loss_sum, self.summed = None, 0
 
     def close(self) -> None:
+        self.flush()
         self.bar.close()
 
 

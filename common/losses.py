@@ -7,6 +7,7 @@ family: sigma_t = sqrt((1 - abar_t) / abar_t) and x_t = x / sqrt(1 + sigma_t^2).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -293,9 +294,9 @@ def sample_lognormal_sigmas(count: int, p_mean: float, p_std: float, generator=N
     ln(sigma) = P_mean + P_std Phi^-1(U), U uniform between Phi of the two bounds' standard scores."""
     if sigma_range is None:
         return (p_mean + p_std * torch.randn(count, generator=generator, device=device)).exp()
-    low, high = (torch.special.ndtr(torch.tensor((math.log(b) - p_mean) / p_std, dtype=torch.float64)) for b in sigma_range)
+    low, high = (0.5 * (1 + math.erf((math.log(b) - p_mean) / p_std / math.sqrt(2))) for b in sigma_range)  # Phi, on the host
     uniform = torch.rand(count, generator=generator, device=device, dtype=torch.float64)
-    scores = torch.special.ndtri(low.to(uniform.device) + (high - low).to(uniform.device) * uniform)
+    scores = torch.special.ndtri(low + (high - low) * uniform)
     return (p_mean + p_std * scores).exp().clamp(*sigma_range).float()
 
 
@@ -352,6 +353,10 @@ class DiscreteFormulation:
     objective: LossRecipe = LossRecipe()
     timestep_range: tuple[int, int] | None = None
     base_is_edm = False  # the base itself is a discrete model
+
+    def to(self, device) -> DiscreteFormulation:
+        """This formulation with its schedule on `device`, so that no step copies it there."""
+        return dataclasses.replace(self, alphas_cumprod=self.alphas_cumprod.to(device))
 
     def _signal_and_noise_scales(self, timesteps: torch.Tensor, like: torch.Tensor):
         abar = self.alphas_cumprod.to(like.device)[timesteps]
@@ -412,6 +417,17 @@ class EDMFormulation:
     objective: LossRecipe = LossRecipe()
     sigma_range: tuple[float, float] | None = None  # sigmas drawn from the log-normal conditioned on this range
 
+    def __post_init__(self):
+        # the discrete schedule's sigma range, read once here: read in a step it would wait for the device
+        table = self.schedule_sigmas
+        self._schedule_range = None if table is None else (float(table[0]), float(table[-1]))
+
+    def to(self, device) -> EDMFormulation:
+        """This formulation with its schedule on `device`, so that no step copies it there."""
+        if self.schedule_sigmas is None:
+            return self
+        return dataclasses.replace(self, schedule_sigmas=self.schedule_sigmas.to(device))
+
     @property
     def base_is_edm(self) -> bool:
         """Whether the base itself was trained with EDM (no discrete schedule to map sigma onto)."""
@@ -447,10 +463,9 @@ class EDMFormulation:
         fixed evaluations). With input perturbation the n of x is perturbed; the target x0 has no noise in it."""
         if sigma is None:
             sigma = sample_lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, generator, x0.device, self.sigma_range)
-        if self.schedule_sigmas is not None:
+        if self._schedule_range is not None:
             # a discrete model knows only its schedule's noise levels: noise and conditioning must agree
-            low, high = float(self.schedule_sigmas[0]), float(self.schedule_sigmas[-1])
-            sigma = sigma.clamp(low, high)
+            sigma = sigma.clamp(*self._schedule_range)
         if noise is None:
             noise = self.noise.draw(x0, generator)
         noisy = x0 + _broadcast(sigma, x0) * self.noise.perturbed(noise, generator)

@@ -181,21 +181,41 @@ def quiet_libraries():
 
 
 
-def speed_up_unet(unet, device: torch.device, compile_unet: bool = False):
-    """The UNet laid out and compiled for fast sampling on `device`; returns the module to call.
+def speed_up_unet(unet, device: torch.device, compile_unet: bool = False, allow_tf32: bool = True):
+    """The UNet laid out and compiled for fast sampling (infer.py --compile) and training (train_lora.py
+    --torch_compile) on `device`; returns the module to call.
 
-    On a GPU, channels-last convolutions and TF32 matmuls for any fp32 work are free speed;
-    torch.compile fuses the many small norm/activation kernels between the big matmuls.
+    On a GPU, channels-last convolutions are free speed, and TF32 matmuls for any fp32 work are too where
+    `allow_tf32` (training asks for them with --allow_tf32); torch.compile fuses the many small norm/activation
+    kernels between the big matmuls, autotuning them ("max-autotune-no-cudagraphs": CUDA graphs would pin the
+    memory of every shape a run meets). The CPU path is left as it is.
     """
     import torch
 
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        if allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         unet.to(memory_format=torch.channels_last)
     if compile_unet:
         return torch.compile(unet, mode="max-autotune-no-cudagraphs")
     return unet
+
+
+def graph_break_summary() -> str:
+    """One line on torch.compile's graph breaks so far (torch._dynamo's counters): each break is a return to
+    Python in the middle of the step, and its kernels are not fused across it."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return "torch.compile: nothing compiled yet"
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    if not breaks:
+        return "torch.compile: the UNet compiled without graph breaks"
+    reason, count = breaks.most_common(1)[0]
+    return f"torch.compile: {sum(breaks.values())} graph break(s), most often ({count}x): {reason.splitlines()[0][:160]}"
 
 
 def peak_memory_gib(device: torch.device) -> float:
