@@ -54,13 +54,13 @@ def readme_estimates(readme: Path = REPO / "README.md") -> dict:
     return estimates
 
 
-def fresh_accelerator():
+def fresh_accelerator(mixed_precision: str = "bf16"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(mixed_precision="bf16")
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def write_images(folder: Path, resolution: int, count: int) -> None:
@@ -76,16 +76,17 @@ def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
-def train_row(model: str, images: Path, scratch: Path, resolution: int, batch: int, checkpointing: bool, steps: int) -> dict:
+def train_row(model: str, images: Path, scratch: Path, resolution: int, batch: int, checkpointing: bool, steps: int, *,
+              rank: int = 16, cache_latents: bool = True, mixed_precision: str = "bf16") -> dict:
     """One training configuration through train_lora.py's functions: s/step, peak memory, FLOPs per step."""
     from torch.utils.flop_counter import FlopCounterMode
 
     config = train_lora.TrainConfig(
         pretrained_model_name_or_path=model, output_dir=str(scratch / "out"), instance_data_dir=str(images),
-        instance_prompt="a photo of sks dog", resolution=resolution, train_batch_size=batch, rank=16, cache_latents=True,
-        gradient_checkpointing=checkpointing, mixed_precision="bf16", seed=0,
+        instance_prompt="a photo of sks dog", resolution=resolution, train_batch_size=batch, rank=rank, cache_latents=cache_latents,
+        gradient_checkpointing=checkpointing, mixed_precision=mixed_precision, seed=0,
     )
-    accelerator = fresh_accelerator()
+    accelerator = fresh_accelerator(mixed_precision)
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.empty_cache()

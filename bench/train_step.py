@@ -31,27 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_lora  # noqa: E402
 from common.cli import flags, run_app  # noqa: E402
 from common.models import peak_memory_gib, quiet_libraries  # noqa: E402
+from gpu import fresh_accelerator, train_row  # noqa: E402
+from gpu import write_images as write_synthetic_images  # noqa: E402
 from measure import device_label, peak_tflops, report, reset_peak_memory, synchronize  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def fresh_accelerator(mixed_precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
-
-
-def write_synthetic_images(folder: Path, resolution: int, count: int) -> None:
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for k in range(count):
-        pixels = (torch.rand(resolution, resolution, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{k}.png")
 
 
 def timed_steps(step, device: torch.device, warmup: int, steps: int) -> float:
@@ -83,35 +67,13 @@ def pipeline(
         images.mkdir()
         write_synthetic_images(images, resolution, 8)
         for batch, cache, checkpointing in itertools.product([int(b) for b in batch_sizes.split(",")], (False, True), (False, True)):
-            config = train_lora.TrainConfig(
-                pretrained_model_name_or_path=model, output_dir=str(Path(scratch) / "out"), instance_data_dir=str(images),
-                instance_prompt="a photo of sks dog", resolution=resolution, train_batch_size=batch, rank=rank,
-                cache_latents=cache, gradient_checkpointing=checkpointing, mixed_precision=mixed_precision, seed=0,
-            )
-            accelerator = fresh_accelerator(mixed_precision)
-            pipe = train_lora.load_models(config, accelerator)
-            formulation = train_lora.choose_formulation(config, pipe, accelerator)
-            data = train_lora.build_data(config, pipe, accelerator)
-            unet = train_lora.add_lora(pipe.unet, config)
-            optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances)
-            caption_encoder = train_lora.CaptionEncoder(pipe, config, total, data.all_captions(), accelerator)
-            loader, _ = train_lora.make_loader(config, data.instances)
-            unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-            batches = itertools.cycle(list(loader))
-
-            batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=caption_encoder,
-                                              formulation=formulation, accelerator=accelerator,
-                                              prior_loss_weight=config.prior_loss_weight)
-
-            def step():
-                train_lora.training_step(partial(batch_loss, next(batches), None, 0), models=[unet], accelerator=accelerator,
-                                         optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=1.0)
-
-            seconds = timed_steps(step, accelerator.device, warmup=2, steps=steps)
-            rows.append({"mode": "pipeline", "model": model, "device": device_label(accelerator.device), "precision": mixed_precision,
+            row = train_row(model, images, Path(scratch), resolution, batch, checkpointing, steps, rank=rank, cache_latents=cache,
+                            mixed_precision=mixed_precision)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            rows.append({"mode": "pipeline", "model": model, "device": device_label(device), "precision": mixed_precision,
                          "resolution": resolution, "batch": batch, "rank": rank, "cache_latents": cache,
-                         "grad_checkpointing": checkpointing, "s_per_step": seconds, "images_per_s": batch / seconds,
-                         "peak_mem_gib": peak_memory_gib(accelerator.device)})
+                         "grad_checkpointing": checkpointing, "s_per_step": row["s"], "images_per_s": batch / row["s"],
+                         "peak_mem_gib": peak_memory_gib(device)})
     report(rows, out)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common.cli import UserError
+from test_losses import fake_epsilon_network as fake_network  # a linear map of the input, plus the timestep
 from common.losses import (
     DiscreteFormulation, EDMFormulation, LossRecipe, NoiseRecipe, discrete_sigmas, elementwise_loss, formulation_for_scheduler,
     latent_grid_mask, min_snr_weight, multires_noise, sample_lognormal_sigmas,
@@ -114,15 +115,6 @@ def kohya_process_batch_loss(network, latents, noise_scheduler, generator, *, lo
     if debiased:
         loss = kohya_debiased(loss, timesteps, all_snr, v_prediction)
     return loss, noisy_latents, timesteps
-
-
-def fake_network(seed: int):
-    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)) * 0.3
-
-    def network(model_input, timestep):
-        return torch.einsum("oc,bchw->bohw", weight, model_input) + 0.001 * timestep.view(-1, 1, 1, 1)
-
-    return network
 
 
 def recording(network):
