@@ -18,7 +18,6 @@ import itertools
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
