@@ -41,7 +41,7 @@ class HostReads(TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("formulation", ["ddpm", "edm"])
+@pytest.mark.parametrize("formulation", ["ddpm", pytest.param("edm", marks=pytest.mark.heavy)])  # the mode slows every op
 def test_steps_that_do_not_log_checkpoint_or_sample_read_nothing_back(tiny_sdxl_path, tmp_path, capsys, monkeypatch, formulation):
     import train_lora
 
