@@ -1243,7 +1243,8 @@ class ClassBatches:
 def vae_posterior(vae, pixels, device):
     """(mean, std) of the VAE's latent distribution, still unnormalised."""
     distribution = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-    return distribution.mean.float().cpu(), distribution.std.float().cpu()
+    # the mean is a view of the VAE's output, whose other half (the log-variance) a cached view would keep alive
+    return distribution.mean.float().cpu().clone(), distribution.std.float().cpu()
 
 
 def batch_latents(batch, pipe, accelerator):
