@@ -421,7 +421,7 @@ class CachedLatents(torch.utils.data.Dataset):
     already there are read instead of encoded, and memory stays flat in the dataset's size."""
 
     def __init__(self, images: TrainingImages, encode, batch_size: int | None = None, files=None, model_key: str = ""):
-        self.images, self.files, self.cache = images, files, {}
+        self.images, self.files, self.cache, self._digests = images, files, {}, {}
         self.encoded = self.found = 0  # entries encoded now, and found already on disk
         if batch_size is None:  # the fp32 VAE encoder's activations grow with the pixels: about 1 Mpx at a time
             batch_size = max(1, ENCODE_PIXELS // images.augment.resolution**2)
@@ -431,7 +431,7 @@ class CachedLatents(torch.utils.data.Dataset):
             chunk = keys[start : start + batch_size]
             placed = [place_image_and_mask(open_rgb(images.examples[i]), open_mask(images.examples[i], images.sizes[i]), images.augment,
                                            example_rng(images.seed, 0, i), flip) for i, flip in chunk]
-            names = [latent_key(images.examples[i], images.augment, placed[k][1], model_key) if files is not None else None
+            names = [latent_key(self._sources(i), images.augment, placed[k][1], model_key) if files is not None else None
                      for k, (i, _) in enumerate(chunk)]
             by_size: dict[tuple[int, int], list[int]] = {}
             for k, (pixels, _, _) in enumerate(placed):
@@ -452,6 +452,16 @@ class CachedLatents(torch.utils.data.Dataset):
                     else:
                         files.put(names[k], {"mean": mean, "std": std} | ({"mask": mask} if mask is not None else {}))
                         self.cache[chunk[k]] = (names[k], placed[k][1])
+
+    def _sources(self, index: int) -> dict:
+        """The digests of an example's image and mask bytes, read once for both of its flips."""
+        from common.disk_cache import source_digest
+
+        if index not in self._digests:
+            mask = self.images.examples[index].mask
+            self._digests[index] = {"image": source_digest(self.images.examples[index].image),
+                                    "mask": None if mask is None else (ALPHA if mask == ALPHA else source_digest(mask))}
+        return self._digests[index]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -485,12 +495,11 @@ class CachedLatents(torch.utils.data.Dataset):
         return entry["mean"], entry["std"], placement, entry.get("mask")
 
 
-def latent_key(example: Example, augment: Augment, placement: Placement, model_key: str) -> str:
-    """The name of an example's cached posterior: everything it depends on."""
-    from common.disk_cache import content_key, source_digest
+def latent_key(sources: dict, augment: Augment, placement: Placement, model_key: str) -> str:
+    """The name of an example's cached posterior: everything it depends on (`sources`: its image's and mask's digests)."""
+    from common.disk_cache import content_key
 
-    mask = None if example.mask is None else (ALPHA if example.mask == ALPHA else source_digest(example.mask))
-    return content_key(image=source_digest(example.image), mask=mask, placement=placement, interpolation=augment.interpolation,
+    return content_key(image=sources["image"], mask=sources["mask"], placement=placement, interpolation=augment.interpolation,
                        model=model_key)
 
 
