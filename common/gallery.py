@@ -8,8 +8,11 @@ from pathlib import Path
 
 from common.cli import UserError
 
-# kohya's prompt-line options (sd-scripts library/train_util.py `line_to_prompt_dict`) that mean the same here
-PROMPT_LINE_OPTIONS = {"n": "negative prompt", "w": "width", "h": "height", "d": "seed", "l": "CFG scale", "s": "steps"}
+# kohya's prompt-line options (sd-scripts library/train_util.py `line_to_prompt_dict`) that mean the same here:
+# letter -> (SamplePrompt field, type, what it is)
+PROMPT_LINE_OPTIONS = {"n": ("negative_prompt", str, "negative prompt"), "w": ("width", int, "width"),
+                       "h": ("height", int, "height"), "d": ("seed", int, "seed"), "l": ("guidance_scale", float, "CFG scale"),
+                       "s": ("steps", int, "steps")}
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,12 @@ def parse_prompt_line(line: str, where: str) -> SamplePrompt:
     Another option is refused in one line naming it and the accepted ones."""
     prompt, *parts = line.split(" --")
     values: dict = {"prompt": prompt.strip()}
-    fields = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-              "l": ("guidance_scale", float), "s": ("steps", int)}
     for part in parts:
         name, _, value = part.strip().partition(" ")
-        if name not in fields:
-            accepted = ", ".join(f"--{k} ({v})" for k, v in PROMPT_LINE_OPTIONS.items())
+        if name not in PROMPT_LINE_OPTIONS:
+            accepted = ", ".join(f"--{k} ({meaning})" for k, (_, _, meaning) in PROMPT_LINE_OPTIONS.items())
             raise UserError(f"{where}: option --{name} is not one of {accepted}")
-        field, kind = fields[name]
+        field, kind, _ = PROMPT_LINE_OPTIONS[name]
         try:
             values[field] = kind(value.strip())
         except ValueError:
