@@ -516,6 +516,12 @@ def make_config(options: dict) -> TrainConfig:
         )
     block_weights(config)  # refuses malformed --down_lr_weight, --mid_lr_weight, --up_lr_weight here
     sample_prompts(config)  # and a malformed --sample_prompts file
+    if config.mask_dir and not Path(config.mask_dir).is_dir():
+        raise UserError(f"--mask_dir {config.mask_dir!r} is not a folder")
+    if config.cache_latents_to_disk or config.cache_text_encoder_outputs_to_disk:
+        from common.files import writable_folder
+
+        writable_folder(disk_cache_folder(config), "--disk_cache_dir")  # before any model is loaded
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
         if not (Path(config.resume_from_checkpoint) / "lora.safetensors").is_file():
             raise UserError(

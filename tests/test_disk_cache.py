@@ -94,3 +94,13 @@ def test_resume_is_bit_exact_with_shuffle_dropout_ema_and_disk_caches(tiny_sdxl_
         expected = load_file(tmp_path / "straight" / name)
         got = load_file(tmp_path / "resumed" / name.replace("straight", "resumed"))
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
+
+
+def test_an_unusable_cache_or_mask_folder_is_refused_in_one_line_before_any_model_loads(tiny_sdxl_path, tmp_path, capsys):
+    images = write_images(tmp_path / "img", 1)
+    code, _, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", images, "--instance_prompt", "x",
+                             "--cache_latents_to_disk", "--disk_cache_dir", images / "image_0.png", "--output_dir", tmp_path / "a")
+    assert code != 0 and "--disk_cache_dir" in err and "is a file; give a folder" in err and err.count("\n") == 1, err
+    code, _, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", images, "--instance_prompt", "x",
+                             "--masked_loss", "--mask_dir", tmp_path / "none", "--output_dir", tmp_path / "b")
+    assert code != 0 and "is not a folder" in err and "--mask_dir" in err and err.count("\n") == 1, err
