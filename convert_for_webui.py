@@ -110,7 +110,7 @@ def parse_rank(text: str | None, max_rank: int | None):
 
 
 def parse_save_precision(text: str):
-    from common.models import DTYPES, parse_dtype
+    from common.cli import DTYPES, parse_dtype
 
     if text not in DTYPES:
         raise UserError(f"--save_precision {text!r}; choose one of {', '.join(DTYPES)}")
@@ -365,7 +365,7 @@ def layer_kinds(state: dict) -> dict[str, int]:
 def check_embedding(state: dict) -> int:
     """An SDXL embedding: one row per token in `clip_l` (768 wide) and `clip_g` (1280 wide), as WebUI and
     ComfyUI read it (each text encoder takes its own key)."""
-    from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS
+    from common.architectures import SDXL_TEXT_ENCODER_CONFIGS
     from common.tokens import CLIP_G_KEY, CLIP_L_KEY
 
     widths = {CLIP_L_KEY: SDXL_TEXT_ENCODER_CONFIGS[0]["hidden_size"], CLIP_G_KEY: SDXL_TEXT_ENCODER_CONFIGS[1]["hidden_size"]}

@@ -54,16 +54,17 @@ def make_missing_images(wanted: ClassImages, generation: GenerationOptions) -> i
 
     from common.files import writable_folder
     from common.generation import fill_class_folder, make_class_images
-    from common.generation_options import prepare_pipeline
+    from common.generation_options import prepare_pipeline, read_generation_model
     from common.models import cpu_processes_requested, warn_about_lost_processes
 
+    reading = read_generation_model(generation)
     state = PartialState(cpu=cpu_processes_requested())
     if state.is_main_process:
         warn_about_lost_processes(state.num_processes)
     writable_folder(wanted.class_data_dir, "--class_data_dir")
 
     def make(batches) -> int:
-        pipe, settings = prepare_pipeline(generation, str(state.device) if state.num_processes > 1 else None)
+        pipe, settings = prepare_pipeline(generation, str(state.device) if state.num_processes > 1 else None, reading)
         return make_class_images(pipe, batches, settings, wanted.class_data_dir, show_progress=state.is_local_main_process)
 
     return fill_class_folder(state, wanted.class_data_dir, wanted=wanted.num_class_images, prompt=wanted.class_prompt,

@@ -16,7 +16,7 @@ import typer
 
 from common.cli import UserError, config_from_options, option, options_command, run_app
 from common.files import writable_folder
-from common.generation_options import GenerationOptions
+from common.generation_options import GenerationOptions, read_generation_model
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -56,17 +56,18 @@ def main(**options) -> None:
         output_dir=own.output_dir,
     )
     validate(config)
+    reading = read_generation_model(config.generation)
     writable_folder(config.output_dir, "--output_dir")
-    saved = run(config)
+    saved = run(config, reading)
     typer.echo(f"saved {len(saved)} image(s) to {config.output_dir}/")
 
 
-def run(config: InferConfig) -> list[Path]:
+def run(config: InferConfig, reading=None) -> list[Path]:
     """Load the model and adapters, then generate and save every image."""
     from common.generation import generate_images, next_free_index, plan_jobs
     from common.generation_options import prepare_pipeline
 
-    pipe, settings = prepare_pipeline(config.generation)
+    pipe, settings = prepare_pipeline(config.generation, reading=reading)
     jobs = plan_jobs(config.prompts, negative_prompt=config.generation.negative_prompt, num_images=config.num_images,
                      seeds=config.seeds, first_index=next_free_index(config.output_dir))
     return generate_images(pipe, jobs, settings, output_dir=config.output_dir, batch_size=config.generation.batch_size)

@@ -148,7 +148,7 @@ def stored(layer: MergedLayer, dtype: torch.dtype, delta: torch.Tensor | None = 
     method's dW, `delta` (None: the layer's own factors are dW exactly, as in linear merges)."""
     import torch
 
-    from common.lora_formats import balanced_factors
+    from common.adapters import balanced_factors
 
     up, down = balanced_factors(layer.up, layer.down) if dtype == torch.float16 else (layer.up.double(), layer.down.double())
     up_out, down_out = up.to(dtype).contiguous(), down.to(dtype).contiguous()
@@ -245,15 +245,19 @@ def product_penalty(m_content: torch.Tensor, m_style: torch.Tensor) -> torch.Ten
 
 @app.command()
 def main(
-    lora: Annotated[list[str], typer.Option(*flags("lora"), help="PATH[:WEIGHT], two or more; diffusers or kohya files or training folders")],
-    out: Annotated[Path, typer.Option(*flags("out", "--output_dir", "-o"), help="folder for the merged LoRA")],
-    model: Annotated[str, typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base the LoRAs were trained on")] = "tiny-sdxl",
+    lora: Annotated[list[str], typer.Option(*flags("lora"), help="PATH[:WEIGHT], two or more (one or more with --into_checkpoint); diffusers or kohya files or training folders")],
+    out: Annotated[Optional[Path], typer.Option(*flags("out", "--output_dir", "-o"), help="folder for the merged LoRA")] = None,
+    model: Annotated[str, typer.Option(*flags("pretrained_model_name_or_path", "--model", "-m"), help="the base the LoRAs were trained on: a built-in name, a diffusers folder, a single-file checkpoint or a hub id")] = "tiny-sdxl",
+    into_checkpoint: Annotated[Optional[Path], typer.Option(*flags("into_checkpoint"), help="instead of a merged LoRA: bake every --lora (LoRA, LoCon, LoHa, LoKr, DoRA) at its weight into --model and write a single-file checkpoint (.safetensors) for WebUI and ComfyUI, keeping the base's flavour; --method blora bakes each input's B-LoRA block only")] = None,
+    title: Annotated[Optional[str], typer.Option(*flags("title"), help="--into_checkpoint: the checkpoint's modelspec.title (default: its file name)")] = None,
+    prediction_type: Annotated[Optional[str], typer.Option(*flags("prediction_type"), help="epsilon or v_prediction, where the base does not say it (a v-prediction file without its v_pred key)")] = None,
+    zero_terminal_snr: Annotated[bool, typer.Option(*flags("zero_terminal_snr", "--rescale_betas_zero_snr"), help="the base was trained with zero-terminal SNR, where it does not say so (a ztsnr key)")] = False,
     method: Annotated[str, typer.Option(*flags("method"), help=", ".join(METHODS))] = "linear",
     density: Annotated[float, typer.Option(*flags("density"), help="fraction kept by TIES, DARE and magnitude pruning")] = 0.5,
     majority_sign_method: Annotated[str, typer.Option(*flags("majority_sign_method"), help="total or frequency")] = "total",
     rank: Annotated[Optional[str], typer.Option(*flags("rank"), help="stored rank of svd, ties, dare_*, magnitude_prune: N, P% (per layer the smallest rank within P% relative error, e.g. 1%), sum (the inputs' ranks added), max (the largest) or full (exact; large); default sum, max for svd and the *_svd names")] = None,
     max_rank: Annotated[int, typer.Option(*flags("max_rank"), help="the most an error target (P%, and LoHa/LoKr inputs' default) may store")] = DEFAULT_MAX_RANK,
-    save_precision: Annotated[str, typer.Option(*flags("save_precision"), help="fp16 (as the UIs load LoRAs), bf16 or fp32")] = "fp16",
+    save_precision: Annotated[Optional[str], typer.Option(*flags("save_precision"), help="fp16, bf16 or fp32 (default: fp16 for LoRA factors, as the UIs load them; a checkpoint in its base's precision)")] = None,
     seed: Annotated[int, typer.Option(*flags("seed"), help="DARE's random drops; ZipLoRA's noise")] = 0,
     kohya: Annotated[bool, typer.Option(*flags("kohya"), help="also write the WebUI/ComfyUI (kohya) file")] = False,
     content_alpha: Annotated[float, typer.Option(*flags("content_alpha"), help="B-LoRA: scales the content block's dW")] = 1.0,
@@ -274,12 +278,22 @@ def main(
     save_pipeline: Annotated[Optional[Path], typer.Option(*flags("save_pipeline"), help="where the fused pipeline goes")] = None,
     force: Annotated[bool, typer.Option(*flags("force"), help="replace a merge or LoRA already in --out (never an input)")] = False,
 ) -> None:
-    """Merge two or more SDXL LoRAs into one file that loads anywhere."""
+    """Merge two or more SDXL LoRAs into one file that loads anywhere, or bake LoRAs into a single-file checkpoint."""
+    from common.cli import parse_dtype
     from common.lora_formats import parse_weighted_path
-
-    from common.models import device_and_dtype, model_modules_on_meta, parse_dtype
+    from common.models import FlavourOptions, device_and_dtype, model_modules_on_meta
 
     specs = [parse_weighted_path(spec) for spec in lora]
+    flavour = FlavourOptions(prediction_type, True if zero_terminal_snr else None)
+    if into_checkpoint is not None:
+        if out is not None:
+            raise UserError("--into_checkpoint writes a checkpoint and --out a merged LoRA: give one of them")
+        bake(model, specs, into_checkpoint, method=method, blocks=blocks, content_alpha=content_alpha, style_alpha=style_alpha,
+             save_precision=save_precision, title=title, flavour=flavour, force=force)
+        return
+    if out is None:
+        raise UserError("give --out FOLDER for the merged LoRA (or --into_checkpoint FILE to bake the LoRAs into the base)")
+    save_precision = save_precision or "fp16"
     validate(method, specs, density=density, sign=majority_sign_method, save_precision=save_precision, penalty=ziplora_penalty,
              fuse_into=fuse_into, save_pipeline=save_pipeline, steps=ziplora_steps)
     if max_rank < 1:
@@ -298,7 +312,7 @@ def main(
             raise UserError(f"--method {method} merges LoRA factors; {str(unfactored)!r} is a LoHa, LoKr or Tucker LoCon: "
                             "use linear, svd, ties, dare_linear, dare_ties or magnitude_prune")
     if method == "ziplora":
-        pipe = load_base(model, *device_and_dtype(device, dtype))
+        pipe = load_base(model, *device_and_dtype(device, dtype), flavour=flavour)
         merged, report = zip_merge(pipe, inputs, content_data=content_data, content_prompt=content_prompt, style_data=style_data,
                                    style_prompt=style_prompt, steps=ziplora_steps, lr=ziplora_lr, similarity_weight=ziplora_lambda,
                                    penalty_name=ziplora_penalty, resolution=ziplora_resolution, seed=seed, out=out, precision=precision)
@@ -344,7 +358,7 @@ def check_outputs(out: Path, save_pipeline: Path | None, inputs: list[Path], *, 
 
 
 def validate(method, specs, *, density, sign, save_precision, penalty, fuse_into, save_pipeline, steps) -> None:
-    from common.models import DTYPES
+    from common.cli import DTYPES
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
@@ -393,13 +407,14 @@ def describe_rank(rank) -> str:
     return f"{100 * rank.error:g}%" + (f" (at most {rank.cap})" if rank.cap else "")
 
 
-def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
-    """The base pipeline, for what needs its weights: ZipLoRA's training and --fuse_into (fp32 unless `dtype`)."""
+def load_base(model: str, device: torch.device | None = None, dtype: torch.dtype | None = None, flavour=None):
+    """The base pipeline, for what needs its weights: ZipLoRA's training, --fuse_into and --into_checkpoint (fp32 unless
+    `dtype`), its flavour read (and overridden by `flavour`, the FlavourOptions) as every script reads it."""
     import torch
 
     from common.models import load_sdxl_pipeline
 
-    pipe = load_sdxl_pipeline(model, dtype or torch.float32)
+    pipe = load_sdxl_pipeline(model, dtype or torch.float32, flavour=flavour, say=typer.echo)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -542,11 +557,7 @@ def large_file_notice(size: int, precision: str, method: str) -> str:
 def block_merge(inputs: list[InputLoRA], *, blocks: str | None, content_alpha: float, style_alpha: float, precision: torch.dtype):
     """B-LoRA (Frenkel et al. 2024): the content block of the first LoRA and the style block of the second,
     each dW scaled by its alpha (linearly: alpha times the up factor, not times both factors)."""
-    from common.lora_formats import BLORA_BLOCKS, parse_blocks
-
-    chosen = list(parse_blocks(blocks) or BLORA_BLOCKS)
-    if len(chosen) != 2:
-        raise UserError(f"--blocks names one block per input (content,style), got {chosen}")
+    chosen = blora_blocks(blocks, 2)
     merged = {}
     for lora, block, alpha in zip(inputs, chosen, (content_alpha, style_alpha)):
         layers = {n: l for n, l in lora.layers.items() if n.startswith(block + ".")}
@@ -677,12 +688,14 @@ def zip_examples(pipe, zipped, *, mode: str, folder: Path | None, prompt: str, s
     import torch
 
     from common.data import Augment, Example, find_examples, open_rgb, place_image
+    from common.generation_options import default_guidance_rescale
     from common.models import normalise_latents
 
     if folder is None:
         set_mode(zipped, mode)
         with torch.no_grad():
             image = pipe(prompt, num_inference_steps=20, width=size, height=size,
+                         guidance_rescale=default_guidance_rescale(pipe.scheduler.config),
                          generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))).images[0]
         found = [Example(image, prompt, f"made by the {mode} LoRA")]
     else:
@@ -781,6 +794,73 @@ def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bo
     with atomic_path(out / "merge_report.json") as partial:
         partial.write_text(json.dumps(report, indent=2, default=str))
     return lines
+
+
+def bake(model: str, specs: list[tuple[Path, float]], target: Path, *, method: str, blocks: str | None, content_alpha: float,
+         style_alpha: float, save_precision: str | None, title: str | None, flavour, force: bool) -> None:
+    """Adapters baked into the base (each at its weight, summed as infer.py applies them; with --method blora only each
+    input's block), written as a single-file checkpoint in the SGM layout with the base's flavour markers and ModelSpec
+    metadata; the inputs' pivotal-tuning embeddings, which no checkpoint holds, written beside it."""
+    from common.checkpoints import checkpoint_tensors, modelspec_metadata, save_checkpoint_file, stored_size
+    from common.cli import DTYPES, parse_dtype
+    from common.files import writable_folder
+    from common.lora_formats import LoraSpec, load_loras, lora_file
+    from common.models import pipeline_flavour, read_model
+    from common.tokens import save_embedding
+
+    if method not in ("linear", "blora"):
+        raise UserError(f"--into_checkpoint bakes the adapters as they are (--method linear) or their B-LoRA blocks (--method "
+                        f"blora), not --method {method}: merge with it into --out first, then bake the merged LoRA")
+    if save_precision is not None and save_precision not in DTYPES:
+        raise UserError(f"--save_precision must be {', '.join(DTYPES)}, got {save_precision!r}")
+    if target.suffix.lower() != ".safetensors":
+        raise UserError(f"--into_checkpoint {str(target)!r}: a checkpoint is written as .safetensors (name it NAME.safetensors)")
+    if target.exists() and not force:
+        raise UserError(f"{str(target)!r} exists; pass --force to replace it, or choose another --into_checkpoint")
+    for path, _ in specs:
+        if lora_file(path).resolve() == target.resolve():
+            raise UserError(f"--into_checkpoint {str(target)!r} is the input {str(path)!r}; write the checkpoint elsewhere")
+    writable_folder(target.parent if str(target.parent) else Path("."), "--into_checkpoint's folder")
+    lora_specs = [LoraSpec(path, weight) for path, weight in specs]
+    if method == "blora":
+        lora_specs = [LoraSpec(spec.path, spec.weight * alpha, (block,)) for spec, alpha, block in
+                      zip(lora_specs, (content_alpha, style_alpha), blora_blocks(blocks, len(specs)))]
+    reading = read_model(model, flavour)
+    base_dtype = reading.weights_dtype if reading is not None else None  # a hub model: fp16, as SDXL is published
+    precision = save_precision or {value: key for key, value in DTYPES.items()}.get(base_dtype, "fp16")
+    pipe = load_base(model, flavour=reading or flavour)
+    names = load_loras(pipe, lora_specs)  # kohya/LyCORIS files are added to the weights here, as the UIs add them
+    if names:  # diffusers/peft adapters (LoRA, DoRA) merged into the weights by peft's own merge
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()
+    flavour_made = pipeline_flavour(pipe)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    tensors = checkpoint_tensors(pipe, flavour_made, parse_dtype(precision))
+    typer.echo(f"writing {target}: {len(tensors)} tensors, {stored_size(tensors) / 2**30:.2f} GiB in {precision}, "
+               f"{flavour_made.name} (as its base)")
+    metadata = modelspec_metadata(flavour_made, title=title or target.stem, resolution=native,
+                                  merged_from=[Path(model).name or model] + [lora_file(path).name for path, _ in specs])
+    save_checkpoint_file(target, tensors, metadata)
+    inputs = [InputLoRA(path, weight, {}, next(iter(sorted(lora_file(path).parent.glob("*_emb.safetensors"))), None))
+              for path, weight in specs]
+    embedding, lines = merged_embeddings(inputs)
+    if embedding is not None:
+        beside = target.with_name(f"{target.stem}_emb.safetensors")
+        save_embedding(beside, *embedding)
+        typer.echo(f"the pivotal-tuning embedding cannot go into a checkpoint: it is written beside it as {beside} (put it in "
+                   f"WebUI's embeddings/ or ComfyUI's models/embeddings/); write {''.join(embedding[2])} in prompts")
+        for line in lines:
+            typer.echo(line)
+
+
+def blora_blocks(blocks: str | None, count: int) -> list[str]:
+    """B-LoRA's block per input: --blocks as given, or the content block for the first and the style block for the second."""
+    from common.lora_formats import BLORA_BLOCKS, parse_blocks
+
+    chosen = list(parse_blocks(blocks) or BLORA_BLOCKS)
+    if len(chosen) != count:
+        raise UserError(f"--blocks names one block per input (content,style): {count} input(s), got {chosen}")
+    return chosen
 
 
 def fuse(model: str, merged_dir: Path, save_to: Path) -> None:

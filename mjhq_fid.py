@@ -182,9 +182,10 @@ def generate_missing(config: GenerateConfig) -> int:
     from accelerate import PartialState
 
     from common.generation import deal_batches, generate_images
-    from common.generation_options import prepare_pipeline
+    from common.generation_options import prepare_pipeline, read_generation_model
     from common.models import cpu_processes_requested, warn_about_lost_processes
 
+    reading = read_generation_model(config.generation)
     state = PartialState(cpu=cpu_processes_requested())
     if state.is_main_process:
         warn_about_lost_processes(state.num_processes)
@@ -201,7 +202,7 @@ def generate_missing(config: GenerateConfig) -> int:
     made = 0
     # images already there must have been made with this run's settings, even when none is missing
     if batches or (state.is_main_process and len(jobs) < len(entries)):
-        pipe, settings = prepare_pipeline(config.generation, str(state.device) if state.num_processes > 1 else None)
+        pipe, settings = prepare_pipeline(config.generation, str(state.device) if state.num_processes > 1 else None, reading)
         check_same_settings(entries, paths, config, settings)
     if batches:
         saved = generate_images(pipe, [], settings, output_dir=config.gen_dir, batch_size=config.generation.batch_size,

@@ -51,10 +51,12 @@ class TrainConfig:
     as training_args.json."""
 
     pretrained_model_name_or_path: str = option(
-        REQUIRED, "--model", "-m", help="tiny-sdxl, tiny-edm, a diffusers folder or a hub id", panel=MODEL
+        REQUIRED, "--model", "-m", help="tiny-sdxl, tiny-edm, a diffusers folder, a single-file checkpoint (.safetensors, as "
+        "WebUI and ComfyUI keep them; its flavour is read from its keys) or a hub id", panel=MODEL
     )
     pretrained_vae_model_name_or_path: Optional[str] = option(
-        None, help="an fp16-safe VAE folder; the model's VAE otherwise runs in fp32", panel=MODEL
+        None, "--vae", help="an fp16-safe VAE (a folder, hub id or single file); the model's VAE otherwise runs in fp32",
+        panel=MODEL,
     )
     revision: Optional[str] = option(None, help="hub revision (network)", panel=MODEL)
     variant: Optional[str] = option(None, help="weight variant, e.g. fp16", panel=MODEL)
@@ -182,7 +184,15 @@ class TrainConfig:
     )
     snr_gamma: Optional[float] = option(None, "--min_snr_gamma", help="Min-SNR-gamma (5 is usual)", panel=LOSS)
     snr_weighting: str = option("hard", help="hard (min) or soft (smooth min) with --snr_gamma under EDM", panel=LOSS)
-    prediction_type: Optional[str] = option(None, help="epsilon or v_prediction (default: the model's)", panel=LOSS)
+    prediction_type: Optional[str] = option(
+        None, help="epsilon or v_prediction: what the model predicts (default: read from it); v_prediction on an epsilon base "
+        "is a conversion run", panel=LOSS,
+    )
+    v_parameterization: bool = option(False, help="kohya's spelling of --prediction_type v_prediction", panel=LOSS)
+    zero_terminal_snr: bool = option(
+        False, "--rescale_betas_zero_snr", help="rescale the base's schedule to zero terminal SNR (Lin et al. 2024, Algorithm "
+        "1; needs v-prediction); models that say so (a ztsnr key, rescale_betas_zero_snr) are read so without it", panel=LOSS,
+    )
     noise_offset: float = option(0.0, help="offset noise strength (0.05-0.1 is usual)", panel=LOSS)
     noise_offset_random_strength: bool = option(False, help="draw each batch's offset strength in [0, --noise_offset)", panel=LOSS)
     multires_noise_iterations: int = option(0, help="multi-resolution (pyramid) noise levels, kohya's (6-10 is usual)", panel=LOSS)
@@ -229,6 +239,10 @@ class TrainConfig:
         None, help="a file of sample prompts, one per line, with kohya's --n, --w, --h, --d, --l and --s options", panel=OUTPUT
     )
     num_validation_images: int = option(4, help="images per sample prompt (seeds fixed per prompt)", panel=OUTPUT)
+    guidance_rescale: Optional[float] = option(
+        None, help="the samples' guidance rescale (Lin et al. 2024, Sec. 3.4; default 0.7 on zero-terminal-SNR models, else 0)",
+        panel=OUTPUT,
+    )
     validation_steps: Optional[int] = option(None, "--sample_every_n_steps", help="sample every N steps", panel=OUTPUT)
     validation_epochs: Optional[int] = option(
         None, "--sample_every_n_epochs", help="sample every N epochs (default: 50 without --validation_steps)", panel=OUTPUT
@@ -330,8 +344,6 @@ class IgnoredOptions:
         None, panel=DATA, refused="give --train_data_dir with caption files and N_prompt folders (kohya's DreamBooth layout)"
     )
     in_json: Optional[str] = option(None, panel=DATA, refused="captions come from caption files or a metadata.jsonl imagefolder")
-    v_parameterization: bool = option(False, panel=LOSS, refused="use --prediction_type v_prediction")
-    zero_terminal_snr: bool = option(False, panel=LOSS, refused="not supported: the noise schedule is the base model's own")
     full_bf16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision bf16 autocast")
     full_fp16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision fp16 autocast")
     color_aug: bool = option(False, panel=DATA, refused="no colour augmentation here")
@@ -374,6 +386,10 @@ def make_config(options: dict) -> TrainConfig:
         )
     config_from_options(IgnoredOptions, options, warn=logger.warning)
     config = config_from_options(TrainConfig, options)
+    if config.v_parameterization:
+        if config.prediction_type not in (None, "v_prediction"):
+            raise UserError(f"--v_parameterization means --prediction_type v_prediction; it contradicts --prediction_type {config.prediction_type}")
+        config.prediction_type = "v_prediction"
     config.optimizer = config.optimizer.lower()
     check_adapter_options(config)
     check_trackers(config.report_to)
@@ -399,6 +415,10 @@ def make_config(options: dict) -> TrainConfig:
             f"--loraplus_lr_ratio scales a LoRA's B matrix; --adapter {config.adapter} has none (use --adapter lora)",
         ),
         (0 < config.ema_decay < 1, f"--ema_decay must be in (0, 1) (0.999 is usual), got {config.ema_decay}"),
+        (
+            config.guidance_rescale is None or 0 <= config.guidance_rescale <= 1,
+            f"--guidance_rescale must be in [0, 1] (0.7 is the paper's), got {config.guidance_rescale}",
+        ),
         (
             config.lr_scheduler in LR_SCHEDULERS,
             f"--lr_scheduler {config.lr_scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}",
@@ -590,12 +610,13 @@ def train(config: TrainConfig) -> None:
 
     from common.models import graph_break_summary, peak_memory_gib, speed_up_unet
 
+    base = read_base_model(config)  # a single file's architecture and flavour, before anything is created
     accelerator = make_accelerator(config)
     _output_lock = claim_output_dir(config, accelerator)  # held until this function returns
-    pipe = load_models(config, accelerator)
-    formulation = choose_formulation(config, pipe, accelerator)
+    pipe = load_models(config, accelerator, base)
+    formulation = choose_formulation(config, pipe, accelerator, base)
     if config.with_prior_preservation:
-        make_missing_class_images(config, pipe, accelerator)
+        make_missing_class_images(config, pipe, accelerator, base)
     config.token_map = add_pivotal_tokens(pipe, config)
     if config.train_text_encoder:
         add_text_encoder_lora(pipe, config)
@@ -814,25 +835,36 @@ def weight_dtype(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def load_models(config: TrainConfig, accelerator):
+def flavour_options(config: TrainConfig):
+    from common.models import FlavourOptions
+
+    return FlavourOptions(config.prediction_type, True if config.zero_terminal_snr else None, config.base_formulation)
+
+
+def read_base_model(config: TrainConfig):
+    """The base as read before its weights load (`common.models.read_model`): a single file refused here when it is not
+    an SDXL base, and the flavour options checked against it; None for a hub id."""
+    from common.models import read_model
+
+    return read_model(config.pretrained_model_name_or_path, flavour_options(config))
+
+
+def load_models(config: TrainConfig, accelerator, base=None):
     """The pipeline's frozen parts, in the compute dtype; the VAE in fp32 unless a fp16-safe one is named."""
     import torch
-    from diffusers import AutoencoderKL
 
-    from common.models import load_sdxl_pipeline, quiet_libraries
+    from common.models import load_sdxl_pipeline, load_vae, quiet_libraries
 
     hub_options = {"revision": config.revision, "variant": config.variant, "cache_dir": config.cache_dir}
     hub_options = {k: v for k, v in hub_options.items() if v is not None}
     dtype = weight_dtype(accelerator)
     # read straight into the compute dtype: SDXL read in fp32 and then cast would need 14 GB of memory on the way
     pipe = load_sdxl_pipeline(
-        config.pretrained_model_name_or_path, {"default": dtype, "vae": torch.float32}, **hub_options
+        config.pretrained_model_name_or_path, {"default": dtype, "vae": torch.float32}, flavour=base or flavour_options(config),
+        say=accelerator.print, **hub_options
     )
     if config.pretrained_vae_model_name_or_path:
-        try:
-            pipe.vae = AutoencoderKL.from_pretrained(config.pretrained_vae_model_name_or_path)
-        except (OSError, ValueError) as error:
-            raise UserError(f"could not load VAE {config.pretrained_vae_model_name_or_path!r}: {error}") from None
+        pipe.vae = load_vae(config.pretrained_vae_model_name_or_path, base, torch.float32)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     with quiet_libraries():
@@ -848,10 +880,10 @@ def load_models(config: TrainConfig, accelerator):
     return pipe
 
 
-def choose_formulation(config: TrainConfig, pipe, accelerator):
-    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM. The pipeline's
-    sampler (validation images) is made to agree with the base's reading, and EDM defaults taken from the base
-    are written into the config, so training_args.json records what ran."""
+def choose_formulation(config: TrainConfig, pipe, accelerator, base=None):
+    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM, on the base's flavour
+    as read (and overridden) at its load. The pipeline's sampler (validation images) is made to agree with the base's
+    reading, and EDM defaults taken from the base are written into the config, so training_args.json records what ran."""
     from common.losses import EDMFormulation, LossRecipe, NoiseRecipe, formulation_for_scheduler
     from common.schedulers import make_scheduler
 
@@ -875,6 +907,13 @@ def choose_formulation(config: TrainConfig, pipe, accelerator):
     )
     if note:
         accelerator.print(note)
+    if base is not None and base.flavour != base.base.flavour:
+        flags = f"--prediction_type {base.flavour.prediction_type}" + (" --zero_terminal_snr" if base.flavour.zero_terminal_snr else "")
+        accelerator.print(
+            f"conversion run: the base is {base.base.flavour.name}, and this LoRA is trained to make it {base.flavour.name}; the "
+            f"samples are drawn so, and infer.py must draw so too ({flags}), as must the UIs (v_pred/ztsnr keys in a checkpoint "
+            "baked with merge_lora.py --into_checkpoint, or their sampling settings)"
+        )
     formulation = formulation.to(accelerator.device)
     edm_native = formulation.base_is_edm
     pipe.scheduler = make_scheduler("default", pipe.scheduler, model_is_edm=edm_native)
@@ -1010,18 +1049,20 @@ def data_summary(examples: list, data: TrainingData, config: TrainConfig) -> str
             f"{len(buckets)} bucket(s): {', '.join(f'{h}x{w} ({n})' for (h, w), n in sorted(buckets.items()))}{classes}")
 
 
-def make_missing_class_images(config: TrainConfig, pipe, accelerator) -> None:
+def make_missing_class_images(config: TrainConfig, pipe, accelerator, base) -> None:
     """Fill --class_data_dir up to --num_class_images with the base model, as gen_class_images.py does."""
     from common.generation import fill_class_folder, make_class_images
+    from common.cli import parse_dtype
     from common.generation_options import GenerationOptions, sampling_settings
-    from common.models import load_sdxl_pipeline, parse_dtype
+    from common.models import load_sdxl_pipeline
 
     folder = Path(config.class_data_dir)
 
     def make(batches) -> int:
         if config.prior_generation_precision not in (None, "no"):
             dtype = parse_dtype(config.prior_generation_precision)
-            generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype).to(accelerator.device)
+            generator_pipe = load_sdxl_pipeline(config.pretrained_model_name_or_path, dtype,
+                                                flavour=base or flavour_options(config)).to(accelerator.device)
             generator_pipe.scheduler = pipe.scheduler  # the sampler that agrees with the base's formulation
         else:
             generator_pipe = pipe.to(accelerator.device)
@@ -1335,7 +1376,7 @@ def block_weights(config: TrainConfig):
 
 def unet_lr_weight(config: TrainConfig, layers_per_block: int = 2):
     """name -> the learning-rate weight of the UNet block a module or parameter is in, or None without block weights."""
-    from common.lora_formats import unet_module_to_sgm
+    from common.checkpoints import unet_module_to_sgm
     from common.optim import block_lr_weight
 
     weights = block_weights(config)
@@ -1908,6 +1949,7 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, pro
 
     from common.gallery import image_grid
     from common.generation import SamplingSettings, generate_images, plan_jobs, save_png, webui_parameters
+    from common.generation_options import default_guidance_rescale
     from common.tokens import expand_abstractions
 
     if not accelerator.is_main_process:
@@ -1924,6 +1966,7 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, pro
             height=sample.height or native,
             num_inference_steps=sample.steps or 25,
             guidance_scale=5.0 if sample.guidance_scale is None else sample.guidance_scale,
+            guidance_rescale=default_guidance_rescale(pipe.scheduler.config) if config.guidance_rescale is None else config.guidance_rescale,
             scheduler_name="default",
             webui_sampler="default",
             model=config.pretrained_model_name_or_path,
@@ -2057,10 +2100,11 @@ ComfyUI `{expand_abstractions(config.instance_prompt or "", {a: [f"embedding:{na
 """
     kind = {"lora": "LoCon" if config.conv_rank else "LoRA", "loha": "LoHa", "lokr": "LoKr"}[config.adapter]
     convolutions = f", convolutions at rank {config.conv_rank}" if config.conv_rank else ""
+    load = "from_single_file" if Path(model).is_file() else "from_pretrained"  # a single file needs its configs: see the README
     if config.adapter == "lora":
         diffusers = f"""```python
 from diffusers import StableDiffusionXLPipeline
-pipe = StableDiffusionXLPipeline.from_pretrained("{model}")
+pipe = StableDiffusionXLPipeline.{load}("{model}")
 pipe.load_lora_weights("{config.output_dir}")
 {embedding_code}image = pipe("{prompt}").images[0]
 ```

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/infer.py must not shadow the script when tests import this
 
 import train_lora  # noqa: E402
-from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG  # noqa: E402
+from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG  # noqa: E402
 from common.cli import flags, run_app  # noqa: E402
 from common.models import quiet_libraries  # noqa: E402
 from measure import report  # noqa: E402
@@ -291,7 +291,7 @@ def fake_sdxl_pipeline(mode, dtype=torch.bfloat16):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from common.builtin_models import write_clip_tokenizer
+    from common.architectures import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
         write_clip_tokenizer(Path(scratch) / "1", "<|endoftext|>")

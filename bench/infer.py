@@ -23,8 +23,8 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.cli import flags, run_app  # noqa: E402
-from common.models import parse_dtype, peak_memory_gib, pick_device, speed_up_unet  # noqa: E402
+from common.cli import flags, parse_dtype, run_app  # noqa: E402
+from common.models import peak_memory_gib, pick_device, speed_up_unet  # noqa: E402
 from measure import device_label, peak_tflops, report, reset_peak_memory, synchronize  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.builtin_models import SDXL_UNET_CONFIG
+from common.architectures import SDXL_UNET_CONFIG
 
 TEXT_TOKENS, TEXT_WIDTH, POOLED_WIDTH = 77, 2048, 1280
 

@@ -225,7 +225,6 @@ def cast_layer(adapter: AdapterType, tensors: Tensors, dtype, where: str) -> Ten
     pairs meet through a core, are cast as they are.)"""
     import torch
 
-    from common.lora_formats import balanced_factors
 
     cast = dict(tensors)
     tucker_form = any(name in tensors for name in ("lora_mid.weight", "hada_t1", "lokr_t2"))
@@ -355,3 +354,15 @@ def unpatch_weights(pipe) -> None:
             module = getattr(pipe, component).get_submodule(module_path)
             module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
             module.weight.copy_(original)
+
+
+def balanced_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product in float64 with each rank-one term's factors of equal norm: up_k / c_k and c_k down_k,
+    c_k = sqrt(||up_k|| / ||down_k||). SVD factors carry all of s_k in up (U S, V^T), and fp16's normal range
+    ends at 6e-5, where the weak terms' up columns would become subnormals and lose their digits."""
+    import torch
+
+    up, down = up.double(), down.double()
+    up_norms, down_norms = up.norm(dim=0), down.norm(dim=1)
+    c = torch.where((up_norms > 0) & (down_norms > 0), (up_norms / down_norms.clamp_min(1e-300)).sqrt(), 1.0)
+    return up / c, down * c[:, None]

@@ -7,9 +7,15 @@ import dataclasses
 import inspect
 import sys
 import typing
-from typing import Annotated, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import typer
+
+if TYPE_CHECKING:  # torch is imported where used: the scripts answer --help without it
+    import torch
+
+# The precisions by their command-line names, as torch's attribute names
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class UserError(Exception):
@@ -158,3 +164,12 @@ def parse_bool(name: str, value: Any) -> bool:
     if lowered in ("false", "0", "no", "n", "off", ""):
         return False
     raise UserError(f"--{name} {value!r} is not a boolean; use True or False")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch's dtype for a precision's command-line name (fp32, fp16, bf16)."""
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])

@@ -36,6 +36,7 @@ class SamplingSettings:
     webui_sampler: str
     webui_schedule: str = ""
     eta: float = 0.0
+    guidance_rescale: float = 0.0  # Lin et al. 2024, Sec. 3.4
     model: str = ""
     max_token_length: int = CLIP_WINDOW  # longer prompts cut there; a multiple of it: encoded in chunks
     adapters: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
@@ -71,6 +72,9 @@ def webui_parameters(job: ImageJob, settings: SamplingSettings) -> str:
         "Sampler": settings.webui_sampler,
         "Schedule type": settings.webui_schedule,
         "CFG scale": settings.guidance_scale,
+        # the "CFG Rescale" extension's field (Seshelle/CFG_Rescale_webui scripts/CFGRescale.py; A1111 has none of its
+        # own), written as that extension writes it: only when above 0
+        "CFG Rescale": settings.guidance_rescale if settings.guidance_rescale else "",
         "Seed": job.seed,
         "Size": f"{settings.width}x{settings.height}",
         "Model": settings.model,
@@ -187,6 +191,7 @@ def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
             height=settings.height,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
+            guidance_rescale=settings.guidance_rescale,
             eta=settings.eta,
             generator=generators,
         ).images

@@ -13,11 +13,12 @@ import typer
 
 from typing import TYPE_CHECKING
 
-from common.cli import REQUIRED, UserError, option
+from common.cli import REQUIRED, UserError, option, parse_dtype
 from common.generation import SamplingSettings
 from common.long_prompts import CLIP_WINDOW, check_max_token_length
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
-from common.models import BASE_FORMULATIONS, parse_dtype
+from common.flavours import PREDICTION_TYPES
+from common.models import BASE_FORMULATIONS, FlavourOptions, read_model
 from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 if TYPE_CHECKING:  # common.tokens needs torch, which option parsing and --help go without
@@ -32,14 +33,29 @@ class GenerationOptions:
     Checked when made; `loras` and `embeddings` are the adapter options parsed."""
 
     model: str = option(REQUIRED, "--pretrained_model_name_or_path", "-m", panel=MODEL,
-                        help="tiny-sdxl, tiny-edm, full-sdxl, full-edm, a diffusers pipeline folder, or a hub id")
+                        help="tiny-sdxl, tiny-edm, full-sdxl, full-edm, a diffusers pipeline folder, a single-file checkpoint "
+                             "(.safetensors, as WebUI and ComfyUI keep them), or a hub id")
+    vae: Optional[str] = option(None, "--pretrained_vae_model_name_or_path", panel=MODEL,
+                                help="a VAE to use instead of the model's: a diffusers folder, a hub id or a single file "
+                                     "(e.g. sdxl_vae.safetensors)")
     dtype: str = option("auto", panel=MODEL, help="auto (bf16 on a GPU, fp32 on the CPU), fp32, fp16 or bf16")
     device: str = option("auto", panel=MODEL, help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     base_formulation: str = option("auto", panel=MODEL,
-                                   help="auto (read from the scheduler config), edm-native or discrete: how the model was trained")
+                                   help="auto (read from the model), edm-native or discrete: how the model was trained")
+    prediction_type: Optional[str] = option(None, panel=MODEL,
+                                            help="epsilon or v_prediction: what the model predicts, where its file or config "
+                                                 "does not say it (default: read from the model: a single file's v_pred key, a "
+                                                 "folder's scheduler config)")
+    zero_terminal_snr: bool = option(False, "--rescale_betas_zero_snr", panel=MODEL,
+                                     help="the model was trained with zero-terminal SNR (Lin et al. 2024), where it does not "
+                                          "say so itself (a single file's ztsnr key); needs v-prediction")
     negative_prompt: Optional[str] = option(None, panel=SAMPLING, help="what to steer away from")
     num_inference_steps: int = option(30, panel=SAMPLING, help="sampling steps")
     guidance_scale: float = option(5.0, panel=SAMPLING, help="classifier-free guidance scale (1 disables it)")
+    guidance_rescale: Optional[float] = option(None, panel=SAMPLING,
+                                               help="rescale the guided prediction's std to the conditional one's, mixed in "
+                                                    "at this share (Lin et al. 2024, Sec. 3.4; 0-1); default 0.7 on "
+                                                    "zero-terminal-SNR models, as the paper, else 0")
     width: Optional[int] = option(None, panel=SAMPLING, help="image width, a multiple of 8 (default: the model's, 1024 for SDXL)")
     height: Optional[int] = option(None, panel=SAMPLING, help="image height, a multiple of 8 (default: the model's)")
     scheduler: str = option("default", panel=SAMPLING, help=", ".join(SCHEDULER_NAMES))
@@ -70,6 +86,10 @@ class GenerationOptions:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.guidance_scale < 0:
             raise UserError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_rescale is not None and not 0 <= self.guidance_rescale <= 1:
+            raise UserError(f"--guidance_rescale must be in [0, 1] (0.7 is the paper's), got {self.guidance_rescale}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"--prediction_type {self.prediction_type!r}; use {' or '.join(PREDICTION_TYPES)}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         check_max_token_length(self.max_token_length)
@@ -77,6 +97,10 @@ class GenerationOptions:
             raise UserError(f"--base_formulation {self.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
         object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
         self.loras, self.embeddings  # parsed now: a bad spec is reported before any model loads
+
+    @property
+    def flavour_options(self) -> FlavourOptions:
+        return FlavourOptions(self.prediction_type, True if self.zero_terminal_snr else None, self.base_formulation)
 
     @cached_property
     def loras(self) -> list[LoraSpec]:
@@ -111,17 +135,25 @@ def lora_specs(
     return specs
 
 
-def prepare_pipeline(config: GenerationOptions, device_name: str | None = None):
+def read_generation_model(config: GenerationOptions):
+    """The model read before anything loads or is created (`common.models.read_model`): a file that is no SDXL base,
+    or flavour options it cannot take, are refused here."""
+    return read_model(config.model, config.flavour_options)
+
+
+def prepare_pipeline(config: GenerationOptions, device_name: str | None = None, reading=None):
     """Load the model with its scheduler and adapters on its device; (pipeline, sampling settings).
-    `device_name` overrides config.device (a distributed launch gives each process its own)."""
-    from common.models import decide_base_formulation, load_sdxl_pipeline
+    `device_name` overrides config.device (a distributed launch gives each process its own); `reading` is the
+    model's `read_generation_model`, when already made."""
+    from common.models import decide_base_formulation, load_sdxl_pipeline, load_vae
     from common.schedulers import make_scheduler
 
     device, dtype = resolve_device_and_dtype(config, device_name)
-    pipe = load_sdxl_pipeline(config.model, dtype)
-    edm, note = decide_base_formulation(pipe.scheduler.config, config.base_formulation)
-    if note:
-        typer.echo(note)
+    reading = reading or read_generation_model(config)
+    pipe = load_sdxl_pipeline(config.model, dtype, flavour=reading or config.flavour_options, say=typer.echo)
+    if config.vae:
+        pipe.vae = load_vae(config.vae, reading, dtype)
+    edm, _ = decide_base_formulation(pipe.scheduler.config, config.base_formulation)  # the load said how it read it
     pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler, model_is_edm=edm)
     load_adapters(pipe, config)
     move_to_device(pipe, device, config)
@@ -141,6 +173,7 @@ def sampling_settings(pipe, options: GenerationOptions) -> SamplingSettings:
         height=options.height or native,
         num_inference_steps=options.num_inference_steps,
         guidance_scale=options.guidance_scale,
+        guidance_rescale=default_guidance_rescale(pipe.scheduler.config) if options.guidance_rescale is None else options.guidance_rescale,
         scheduler_name=name,
         webui_sampler=choice.webui_sampler if choice else name,
         webui_schedule=choice.webui_schedule if choice else "",
@@ -149,6 +182,14 @@ def sampling_settings(pipe, options: GenerationOptions) -> SamplingSettings:
         max_token_length=options.max_token_length,
         adapters=adapter_description(options),
     )
+
+
+def default_guidance_rescale(scheduler_config) -> float:
+    """Lin et al. 2024's 0.7 (Sec. 3.4, Fig. 7) on a zero-terminal-SNR model, whose plain CFG over-exposes; 0 otherwise."""
+    return ZERO_TERMINAL_SNR_GUIDANCE_RESCALE if scheduler_config.get("rescale_betas_zero_snr") else 0.0
+
+
+ZERO_TERMINAL_SNR_GUIDANCE_RESCALE = 0.7
 
 
 def resolve_device_and_dtype(config: GenerationOptions, device_name: str | None = None):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
     import torch
 
+from common.checkpoints import SDXL_UP_LEVELS_WITH_ATTENTION, unet_module_to_sgm
 from common.cli import UserError
 
 # B-LoRA (Frenkel et al. 2024, "Implicit Style-Content Separation using B-LoRA"), Sec. 4: in SDXL
@@ -349,56 +350,6 @@ def _first_line(error: Exception) -> str:
 
 
 
-_SGM_RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
-                     "time_emb_proj": "emb_layers.1", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-_SGM_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
-                  "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                  "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$")
-_DIFFUSERS_MID = re.compile(r"^mid_block\.(attentions|resnets)\.(\d+)\.(.+)$")
-SDXL_UP_LEVELS_WITH_ATTENTION = (0, 1)  # up_blocks 0 and 1 are CrossAttnUpBlock2D: their upsampler comes third
-
-
-def unet_module_to_sgm(module: str, layers_per_block: int = 2, up_levels_with_attention=SDXL_UP_LEVELS_WITH_ATTENTION) -> str:
-    """A diffusers UNet module path in the original SGM/LDM naming that kohya's SDXL trainer writes (the block
-    map of kohya's sdxl_model_util and ComfyUI's unet_to_diffusers, which agree).
-
-    input_blocks.0 is conv_in, then each down level holds L = layers_per_block blocks (a ResNet block at .0 and
-    its transformer at .1) and a downsampler; each up level holds L + 1 blocks, the last with the upsampler:
-    down_blocks.i.{resnets,attentions}.j -> input_blocks.(1 + i(L+1) + j).{0,1}, downsamplers.0.conv ->
-    input_blocks.((i+1)(L+1)).0.op; mid_block.attentions.0 -> middle_block.1, mid_block.resnets.j ->
-    middle_block.(2j); up_blocks.i.{resnets,attentions}.j -> output_blocks.(i(L+1) + j).{0,1}, upsamplers.0.conv
-    -> output_blocks.(i(L+1) + L).{2 after a transformer, else 1}.conv. In ResNet blocks conv1, conv2,
-    conv_shortcut and time_emb_proj are in_layers.2, out_layers.3, skip_connection and emb_layers.1.
-    """
-    for diffusers, sgm in _SGM_TOP_LEVEL.items():
-        if module == diffusers or module.startswith(diffusers + "."):
-            return sgm + module[len(diffusers):]
-    if match := _DIFFUSERS_MID.match(module):
-        kind, index, rest = match[1], int(match[2]), match[3]
-        if kind == "attentions":
-            return f"middle_block.1.{rest}"
-        return f"middle_block.{2 * index}.{_resnet_part(rest)}"
-    if not (match := _DIFFUSERS_BLOCK.match(module)):
-        return module
-    side, level, kind, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
-    per_level = layers_per_block + 1
-    if side == "down_blocks":
-        if kind == "downsamplers":
-            return f"input_blocks.{(level + 1) * per_level}.0.op" + rest.removeprefix("conv")
-        block = f"input_blocks.{1 + level * per_level + index}"
-    else:
-        if kind == "upsamplers":
-            return f"output_blocks.{level * per_level + layers_per_block}.{2 if level in up_levels_with_attention else 1}.{rest}"
-        block = f"output_blocks.{level * per_level + index}"
-    return f"{block}.1.{rest}" if kind == "attentions" else f"{block}.0.{_resnet_part(rest)}"
-
-
-def _resnet_part(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return _SGM_RESNET_PARTS.get(head, head) + (f".{tail}" if tail else "")
-
-
 def peft_to_kohya(state: dict, alpha, kohya_name) -> dict:
     """A peft LoRA state dict (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya/WebUI format:
     `<kohya_name(module)>.lora_down.weight`, `.lora_up.weight` and `.alpha`, with alpha the trained
@@ -556,18 +507,6 @@ def diffusers_lora_to_kohya(file: Path, layers_per_block: int = 2, base_weight: 
     return kohya, summary
 
 
-def balanced_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same product in float64 with each rank-one term's factors of equal norm: up_k / c_k and c_k down_k,
-    c_k = sqrt(||up_k|| / ||down_k||). SVD factors carry all of s_k in up (U S, V^T), and fp16's normal range
-    ends at 6e-5, where the weak terms' up columns would become subnormals and lose their digits."""
-    import torch
-
-    up, down = up.double(), down.double()
-    up_norms, down_norms = up.norm(dim=0), down.norm(dim=1)
-    c = torch.where((up_norms > 0) & (down_norms > 0), (up_norms / down_norms.clamp_min(1e-300)).sqrt(), 1.0)
-    return up / c, down * c[:, None]
-
-
 def svd_factors(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """dW ~= up @ down at a fixed `rank` (None: every singular vector, exact up to rounding), with the relative
     Frobenius error ||dW - up down|| / ||dW||: `low_rank_factors` with a fixed rank."""
@@ -665,7 +604,7 @@ def kohya_to_peft(file: Path, base_weight: BaseWeight | None = None) -> tuple[di
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
-    from common.builtin_models import SDXL_UNET_CONFIG
+    from common.architectures import SDXL_UNET_CONFIG
     from common.models import quiet_libraries
 
     with quiet_libraries():

@@ -17,6 +17,28 @@ import torch
 # ---------------------------------------------------------------- discrete (DDPM) formulas
 
 
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """The betas rescaled to zero terminal SNR, Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps
+    are Flawed"), Algorithm 1, in float64: sqrt(abar) shifted so that its last value is 0 and scaled so that its first is
+    unchanged, the betas read back from the ratios of consecutive abar. The last beta is 1: x_T is pure noise.
+    (diffusers' `rescale_zero_terminal_snr` does the same in float32, 2e-4 off in the relative size of the first betas.)"""
+    root = torch.cumprod(1 - betas.double(), 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    abar = ((root - last) * first / (first - last)) ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+def training_alphas_cumprod(scheduler_config) -> torch.Tensor:
+    """abar_t of a discrete base's schedule (its config's betas, as diffusers' DDPMScheduler makes them), rescaled to zero
+    terminal SNR in float64 where the config says `rescale_betas_zero_snr`; float32, the last value then exactly 0."""
+    from diffusers import DDPMScheduler
+
+    schedule = DDPMScheduler.from_config({**dict(scheduler_config), "rescale_betas_zero_snr": False})
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        return torch.cumprod(1 - zero_terminal_snr_betas(schedule.betas), 0).float()
+    return schedule.alphas_cumprod.to(torch.float32)
+
+
 def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """SNR(t) = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t (Hang et al. 2023, Sec. 3)."""
     abar = alphas_cumprod.to(timesteps.device)[timesteps].double()
@@ -539,7 +561,7 @@ def formulation_for_scheduler(scheduler_config, *, edm: bool = False, prediction
         prediction_type = prediction_type or scheduler_type
         if prediction_type not in EDM_PREDICTION_TYPES:
             raise UserError(f"prediction_type {prediction_type!r} is not supported for training; use {accepted}")
-        alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(torch.float32)
+        alphas_cumprod = training_alphas_cumprod(scheduler_config)
         steps = len(alphas_cumprod)
         low, high = timestep_range[0] or 0, steps if timestep_range[1] is None else timestep_range[1]
         if not 0 <= low < high <= steps:

@@ -1,30 +1,37 @@
-"""Finding and loading SDXL-family models: built-in names, local folders and hub ids alike."""
+"""Finding and loading SDXL-family models: built-in names, local folders, single-file checkpoints and hub ids alike, each
+read for its flavour (`common.flavours`) before its weights load."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
     import torch
 
-from common.cli import UserError
-from common.builtin_models import BUILTIN_MODELS, SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, builtin_model_path
+from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
+from common.builtin_models import BUILTIN_MODELS, builtin_model_path
+from common.checkpoints import CheckpointInfo
+from common.cli import UserError, parse_dtype
+from common.flavours import (
+    Flavour, FlavourReading, flavour_from_scheduler_config, scheduler_config_for, vae_config_changes, with_overrides,
+)
 
-# The precisions by their command-line names, as torch's attribute names
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A loadable location for `name_or_path`: a built-in model's cached folder, a local folder, or a hub id."""
+    """A loadable location for `name_or_path`: a built-in model's cached folder, a local folder, a single-file
+    checkpoint, or a hub id."""
     if name_or_path in BUILTIN_MODELS:
         return str(builtin_model_path(name_or_path))
     path = Path(name_or_path).expanduser()
@@ -32,18 +39,15 @@ def resolve_model(name_or_path: str) -> str:
         if not (path / "model_index.json").is_file():
             raise UserError(
                 f"model folder {name_or_path!r} has no model_index.json; pass a diffusers pipeline folder "
-                f"(with unet/, vae/, text_encoder/, ...), a hub id, or one of {', '.join(BUILTIN_MODELS)}"
+                f"(with unet/, vae/, text_encoder/, ...), a single-file checkpoint, a hub id, or one of {', '.join(BUILTIN_MODELS)}"
             )
         return str(path)
     if path.is_file():
-        raise UserError(
-            f"model {name_or_path!r} is a single file; pass a diffusers pipeline folder, a hub id, "
-            f"or one of {', '.join(BUILTIN_MODELS)}"
-        )
+        return str(path)
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
         return name_or_path
     raise UserError(
-        f"model {name_or_path!r} not found: it is not a local folder, not a hub id (owner/name), "
+        f"model {name_or_path!r} not found: it is not a local folder or file, not a hub id (owner/name), "
         f"and not one of {', '.join(BUILTIN_MODELS)}"
     )
 
@@ -104,30 +108,225 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """torch's dtype for a precision's command-line name (fp32, fp16, bf16)."""
-    import torch
+@dataclass(frozen=True)
+class FlavourOptions:
+    """The options that override how a model's flavour is read: --prediction_type, --zero_terminal_snr (None: as the
+    model says) and --base_formulation."""
 
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
+    prediction_type: str | None = None
+    zero_terminal_snr: bool | None = None
+    base_formulation: str = "auto"
 
 
-def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype | dict[str, torch.dtype], **from_pretrained_options):
-    """StableDiffusionXLPipeline for a built-in name, folder or hub id, pooling prompts at their end-of-text
-    token; load failures become one-line errors. `dtype` may differ per component ({"default": bf16, "vae":
-    fp32}); options (revision, variant, cache_dir) go to diffusers' from_pretrained."""
-    from diffusers import StableDiffusionXLPipeline
+@dataclass(frozen=True)
+class ModelReading:
+    """A model as read before its weights load: where it is, what a single file holds (None for folders and hub ids),
+    its flavour as the model says it (`base`) and as the options make it (`flavour`)."""
+
+    name: str
+    location: str
+    checkpoint: CheckpointInfo | None
+    base: FlavourReading
+    flavour: Flavour
+    notes: tuple[str, ...] = ()  # one line each: how an ambiguous config was read
+    weights_dtype: str | None = None  # the precision its UNet is stored in, e.g. "float16" (None: unknown, a hub model)
+
+    def line(self) -> str:
+        """The start-up line: what was read and why, and what the options changed."""
+        label = Path(self.name).name or self.name
+        precision = f", {DTYPE_NAMES.get(self.checkpoint.dtype, self.checkpoint.dtype)} weights" if self.checkpoint else ""
+        line = f"model {label}: read as {self.base.flavour.name} ({self.base.reason}){precision}"
+        if self.flavour != self.base.flavour:
+            line += f"; used as {self.flavour.name}, as the options say"
+        return line
+
+
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def read_model(name_or_path: str, options: FlavourOptions = FlavourOptions(), what: str = "--model") -> ModelReading | None:
+    """What a model is, before any weight loads: a single file's architecture, completeness and flavour (its keys), a
+    folder's flavour (its scheduler and VAE configs), each with the options' overrides applied and checked. None for a
+    hub id, whose configs are read when it loads."""
+    import json
+
+    from common.checkpoints import inspect_checkpoint, is_checkpoint_file
 
     location = resolve_model(name_or_path)
+    if is_checkpoint_file(location):
+        info = inspect_checkpoint(Path(location), what)
+        flavour = _override_single_file(info.reading.flavour, options)
+        return ModelReading(name_or_path, location, info, info.reading, flavour, weights_dtype=info.dtype)
+    folder = Path(location)
+    if not folder.is_dir():
+        return None
     try:
-        with quiet_libraries():
-            pipe = StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **from_pretrained_options)
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the configs of model {name_or_path!r}: {error}") from None
+    reading = reading_of_configs(name_or_path, location, scheduler_config, vae_config, options)
+    return dataclasses.replace(reading, weights_dtype=_stored_dtype(folder / "unet"))
+
+
+def _stored_dtype(folder: Path) -> str | None:
+    """The precision of a diffusers model folder's weights, read from its safetensors header (None when there is none)."""
+    from safetensors import safe_open
+
+    from common.checkpoints import SAFETENSORS_DTYPES
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    with safe_open(str(files[0]), "pt") as handle:
+        first = next(iter(handle.keys()), None)
+        return None if first is None else SAFETENSORS_DTYPES.get(handle.get_slice(first).get_dtype())
+
+
+def reading_of_configs(name: str, location: str, scheduler_config, vae_config, options: FlavourOptions) -> ModelReading:
+    """A folder's (or hub model's) flavour from its scheduler and VAE configs, with the options applied."""
+    edm_native, note = decide_base_formulation(scheduler_config, options.base_formulation)
+    flavour = flavour_from_scheduler_config(scheduler_config, vae_config, edm_native)
+    words = [f"prediction_type {flavour.prediction_type}"] + (["rescale_betas_zero_snr"] if flavour.zero_terminal_snr else [])
+    words = [f"{scheduler_config.get('_class_name', 'scheduler')} config"] if edm_native else words
+    base = FlavourReading(flavour, "scheduler config: " + ", ".join(words))
+    overridden = with_overrides(flavour, options.prediction_type, options.zero_terminal_snr)
+    return ModelReading(name, location, None, base, overridden, (note,) if note else ())
+
+
+def _override_single_file(flavour: Flavour, options: FlavourOptions) -> Flavour:
+    """A single file's flavour under --base_formulation (edm-native: Playground v2.5's sigmas and latent statistics,
+    for a file stripped of its markers; discrete: SDXL's betas), then --prediction_type and --zero_terminal_snr."""
+    from common.architectures import PLAYGROUND_V25_LATENTS_MEAN, PLAYGROUND_V25_LATENTS_STD
+    from common.flavours import PLAYGROUND_SIGMAS
+
+    if options.base_formulation not in BASE_FORMULATIONS:
+        raise UserError(f"--base_formulation {options.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
+    if options.base_formulation == "edm-native" and not flavour.edm:
+        flavour = Flavour(prediction_type=flavour.prediction_type, edm=True, **PLAYGROUND_SIGMAS,
+                          latents_mean=tuple(PLAYGROUND_V25_LATENTS_MEAN), latents_std=tuple(PLAYGROUND_V25_LATENTS_STD))
+    elif options.base_formulation == "discrete" and flavour.edm:
+        flavour = Flavour(prediction_type=flavour.prediction_type)
+    return with_overrides(flavour, options.prediction_type, options.zero_terminal_snr)
+
+
+def load_sdxl_pipeline(name_or_path: str, dtype: torch.dtype | dict[str, torch.dtype], *, flavour: FlavourOptions | ModelReading | None = None,
+                       say=None, **from_pretrained_options):
+    """StableDiffusionXLPipeline for a built-in name, folder, single-file checkpoint or hub id, pooling prompts at their
+    end-of-text token, its scheduler (and a Playground VAE's statistics) set to the model's flavour as read (and
+    overridden: `flavour` is the options, or their reading already made); load failures become one-line errors.
+    `dtype` may differ per component ({"default": bf16, "vae": fp32}); options (revision, variant, cache_dir) go to
+    diffusers' from_pretrained. `say` gets the start-up line (and any warning about the reading)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    reading = flavour if isinstance(flavour, ModelReading) else read_model(name_or_path, flavour or FlavourOptions())
+    try:
+        if reading is not None and reading.checkpoint is not None:
+            pipe = _load_single_file(reading, dtype)
+        else:
+            with quiet_libraries():
+                pipe = StableDiffusionXLPipeline.from_pretrained(resolve_model(name_or_path), dtype=dtype, **from_pretrained_options)
     except (OSError, ValueError, TypeError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model {name_or_path!r} as an SDXL pipeline: {reason}") from None
+    if reading is None:  # a hub model: its configs came with it
+        options = flavour if isinstance(flavour, FlavourOptions) else FlavourOptions()
+        reading = reading_of_configs(name_or_path, name_or_path, pipe.scheduler.config, pipe.vae.config, options)
+    apply_flavour(pipe, reading.flavour)
     pool_at_end_of_text(pipe)
+    if say is not None:
+        say(reading.line())
+        for line in (*reading.notes, *reading.base.warnings):
+            say(line if line.startswith("warning") else f"warning: {line}")
     return pipe
+
+
+def apply_flavour(pipe, flavour: Flavour) -> None:
+    """The pipeline's scheduler set to sample `flavour` (a new one of the same class when anything differs) and, for
+    Playground v2.5's flavour, its VAE's latent statistics."""
+    current = dict(pipe.scheduler.config)
+    wanted = scheduler_config_for(flavour, current)
+    if any(current.get(key) != value for key, value in wanted.items() if not key.startswith("_")):
+        pipe.scheduler = type(pipe.scheduler).from_config(wanted)
+    changes = vae_config_changes(flavour)
+    if changes and any(pipe.vae.config.get(key) != value for key, value in changes.items()):
+        pipe.vae.register_to_config(**changes)
+
+
+def pipeline_flavour(pipe) -> Flavour:
+    """The flavour a loaded pipeline samples, read back from its scheduler and VAE configs, where its load put it."""
+    edm_native, _ = decide_base_formulation(pipe.scheduler.config)
+    return flavour_from_scheduler_config(pipe.scheduler.config, pipe.vae.config, edm_native)
+
+
+def _load_single_file(reading: ModelReading, dtype) -> object:
+    """A single file through diffusers' own loader, offline: its configs and tokenizers from a local config folder of
+    the file's architecture (never the Hub), its scheduler made for the file's flavour, the whole pipeline in one
+    dtype as the file's loader requires (a VAE of another dtype is read from the file's VAE tensors alone), then
+    checked for parameters the file did not fill."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from common.architectures import PLAYGROUND_V25_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
+    from common.checkpoints import VAE_PREFIX, config_folder
+
+    info = reading.checkpoint
+    default = dtype.get("default", torch.float32) if isinstance(dtype, dict) else dtype
+    vae_dtype = dtype.get("vae", default) if isinstance(dtype, dict) else dtype
+    folder = str(config_folder(info.architecture))
+    base_config = PLAYGROUND_V25_SCHEDULER_CONFIG if reading.flavour.edm else SDXL_SCHEDULER_CONFIG
+    scheduler_config = scheduler_config_for(reading.flavour, base_config)
+    components = {"scheduler": getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)}
+    with quiet_libraries():
+        if vae_dtype != default:
+            components["vae"] = AutoencoderKL.from_single_file(info.header.tensors(VAE_PREFIX), config=folder, subfolder="vae",
+                                                               dtype=vae_dtype, local_files_only=True)
+        pipe = StableDiffusionXLPipeline.from_single_file(str(info.path), config=folder, local_files_only=True, dtype=default,
+                                                          **components)
+    empty = [f"{part}.{name}" for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+             for name, parameter in getattr(pipe, part).named_parameters() if parameter.is_meta]
+    if empty:
+        raise UserError(f"model {str(info.path)!r}: {len(empty)} weights were not filled from the file, e.g. {empty[0]}")
+    return pipe
+
+
+def load_vae(name_or_path: str, reading: ModelReading | None, dtype: torch.dtype):
+    """A replacement VAE (--vae): a diffusers VAE folder or hub id, or a single-file VAE (LDM names, bare or under
+    first_stage_model.), read with the model's VAE config so that its latent scaling stays the model's."""
+    from diffusers import AutoencoderKL
+
+    from common.checkpoints import config_folder, expected_vae_keys, read_checkpoint_header, vae_file_prefix
+
+    path = Path(name_or_path).expanduser()
+    try:
+        if not path.is_file():
+            with quiet_libraries():
+                return AutoencoderKL.from_pretrained(name_or_path, dtype=dtype)
+        header = read_checkpoint_header(path, "--vae")
+        prefix = vae_file_prefix(header)
+        config = str(config_folder(reading.checkpoint.architecture)) if reading and reading.checkpoint else reading.location if reading else None
+        if config is None:
+            raise UserError("--vae FILE needs the model's VAE config: give --model as a folder, a single file or a built-in name")
+        with quiet_libraries():
+            vae_config = AutoencoderKL.load_config(config, subfolder="vae")
+        expected = expected_vae_keys(vae_config)
+        missing = [key for key in expected if prefix + key not in header.shapes]
+        wrong = [key for key in expected if prefix + key in header.shapes and header.shapes[prefix + key] != expected[key]]
+        if missing or wrong:
+            problem = f"lacks {len(missing)} of {len(expected)} tensors, e.g. {missing[0]}" if missing else (
+                f"has {wrong[0]} of shape {header.shapes[prefix + wrong[0]]}, where this model's VAE has {expected[wrong[0]]}")
+            raise UserError(f"--vae {str(path)!r} is not this model's VAE: it {problem}")
+        with quiet_libraries():
+            vae = AutoencoderKL.from_single_file(header.tensors(prefix), config=config, subfolder="vae", dtype=dtype,
+                                                 local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load VAE {name_or_path!r}: {str(error).strip().splitlines()[0]}") from None
+    if reading is not None:
+        changes = vae_config_changes(reading.flavour)
+        if changes:
+            vae.register_to_config(**changes)
+    return vae
 
 
 def pool_at_end_of_text(pipe) -> None:
@@ -297,18 +496,26 @@ def normalise_latents(raw, vae_config):
 
 def model_modules_on_meta(name_or_path: str) -> dict[str, torch.nn.Module]:
     """A model's UNet and text encoders built from its configs on the meta device: every module's name and
-    shape, for checking a LoRA against it, without reading (or holding) its weights."""
+    shape, for checking a LoRA against it, without reading (or holding) its weights. A single file's configs are
+    its architecture's."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    location = resolve_model(name_or_path)
+    reading = read_model(name_or_path)
     try:
         with torch.device("meta"), quiet_libraries():
+            if reading is not None and reading.checkpoint is not None:
+                architecture = reading.checkpoint.architecture
+                unet_config, text_configs = architecture.unet, [CLIPTextConfig(**c) for c in architecture.text_encoders]
+            else:
+                location = resolve_model(name_or_path)
+                unet_config = UNet2DConditionModel.load_config(location, subfolder="unet")
+                text_configs = [CLIPTextConfig.from_pretrained(location, subfolder=sub) for sub in ("text_encoder", "text_encoder_2")]
             return {
-                "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(location, subfolder="unet")),
-                "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(location, subfolder="text_encoder")),
-                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(location, subfolder="text_encoder_2")),
+                "unet": UNet2DConditionModel.from_config(unet_config),
+                "text_encoder": CLIPTextModel(text_configs[0]),
+                "text_encoder_2": CLIPTextModelWithProjection(text_configs[1]),
             }
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

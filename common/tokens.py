@@ -185,6 +185,6 @@ def is_clip_word(text: str) -> bool:
 @functools.cache
 def clip_tokens() -> frozenset[str]:
     """The 49,408 tokens of CLIP's tokenizer (SDXL's two tokenizers share them)."""
-    from common.builtin_models import clip_merges, clip_vocabulary
+    from common.architectures import clip_merges, clip_vocabulary
 
     return frozenset(clip_vocabulary(clip_merges()))

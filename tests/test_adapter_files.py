@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from common.adapters import file_layers
 from common.cli import UserError
-from common.lora_formats import LoraSpec, file_layer_names, load_loras, unet_module_to_sgm
+from common.checkpoints import unet_module_to_sgm
+from common.lora_formats import LoraSpec, file_layer_names, load_loras
 from adapter_helpers import LYCORIS_FILES, UNET_BLOCKS, lycoris_file
 from helpers import load_pipe
 from ui_loaders import comfyui_patch, webui_patch

@@ -138,7 +138,7 @@ def test_the_full_models_are_sdxl_base_1_0s_architecture_on_the_meta_device():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+    from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
     with torch.device("meta"):
         models = {"unet": UNet2DConditionModel(**SDXL_UNET_CONFIG), "vae": AutoencoderKL(**SDXL_VAE_CONFIG),
@@ -154,6 +154,7 @@ def test_a_cached_full_model_twin_is_linked_not_rebuilt(tmp_path, monkeypatch):
     from diffusers import EDMDPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
     import common.builtin_models as builtin
+    from common.architectures import PLAYGROUND_V25_LATENTS_STD
 
     twin = builtin.write_builtin_model("tiny-sdxl", tmp_path / "full-sdxl-v1")
     monkeypatch.setattr(builtin, "build_pipeline", lambda *a, **k: pytest.fail("rebuilt instead of linked"))
@@ -162,7 +163,7 @@ def test_a_cached_full_model_twin_is_linked_not_rebuilt(tmp_path, monkeypatch):
         assert weights.stat().st_ino == (linked / weights.relative_to(twin)).stat().st_ino
     pipe = StableDiffusionXLPipeline.from_pretrained(linked)
     assert isinstance(pipe.scheduler, EDMDPMSolverMultistepScheduler) and pipe.scheduler.config.sigma_data == 0.5
-    assert pipe.vae.config.scaling_factor == 0.5 and pipe.vae.config.latents_std == builtin.PLAYGROUND_V25_LATENTS_STD
+    assert pipe.vae.config.scaling_factor == 0.5 and pipe.vae.config.latents_std == PLAYGROUND_V25_LATENTS_STD
     assert StableDiffusionXLPipeline.from_pretrained(twin).vae.config.scaling_factor == pytest.approx(0.13025), "the twin is untouched"
 
 
@@ -192,19 +193,19 @@ def saved_scheduler_config(scheduler, folder: Path) -> dict:
 
 def published_sdxl_config() -> dict:
     """SDXL base 1.0's scheduler config as published (saved before EulerDiscreteScheduler had sigma_min/max)."""
-    from common.builtin_models import _scheduler
+    from common.architectures import published_scheduler
 
-    return {key: value for key, value in _scheduler(False).config.items() if value is not None}
+    return {key: value for key, value in published_scheduler(False).config.items() if value is not None}
 
 
 def test_an_edm_sampler_saved_with_betas_is_read_as_discrete_with_one_line_saying_why(tmp_path):
     from diffusers import EDMDPMSolverMultistepScheduler
 
-    from common.builtin_models import _scheduler
+    from common.architectures import published_scheduler
     from common.cli import UserError
     from common.models import decide_base_formulation
 
-    playground, sdxl = (saved_scheduler_config(_scheduler(edm), tmp_path / str(edm)) for edm in (True, False))
+    playground, sdxl = (saved_scheduler_config(published_scheduler(edm), tmp_path / str(edm)) for edm in (True, False))
     swapped = saved_scheduler_config(EDMDPMSolverMultistepScheduler.from_config(published_sdxl_config()), tmp_path / "swapped")
     assert decide_base_formulation(playground) == (True, "") and decide_base_formulation(sdxl) == (False, "")
     edm, note = decide_base_formulation(swapped)
@@ -222,7 +223,7 @@ def test_an_edm_sampler_saved_with_betas_is_read_as_discrete_with_one_line_sayin
 def test_sampling_follows_the_same_reading_of_an_ambiguous_config():
     from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    from common.builtin_models import _scheduler
+    from common.architectures import published_scheduler
     from common.cli import UserError
     from common.schedulers import make_scheduler
 
@@ -234,5 +235,5 @@ def test_sampling_follows_the_same_reading_of_an_ambiguous_config():
     with pytest.raises(UserError, match="scheduler 'edm-euler' is an EDM sampler, but this is a discrete DDPM model"):
         make_scheduler("edm-euler", swapped)
     assert make_scheduler("default", swapped, model_is_edm=True) is swapped
-    playground = _scheduler(True)
+    playground = published_scheduler(True)
     assert make_scheduler("default", playground) is playground

@@ -81,7 +81,7 @@ def sdxl_linear_shapes() -> dict[str, tuple[int, int]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
+    from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
 
     shapes = {}
     with torch.device("meta"):
@@ -306,3 +306,67 @@ def test_mjhq_generation_of_two_prompts(full_models, work):
                      "--dtype", "bf16", "--batch_size", 2)
     assert "made 2 image(s)" in run.stdout, run.stdout
     assert sorted(p.relative_to(gen).as_posix() for p in gen.rglob("*.png")) == ["animals/an0.png", "people/pe0.png"]
+
+
+# ---------------------------------------------------------------- single-file checkpoints at SDXL's size
+
+LOAD_AND_COMPARE = """
+import json, sys, torch
+from safetensors import safe_open
+from common.models import load_sdxl_pipeline
+folder, file = sys.argv[1], sys.argv[2]
+pipe = load_sdxl_pipeline(file, torch.bfloat16)
+files = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
+         "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
+different, compared, dtypes, meta = [], 0, set(), 0
+for part, name in files.items():
+    state = getattr(pipe, part).state_dict()
+    meta += sum(p.is_meta for p in getattr(pipe, part).parameters())
+    with safe_open(f"{folder}/{name}", "pt") as handle:
+        for key in handle.keys():
+            ours = state[key if key in state else key.removeprefix("text_model.")]
+            compared += 1
+            dtypes.add(str(ours.dtype))
+            if not torch.equal(ours, handle.get_tensor(key)):
+                different.append(f"{part}.{key}")
+print(json.dumps({"compared": compared, "different": different[:5], "dtypes": sorted(dtypes), "meta": meta,
+                  "scheduler": type(pipe.scheduler).__name__}))
+"""
+
+
+@pytest.fixture(scope="module")
+def full_single_file(full_models, work) -> Path:
+    path = work / "full-sdxl.safetensors"
+    run_script("python -m common.builtin_models full-sdxl FILE.safetensors (bf16)", "-m", "common.builtin_models", "full-sdxl", path)
+    return path
+
+
+def test_a_full_size_single_file_has_sdxls_keys_loads_back_bit_exact_and_the_uis_read_it_as_sdxl(full_single_file, full_models):
+    import hashlib
+
+    from test_single_file import SDXL_BASE_KEYS_SHA256
+    from ui_checkpoint_loaders import comfyui_classify, webui_classify
+
+    with safe_open(str(full_single_file), "pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        metadata = handle.metadata()
+    assert len(shapes) == 2515, "sd_xl_base_1.0.safetensors's tensor count"
+    assert hashlib.sha256("\n".join(sorted(shapes)).encode()).hexdigest() == SDXL_BASE_KEYS_SHA256
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base" and metadata["modelspec.resolution"] == "1024x1024"
+    on_meta = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    comfyui, webui = comfyui_classify(on_meta), webui_classify(on_meta)
+    assert (comfyui["model"], comfyui["model_type"], comfyui["clip_l_found"], comfyui["clip_g_found"]) == ("SDXL", "EPS", True, True)
+    assert webui["config"] == "sd_xl_base.yaml"
+    compare = run_script("load full-sdxl from its single file and compare every tensor", "-c", LOAD_AND_COMPARE,
+                         full_models["full-sdxl"], full_single_file)
+    result = json.loads(compare.stdout.strip().splitlines()[-1])
+    assert result["compared"] == 1680 + 248 + 196 + 517 and not result["different"] and result["meta"] == 0, result
+    assert result["dtypes"] == ["torch.bfloat16"] and result["scheduler"] == "EulerDiscreteScheduler"
+
+
+def test_two_training_steps_from_the_full_size_single_file(full_single_file, work):
+    out = work / "from-single-file"
+    run = run_script("train_lora.py, full-sdxl single file", "train_lora.py", "--model", full_single_file, "--instance_data_dir",
+                     work / "instance", "--instance_prompt", PROMPT, "--output_dir", out, *COMMON_TRAINING)
+    assert "read as epsilon (no flavour keys), bf16 weights" in run.stdout
+    assert len(lora_layers(out / "pytorch_lora_weights.safetensors")) == UNET_LAYERS

@@ -16,7 +16,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after the scripts: bench/infer.py is not infer.py
 
 import gpu_memory  # noqa: E402
-from common.builtin_models import TINY_UNET_CONFIG  # noqa: E402
+from common.architectures import TINY_UNET_CONFIG  # noqa: E402
 
 
 @pytest.mark.heavy

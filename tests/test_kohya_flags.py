@@ -60,7 +60,6 @@ def test_a_kohya_users_sdxl_lora_command_runs_unchanged(tiny_sdxl_path, tmp_path
 
 
 REFUSED = {
-    "--v_parameterization": (["--v_parameterization"], "use --prediction_type v_prediction"),
     "--save_precision": (["--save_precision", "fp16"], "convert_for_webui.py writes fp16 exports"),
     "--save_model_as ckpt": (["--save_model_as", "ckpt"], "every file is written as safetensors"),
     "--reg_data_dir": (["--reg_data_dir", "reg"], "--with_prior_preservation --class_data_dir DIR --class_prompt TEXT"),

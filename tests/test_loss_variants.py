@@ -88,9 +88,10 @@ def kohya_apply_masked_loss(loss, alpha_masks):
 
 def kohya_process_batch_loss(network, latents, noise_scheduler, generator, *, loss_type="l2", huber_c=0.1, huber_scale=1.0,
                              huber_schedule="snr", min_snr_gamma=None, debiased=False, v_prediction=False, ip_noise_gamma=0.0,
-                             multires=(0, 0.3), timestep_range=None, alpha_masks=None):
+                             multires=(0, 0.3), timestep_range=None, alpha_masks=None, all_snr=None):
     """train_util.get_noise_noisy_latents_and_timesteps + train_network.process_batch's loss, per sample (before the
-    batch mean), with every draw from `generator` in kohya's order."""
+    batch mean), with every draw from `generator` in kohya's order. `all_snr`: the SNR table kohya's weights read
+    (default: the one of the scheduler's own alphas_cumprod)."""
     noise = torch.randn(latents.shape, generator=generator)
     if multires[0]:
         noise = kohya_pyramid_noise_like(noise, multires[0], multires[1], lambda: float(torch.rand((), generator=generator)),
@@ -107,7 +108,7 @@ def kohya_process_batch_loss(network, latents, noise_scheduler, generator, *, lo
     if alpha_masks is not None:
         loss = kohya_apply_masked_loss(loss, alpha_masks)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
-    all_snr = kohya_all_snr(noise_scheduler)
+    all_snr = kohya_all_snr(noise_scheduler) if all_snr is None else all_snr
     if min_snr_gamma:
         snr = torch.stack([all_snr[t] for t in timesteps])
         min_snr = torch.minimum(snr, torch.ones_like(snr) * min_snr_gamma)

@@ -494,7 +494,7 @@ def test_a_default_ties_merge_of_sdxl_shaped_loras_is_as_large_as_the_inputs_wit
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from common.builtin_models import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
+    from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
     from helpers import TEXT_TARGETS, UNET_TARGETS
 
     with torch.device("meta"):

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from common.cli import UserError
-from common.lora_formats import kohya_module_name, unet_module_to_sgm
+from common.checkpoints import unet_module_to_sgm
+from common.lora_formats import kohya_module_name
 from common.optim import block_lr_weight, parameter_groups, parse_block_weights, preset_weights
 from training_helpers import train_cli, write_images
 

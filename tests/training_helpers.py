@@ -52,7 +52,8 @@ def image_batch(folder: Path) -> torch.Tensor:
 def denoising_losses(model_path: str, folder: Path, lora: Path | None, noise_levels: list[float], edm: bool) -> list[float]:
     """Mean denoising error of the folder's images at fixed noise levels and fixed noise.
 
-    Discrete models: epsilon MSE at timesteps `noise_levels`. EDM models: x0 MSE of D(x; sigma) at sigmas.
+    Discrete models: the MSE of the network's own target (epsilon, or v for a v-prediction model) at timesteps
+    `noise_levels`. EDM models: x0 MSE of D(x; sigma) at sigmas.
     """
     from common.lora_formats import LoraSpec, load_loras
     from common.losses import EDMFormulation
@@ -83,5 +84,6 @@ def denoising_losses(model_path: str, folder: Path, lora: Path | None, noise_lev
             else:
                 abar = pipe.scheduler.alphas_cumprod[int(level)]
                 noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-                losses.append(float(((network(noisy, torch.full((count,), int(level))) - noise) ** 2).mean()))
+                target = noise if pipe.scheduler.config.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+                losses.append(float(((network(noisy, torch.full((count,), int(level))) - target) ** 2).mean()))
         return losses
