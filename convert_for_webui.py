@@ -156,7 +156,9 @@ def export_lora(source: Path, target: Path, *, name: str, training_args: dict, m
     from safetensors.torch import save_file
 
     from common.files import atomic_path
-    from common.lora_formats import diffusers_lora_to_kohya, is_dora, is_kohya_format, kohya_metadata, safetensors_keys
+    from common.lora_formats import (
+        diffusers_lora_to_kohya, is_dora, is_kohya_format, kohya_metadata, public_model_name, safetensors_keys,
+    )
 
     keys = safetensors_keys(source, "LoRA")
     dora = is_dora(keys)
@@ -172,7 +174,7 @@ def export_lora(source: Path, target: Path, *, name: str, training_args: dict, m
     kohya = cast_factors(kohya, dtype)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
     fields = {"network_args": json.dumps({"parts": sorted(summary)} | network.get("args", {})), "output_name": name,
-              "sd_model_name": str(training_args.get("pretrained_model_name_or_path", ""))}
+              "sd_model_name": public_model_name(str(training_args.get("pretrained_model_name_or_path", "")))}
     if training_args:
         fields["training_comment"] = json.dumps({k: training_args.get(k) for k in ("adapter", "rank", "learning_rate", "max_train_steps", "edm")})
     metadata = kohya_metadata(rank=rank, alpha=alpha, network_module=network["network_module"], **fields) | extra_metadata | {
@@ -191,9 +193,9 @@ def kohya_file_layers(source: Path):
     """A kohya/LyCORIS file as it is, each layer checked to be a LoRA, LoCon, LoHa or LoKr layer (`adapter_of_layer`),
     with (rank, alpha) of its first layer per part and its network module and algorithm for the metadata."""
     from common.adapters import adapter_of_layer, file_layers
-    from common.lora_formats import kohya_part, read_safetensors
+    from common.lora_formats import kohya_part, read_finite_safetensors
 
-    state = read_safetensors(source, "LoRA")
+    state = read_finite_safetensors(source, "LoRA")
     summary, algorithms = {}, set()
     for layer, tensors in file_layers(state).items():
         adapter = adapter_of_layer(tensors, f"layer {layer} of {str(source)!r}")
@@ -366,10 +368,13 @@ def check_embedding(state: dict) -> int:
     """An SDXL embedding: one row per token in `clip_l` (768 wide) and `clip_g` (1280 wide), as WebUI and
     ComfyUI read it (each text encoder takes its own key)."""
     from common.architectures import SDXL_TEXT_ENCODER_CONFIGS
+    from common.lora_formats import non_finite_values
     from common.tokens import CLIP_G_KEY, CLIP_L_KEY
 
     widths = {CLIP_L_KEY: SDXL_TEXT_ENCODER_CONFIGS[0]["hidden_size"], CLIP_G_KEY: SDXL_TEXT_ENCODER_CONFIGS[1]["hidden_size"]}
     problems = [f"no {key} table: that text encoder gets no embedding" for key in widths if key not in state]
+    problems += [f"{key} holds non-finite values ({kinds}): a prompt using it gives a black image (a training run that diverged?)"
+                 for key, kinds in non_finite_values(state).items()]
     for key, width in widths.items():
         table = state.get(key)
         if table is not None and (table.ndim != 2 or table.shape[1] != width):
@@ -392,11 +397,11 @@ def to_diffusers(source: Path, out: Path, force: bool, *, model: str | None = No
 
     from peft import LoraConfig
 
-    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, read_safetensors, save_diffusers_lora
+    from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, read_finite_safetensors, save_diffusers_lora
 
     if not source.is_file():
         raise UserError(f"--to diffusers takes a kohya .safetensors file; {str(source)!r} is not a file")
-    kinds = layer_kinds(read_safetensors(source, "LoRA"))
+    kinds = layer_kinds(read_finite_safetensors(source, "LoRA"))
     if set(kinds) - {"LoRA", "LoCon"}:
         raise UserError(f"{str(source)!r} holds {', '.join(f'{n} {k}' for k, n in kinds.items())} layers: diffusers' SDXL loader "
                         "reads LoRA and LoCon only; merge_lora.py and infer.py read this file as it is")

@@ -78,9 +78,11 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
         raise UserError("give exactly one of --prompt TEXT or --prompt_file FILE")
     if prompt is not None:
         return [prompt]
+    from common.files import read_text_file
+
     if not prompt_file.is_file():
         raise UserError(f"prompt file {str(prompt_file)!r} not found")
-    prompts = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text_file(prompt_file, "--prompt_file").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {str(prompt_file)!r} has no prompts (expected one per line)")
     return prompts

@@ -426,10 +426,13 @@ def read_input(path: Path, weight: float, modules: dict) -> InputLoRA:
     its factors to bf16): a diffusers/peft LoRA through diffusers' converters, a kohya/LyCORIS file (LoRA, LoCon,
     LoHa, LoKr) by its layer names on the base model's `modules` (meta-device models, for names and shapes)."""
     from common.lora_formats import is_dora, is_kohya_format, lora_file, read_peft_lora, safetensors_keys
+    from common.tokens import read_embedding
 
     file = lora_file(path)
     embeddings = sorted(file.parent.glob("*_emb.safetensors"))
     embedding = embeddings[0] if embeddings else None
+    if embedding is not None:
+        read_embedding(embedding)  # refused now (a non-finite row, a bad shape), not after the merge's work
     if is_kohya_format(safetensors_keys(file, "LoRA")):
         return InputLoRA(path, weight, kohya_input_layers(file, modules, path), embedding)
     try:
@@ -454,11 +457,11 @@ def kohya_input_layers(file: Path, modules: dict, path: Path) -> dict[str, Layer
     from types import SimpleNamespace
 
     from common.adapters import adapter_of_layer, alpha_scale, file_layers
-    from common.lora_formats import file_layer_names, read_safetensors
+    from common.lora_formats import file_layer_names, read_finite_safetensors
 
     targets = file_layer_names(SimpleNamespace(**modules))
     layers = {}
-    for name, tensors in file_layers(read_safetensors(file, "LoRA")).items():
+    for name, tensors in file_layers(read_finite_safetensors(file, "LoRA")).items():
         if name not in targets:
             raise UserError(f"LoRA {str(path)!r} does not match the base model: its layer {name!r} names no layer of it; "
                             "was it trained for another base?")

@@ -377,6 +377,7 @@ def main(**options) -> None:
 def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
     from common.data import INTERPOLATIONS
+    from common.generation import MIN_IMAGE_SIDE
     from common.losses import EDM_WEIGHTINGS, HUBER_SCHEDULES, LOSS_TYPES
     from common.models import BASE_FORMULATIONS
 
@@ -469,7 +470,21 @@ def make_config(options: dict) -> TrainConfig:
             f"--max_train_steps must be >= 1, got {config.max_train_steps}",
         ),
         (config.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {config.checkpointing_steps}"),
-        (config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}"),
+        (0 < config.learning_rate < MAX_LEARNING_RATE, f"--learning_rate must be a finite number in (0, {MAX_LEARNING_RATE:g}) "
+         f"(1e-4 is usual for AdamW, 1.0 for Prodigy), got {config.learning_rate}"),
+        (0 < config.text_encoder_lr < MAX_LEARNING_RATE, f"--text_encoder_lr must be a finite number in (0, {MAX_LEARNING_RATE:g}), "
+         f"got {config.text_encoder_lr}"),
+        (config.caption_extension.startswith(".") and len(config.caption_extension) > 1,
+         f"--caption_extension {config.caption_extension!r} needs its dot: .{config.caption_extension.lstrip('.') or 'txt'}"),
+        (config.resolution >= MIN_IMAGE_SIDE, f"--resolution must be at least {MIN_IMAGE_SIDE} (the UNet's smallest latent is 2x2), "
+         f"got {config.resolution}"),
+        (not (config.cache_text_encoder_outputs_to_disk and config.train_text_encoder),
+         "--cache_text_encoder_outputs_to_disk keeps the outputs of frozen text encoders; --train_text_encoder trains them, so "
+         "nothing would be cached: drop one"),
+        (None in (config.min_timestep, config.max_timestep) or config.min_timestep < config.max_timestep,
+         f"--min_timestep {config.min_timestep} and --max_timestep {config.max_timestep}: need min < max (max is exclusive)"),
+        (None in (config.min_sigma, config.max_sigma) or config.min_sigma < config.max_sigma,
+         f"--min_sigma {config.min_sigma} and --max_sigma {config.max_sigma}: need min < max"),
         (config.edm_p_std > 0, f"--edm_p_std must be > 0, got {config.edm_p_std}"),
         (config.loss_type in LOSS_TYPES, f"--loss_type {config.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}"),
         (
@@ -538,16 +553,16 @@ def make_config(options: dict) -> TrainConfig:
     sample_prompts(config)  # and a malformed --sample_prompts file
     if config.mask_dir and not Path(config.mask_dir).is_dir():
         raise UserError(f"--mask_dir {config.mask_dir!r} is not a folder")
-    if config.cache_latents_to_disk or config.cache_text_encoder_outputs_to_disk:
-        from common.files import writable_folder
-
-        writable_folder(disk_cache_folder(config), "--disk_cache_dir")  # before any model is loaded
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
         if not (Path(config.resume_from_checkpoint) / "lora.safetensors").is_file():
             raise UserError(
                 f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder"
             )
     return config
+
+
+# A rate above this overflows float32 in the optimizers' updates (AdamW's lr / bias correction) before training starts.
+MAX_LEARNING_RATE = 1e20
 
 
 # accelerate's trackers by --report_to name, with the packages that provide them
@@ -603,24 +618,105 @@ def check_adapter_options(config: TrainConfig) -> None:
             raise UserError(message)
 
 
-def train(config: TrainConfig) -> None:
-    """Load models -> (class images) -> (pivotal tokens, text LoRA) -> data -> UNet LoRA -> optimizer -> loop
-    -> save."""
-    import torch
+@dataclass
+class Preflight:
+    """What was checked before any model loaded or anything was written: the base as read (None for a hub id), the
+    training examples and their images' (height, width), the formulation where the base's configs could be read (else
+    chosen once it loads), and the lines to show once the run starts."""
 
+    base: object
+    examples: list
+    sizes: list
+    formulation: tuple | None
+    notes: list
+
+
+def preflight(config: TrainConfig) -> Preflight:
+    """Every check that needs no model, in one pass before anything loads, is made or is removed: the data first
+    (images, captions, masks, kohya folders; no model file is opened while they are read), then the base as read (a
+    single file's keys, a folder's configs) with the refusals of its flavour and of the loss options on it, the output
+    folder, caches and logs (checked, not made), and the checkpoint a resume would continue."""
+    examples, sizes, notes = plan_data(config)
+    base = read_base_model(config)
+    formulation = make_formulation(config, base.scheduler_config) if base is not None else None
+    check_output_places(config)
+    check_resume(config)
+    return Preflight(base, examples, sizes, formulation, notes)
+
+
+def plan_data(config: TrainConfig) -> tuple[list, list, list[str]]:
+    """The first half of the data path (`build_data` is the second, once the models are loaded): the examples found
+    and captioned by the one caption rule of every layout, every image and mask read and the masks fitted to their
+    images; (examples, image sizes, lines saying what was left out or trains nothing)."""
+    from common.data import check_images, check_masks, find_examples, skipped_folders, with_masks
+
+    folder = Path(config.instance_data_dir) if config.instance_data_dir else None
+    examples = find_examples(
+        instance_data_dir=folder,
+        instance_prompt=config.instance_prompt,
+        dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        caption_extension=config.caption_extension,
+        prompt_as_prefix=config.prefix_instance_prompt,
+    )
+    notes = skipped_folders(folder) if folder is not None and not config.dataset_name else []
+    examples, sizes = check_images(examples, config.skip_bad_images)
+    if config.masked_loss:
+        examples = with_masks(examples, Path(config.mask_dir) if config.mask_dir else None)
+        _, black = check_masks(examples, sizes)
+        if black:
+            notes.append(f"{black} of {len(examples)} masks are all black: those images train nothing (white trains, black not)")
+    return examples, sizes, notes
+
+
+def check_output_places(config: TrainConfig) -> None:
+    """The folders the run will write checked without being made: --output_dir (and no earlier run in it unless this
+    one continues it or starts over), the TensorBoard --logging_dir, the disk caches with the subfolders already in
+    them, and the prior-preservation class folder."""
+    from common.files import check_writable_folder
+
+    check_writable_folder(config.output_dir, "--output_dir")
+    if Path(config.output_dir).is_dir():
+        refuse_earlier_run(config)
+    if config.report_to != "none":
+        check_writable_folder(Path(config.output_dir) / config.logging_dir, "--logging_dir")
+    if config.cache_latents_to_disk or config.cache_text_encoder_outputs_to_disk:
+        root = disk_cache_folder(config)
+        check_writable_folder(root, "--disk_cache_dir")
+        for kind in ("latents", "text"):  # an entry goes into <kind>/<first two hex digits>/
+            if (root / kind).exists():
+                for folder in [root / kind, *sorted(p for p in (root / kind).glob("*") if p.is_dir())]:
+                    check_writable_folder(folder, "--disk_cache_dir's folder")
+    if config.with_prior_preservation:
+        check_writable_folder(config.class_data_dir, "--class_data_dir")
+
+
+def train(config: TrainConfig) -> None:
+    """Check everything that needs no model -> claim the output folder -> train."""
+    checked = preflight(config)  # everything that needs no model: a refusal here leaves the disk as it was
+    accelerator = make_accelerator(config)
+    with claimed_output_dir(config, accelerator):  # locked until the run ends; removed if this run made it and failed empty
+        run_training(config, checked, accelerator)
+
+
+def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
+    """Load models -> (class images) -> (pivotal tokens, text LoRA) -> data -> UNet LoRA -> optimizer -> loop -> save."""
     from common.models import graph_break_summary, peak_memory_gib, speed_up_unet
 
-    base = read_base_model(config)  # a single file's architecture and flavour, before anything is created
-    accelerator = make_accelerator(config)
-    _output_lock = claim_output_dir(config, accelerator)  # held until this function returns
+    start_trackers(accelerator, config)
+    for note in checked.notes:
+        logger.warning(note)
+    base = checked.base
     pipe = load_models(config, accelerator, base)
-    formulation = choose_formulation(config, pipe, accelerator, base)
+    formulation = choose_formulation(config, pipe, accelerator, base, checked.formulation)
     if config.with_prior_preservation:
         make_missing_class_images(config, pipe, accelerator, base)
     config.token_map = add_pivotal_tokens(pipe, config)
     if config.train_text_encoder:
         add_text_encoder_lora(pipe, config)
-    data = build_data(config, pipe, accelerator)
+    data = build_data(config, checked, pipe, accelerator)
     unet = add_lora(pipe.unet, config)
     if config.init_lora:
         start_from_lora(unet, config)
@@ -638,7 +734,7 @@ def train(config: TrainConfig) -> None:
     class_batches = ClassBatches(data, config, accelerator) if data.classes is not None else None
     register_checkpoint_hooks(accelerator, config, caption_encoder)
     ema = make_ema(config, unet, accelerator)
-    step = resume(config, accelerator, total_steps)
+    step = resume(config, accelerator, total_steps, optimizer, lr_scheduler)
     caption_encoder.update_phase(step)
     accelerator.print(
         f"{accelerator.num_processes} process(es), {len(loader)} batches each per epoch, {total_steps} steps"
@@ -652,7 +748,7 @@ def train(config: TrainConfig) -> None:
         accelerator=accelerator,
         prior_loss_weight=config.prior_loss_weight,
     )
-    progress = Progress(total_steps, step, accelerator, config.logging_steps)
+    progress = Progress(total_steps, step, accelerator, config.logging_steps, diverged=partial(divergence_error, config))
     sampling = Sampling(pipe, unet, config, accelerator, ema)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     started, first_step, saved_step = time.time(), step, step
@@ -680,14 +776,17 @@ def train(config: TrainConfig) -> None:
                 if ema is not None:
                     ema.step([p for p in unet.parameters() if p.requires_grad])
                 caption_encoder.update_phase(step)
-                progress.update(loss, optimizer, lr_scheduler)
-                if step % config.checkpointing_steps == 0 or step == total_steps:
+                checkpoint_due = step % config.checkpointing_steps == 0 or step == total_steps
+                # before a checkpoint the loss and the weights are checked finite: never a checkpoint of a diverged run
+                progress.update(loss, optimizer, lr_scheduler, models if checkpoint_due else None)
+                if checkpoint_due:
                     save_checkpoint(accelerator, config, step, total_steps)
                     saved_step = step
                 if sampling.due_at_step(step):
                     sampling(step)
                 if ctrl_c.pressed(step):  # here, between steps, the state is whole: safe to save and stop
                     if saved_step != step:
+                        progress.check_finite(models, step)
                         save_checkpoint(accelerator, config, step, total_steps)
                     progress.close()  # the error gets a line of its own
                     raise Interrupted(f"interrupted at step {step}; resume with --resume_from_checkpoint latest")
@@ -696,6 +795,7 @@ def train(config: TrainConfig) -> None:
             if sampling.due_after_epoch(epoch, step):
                 sampling(step)
     progress.close()
+    progress.check_finite(models, step)  # no adapter file of diverged weights
 
     accelerator.wait_for_everyone()
     caption_encoder.check_original_rows()
@@ -766,22 +866,52 @@ def training_step(compute_loss, *, models: list, accelerator, optimizer, lr_sche
     return loss
 
 
-def claim_output_dir(config: TrainConfig, accelerator):
-    """Before any work: --output_dir is a writable folder, no other run uses it (the main process holds its lock;
-    None elsewhere), and it holds no earlier run unless this one continues it (--resume_from_checkpoint) or
-    starts over (--force, which removes the old checkpoints so that `latest` cannot pick one up)."""
-    from common.files import lock_folder, writable_folder
+@contextlib.contextmanager
+def claimed_output_dir(config: TrainConfig, accelerator):
+    """--output_dir claimed for the run (`claim_output_dir`) and its lock held; a folder this run made is removed again
+    if the run is refused while it is still empty, so that a refusal leaves no trace."""
+    made = not Path(config.output_dir).exists()
+    lock = claim_output_dir(config, accelerator)
+    try:
+        yield lock
+    except BaseException:
+        if made and accelerator.is_main_process and not any(Path(config.output_dir).iterdir()):
+            Path(config.output_dir).rmdir()
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def earlier_run(config: TrainConfig) -> list[Path]:
+    """What an earlier run left in --output_dir: its LoRA file and its checkpoints."""
     from common.lora_formats import DIFFUSERS_LORA_FILE
+
+    folder = Path(config.output_dir)
+    return [p for p in (folder / DIFFUSERS_LORA_FILE, *checkpoints(config.output_dir)) if p.exists()]
+
+
+def refuse_earlier_run(config: TrainConfig) -> None:
+    """--output_dir may hold an earlier run only when this one continues it (--resume_from_checkpoint) or starts over
+    (--force)."""
+    earlier = earlier_run(config)
+    if earlier and not config.resume_from_checkpoint and not config.force:
+        raise UserError(
+            f"--output_dir {config.output_dir!r} already holds a run ({earlier[0].name}); continue it with "
+            "--resume_from_checkpoint latest, start over with --force, or choose another folder"
+        )
+
+
+def claim_output_dir(config: TrainConfig, accelerator):
+    """--output_dir made and locked (the main process holds its lock; None elsewhere), holding no earlier run unless
+    this one continues it or starts over (--force, which removes the old checkpoints so that `latest` cannot pick one
+    up). Called once the preflight has passed: nothing is made or removed for a run that is refused."""
+    from common.files import lock_folder, writable_folder
 
     folder = writable_folder(config.output_dir, "--output_dir")
     lock = lock_folder(folder, "--output_dir") if accelerator.is_main_process else None
-    earlier = [p for p in (folder / DIFFUSERS_LORA_FILE, *checkpoints(config.output_dir)) if p.exists()]
-    if earlier and not config.resume_from_checkpoint:
-        if not config.force:
-            raise UserError(
-                f"--output_dir {config.output_dir!r} already holds a run ({earlier[0].name}); continue it with "
-                "--resume_from_checkpoint latest, start over with --force, or choose another folder"
-            )
+    refuse_earlier_run(config)
+    if earlier_run(config) and not config.resume_from_checkpoint:
         accelerator.wait_for_everyone()  # every process has looked before the old checkpoints go
         if accelerator.is_main_process:
             for old in checkpoints(config.output_dir):
@@ -822,11 +952,16 @@ def make_accelerator(config: TrainConfig):
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
         warn_about_lost_processes(accelerator.num_processes)
-        if config.report_to != "none":
-            accelerator.init_trackers(
-                "train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
-            )
     return accelerator
+
+
+def start_trackers(accelerator, config: TrainConfig) -> None:
+    """--report_to's trackers, which write into --output_dir's --logging_dir: started once the folder is claimed, so that
+    a refused run writes no event file into an earlier run's folder."""
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers(
+            "train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+        )
 
 
 def weight_dtype(accelerator):
@@ -880,15 +1015,14 @@ def load_models(config: TrainConfig, accelerator, base=None):
     return pipe
 
 
-def choose_formulation(config: TrainConfig, pipe, accelerator, base=None):
-    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM, on the base's flavour
-    as read (and overridden) at its load. The pipeline's sampler (validation images) is made to agree with the base's
-    reading, and EDM defaults taken from the base are written into the config, so training_args.json records what ran."""
-    from common.losses import EDMFormulation, LossRecipe, NoiseRecipe, formulation_for_scheduler
-    from common.schedulers import make_scheduler
+def make_formulation(config: TrainConfig, scheduler_config) -> tuple:
+    """(formulation, note): the noise formulation of this run on a base of `scheduler_config` (`formulation_for_scheduler`),
+    refusing the loss options that base has no meaning for. Needs no model: made in the preflight from the base's
+    configs as read."""
+    from common.losses import LossRecipe, NoiseRecipe, formulation_for_scheduler
 
-    formulation, note = formulation_for_scheduler(
-        pipe.scheduler.config,
+    return formulation_for_scheduler(
+        scheduler_config,
         edm=config.edm,
         prediction_type=config.prediction_type,
         p_mean=config.edm_p_mean,
@@ -905,6 +1039,17 @@ def choose_formulation(config: TrainConfig, pipe, accelerator, base=None):
         base_formulation=config.base_formulation,
         weighting=config.edm_weighting,
     )
+
+
+def choose_formulation(config: TrainConfig, pipe, accelerator, base=None, made: tuple | None = None):
+    """The noise formulation, chosen once: EDM (native base, or --edm on a discrete one) or DDPM, on the base's flavour
+    as read (and overridden) at its load (`made` in the preflight, or now from the loaded pipeline's scheduler). The
+    pipeline's sampler (validation images) is made to agree with the base's reading, and EDM defaults taken from the
+    base are written into the config, so training_args.json records what ran."""
+    from common.losses import EDMFormulation
+    from common.schedulers import make_scheduler
+
+    formulation, note = made or make_formulation(config, pipe.scheduler.config)
     if note:
         accelerator.print(note)
     if base is not None and base.flavour != base.base.flavour:
@@ -949,31 +1094,17 @@ class TrainingData:
         return sorted(set(self.captions) | set(self.class_captions))
 
 
-def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
-    """Examples -> checked images -> datasets (optionally as cached latents), captions expanded."""
-    import torch
-
+def build_data(config: TrainConfig, checked: Preflight, pipe, accelerator) -> TrainingData:
+    """The second half of the data path (`plan_data` is the first): the checked examples, their captions' token
+    abstractions expanded, as datasets (optionally as cached latents), with the class images."""
     import dataclasses
 
-    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets, with_masks
+    import torch
+
+    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets
     from common.tokens import expand_abstractions, warn_about_long_prompts
 
-    examples = find_examples(
-        instance_data_dir=Path(config.instance_data_dir) if config.instance_data_dir else None,
-        instance_prompt=config.instance_prompt,
-        dataset_name=config.dataset_name,
-        dataset_config_name=config.dataset_config_name,
-        image_column=config.image_column,
-        caption_column=config.caption_column,
-        caption_extension=config.caption_extension,
-        prompt_as_prefix=config.prefix_instance_prompt,
-    )
-    examples = [
-        dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map))
-        for e in check_images(examples, config.skip_bad_images)
-    ]
-    if config.masked_loss:
-        examples = with_masks(examples, Path(config.mask_dir) if config.mask_dir else None)
+    examples = [dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map)) for e in checked.examples]
     augment = Augment(
         resolution=config.resolution,
         center_crop=config.center_crop,
@@ -982,14 +1113,16 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
         buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
         masked=config.masked_loss,
     )
-    images = TrainingImages(examples, augment, config.repeats, config.seed, captions=caption_transform(config))
+    images = TrainingImages(examples, augment, config.repeats, config.seed, captions=caption_transform(config), sizes=checked.sizes)
     data = TrainingData(images, [e.caption for e in examples])
     if config.with_prior_preservation:
         class_examples = find_examples(
             instance_data_dir=Path(config.class_data_dir), instance_prompt=config.class_prompt
         )
-        class_examples = check_images(class_examples, config.skip_bad_images)[: config.num_class_images]
-        data.classes = TrainingImages(class_examples, augment, 1, config.seed + 1)
+        class_examples, class_sizes = check_images(class_examples, config.skip_bad_images)
+        count = config.num_class_images
+        data.classes = TrainingImages(class_examples[:count], augment, 1, config.seed + 1, sizes=class_sizes[:count])
+        class_examples = class_examples[:count]
         data.class_captions = [e.caption for e in class_examples]
     if config.cache_latents or config.cache_latents_to_disk:
         encode = lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device)  # noqa: E731
@@ -1004,8 +1137,10 @@ def build_data(config: TrainConfig, pipe, accelerator) -> TrainingData:
                 data.classes = CachedLatents(data.classes, encode, files=files, model_key=vae_key)
         if files is not None and accelerator.is_main_process:
             parts = [d for d in (data.instances, data.classes) if d is not None]
+            healed = sum(d.healed for d in parts)
             accelerator.print(f"latents: {sum(d.encoded for d in parts)} encoded, {sum(d.found for d in parts)} read from the "
-                              f"disk cache {files.folder}")
+                              f"disk cache {files.folder}" + (f"; {healed} of the encoded replaced broken entries (cut short, "
+                                                              "incomplete or not finite)" if healed else ""))
         pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
     if accelerator.is_main_process:
         warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning, max_tokens=config.max_token_length)
@@ -1033,7 +1168,8 @@ def data_summary(examples: list, data: TrainingData, config: TrainConfig) -> str
     from collections import Counter
 
     sources = Counter(e.caption_from for e in examples)
-    named = {"file": "from caption files", "folder": "from folder names", "prompt": "from --instance_prompt", "dataset": "from the dataset"}
+    named = {"file": "from caption files", "metadata": "from metadata.jsonl", "folder": "from folder names",
+             "prompt": "from --instance_prompt", "dataset": "from the dataset"}
     captions = ", ".join(f"{count} {named[source]}" for source, count in sources.items())
     repeats = Counter(e.repeats * config.repeats for e in examples)
     buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
@@ -1230,13 +1366,17 @@ class CaptionEncoder:
         self.files = TensorFiles(disk_cache_folder(self.config) / "text")
         encoders = module_digest(self.pipe.text_encoder, self.pipe.text_encoder_2)
         vocabulary = [len(self.pipe.tokenizer), len(self.pipe.tokenizer_2)]
-        names = {}
+        names, healed = {}, 0
         for caption in self.captions:
             names[caption] = content_key(caption=caption, encoders=encoders, vocabulary=vocabulary, clip_skip=self.config.clip_skip,
                                          max_token_length=self.config.max_token_length)
-            if names[caption] not in self.files:
+            if not self.files.whole(names[caption], {"embeds", "pooled"}):
+                healed += names[caption] in self.files
                 embeds, pooled = encode(caption)
                 self.files.put(names[caption], {"embeds": embeds, "pooled": pooled})
+        if healed:
+            self.accelerator.print(f"caption embeddings: {healed} broken entries of the disk cache (cut short, incomplete or not "
+                                   "finite) encoded again")
         return names
 
     def cached(self, caption: str):
@@ -1476,10 +1616,10 @@ def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
     from types import SimpleNamespace
 
     from common.adapters import ADAPTERS, adapter_of_layer, file_layers, peft_parameters
-    from common.lora_formats import adapter_layers, file_layer_names, read_safetensors
+    from common.lora_formats import adapter_layers, file_layer_names, read_finite_safetensors
 
     targets = file_layer_names(SimpleNamespace(unet=unet))
-    found = file_layers(read_safetensors(file, "--init_lora"))
+    found = file_layers(read_finite_safetensors(file, "--init_lora"))
     strangers = [name for name in found if name.startswith(("lora_unet_", "lycoris_")) and name not in targets]
     if strangers:
         raise UserError(f"--init_lora's layer {strangers[0]!r} names no layer of this model; was it trained on another base model?")
@@ -1688,7 +1828,11 @@ def checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-CHECKPOINT_RECORD = "training_state.json"  # the step, the run's length and its process count, for resume's checks
+CHECKPOINT_RECORD = "training_state.json"  # the step, the run's length, its process count and shape options, for resume's checks
+# The options a checkpoint's state depends on: a resume with another value cannot restore it (refused before any model
+# loads), and the learning rates, which a resume may change (a diverged run continues at a lower one)
+RESUME_SHAPE_OPTIONS = ("adapter", "use_ema", "use_dora", "rank", "conv_rank", "train_text_encoder", "train_text_encoder_ti")
+RESUME_RATE_OPTIONS = ("learning_rate", "text_encoder_lr")
 
 
 def save_checkpoint(accelerator, config: TrainConfig, step: int, total_steps: int) -> None:
@@ -1699,7 +1843,8 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int, total_steps: in
         accelerator.wait_for_everyone()  # the main process has made the staging folder
         accelerator.save_state(str(staging))
         if accelerator.is_main_process:
-            record = {"step": step, "total_steps": total_steps, "processes": accelerator.num_processes}
+            record = {"step": step, "total_steps": total_steps, "processes": accelerator.num_processes,
+                      **{name: getattr(config, name) for name in RESUME_SHAPE_OPTIONS + RESUME_RATE_OPTIONS}}
             (staging / CHECKPOINT_RECORD).write_text(json.dumps(record))
         accelerator.wait_for_everyone()
     if accelerator.is_main_process and config.checkpoints_total_limit:
@@ -1708,22 +1853,48 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int, total_steps: in
     accelerator.wait_for_everyone()
 
 
-def resume(config: TrainConfig, accelerator, total_steps: int) -> int:
+def resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names (latest: the newest in --output_dir), or None without it."""
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = checkpoints(config.output_dir)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {config.output_dir!r}")
+        return found[-1]
+    return Path(config.resume_from_checkpoint)
+
+
+def check_resume(config: TrainConfig) -> None:
+    """Before any model loads: the checkpoint to resume is readable and was written by a run this one can continue,
+    each difference named by its option (accelerate's own refusal, after the load, names neither). A checkpoint
+    written before its record held these options is judged by its files: an EMA leaves accelerate's
+    custom_checkpoint_0.pkl."""
+    path = resume_checkpoint(config)
+    if path is None:
+        return
+    record = read_checkpoint_record(path)
+    if "use_ema" not in record:
+        record["use_ema"] = (path / "custom_checkpoint_0.pkl").is_file()
+    for name in RESUME_SHAPE_OPTIONS:
+        if name in record and record[name] != getattr(config, name):
+            def flag(value):
+                return f"--{name} {value}" if not isinstance(value, bool) else (f"--{name}" if value else f"no --{name}")
+
+            raise UserError(f"{path} was written by a run with {flag(record[name])}, this one has {flag(getattr(config, name))}: a "
+                            f"resume continues the same adapter; resume with {flag(record[name])}, or start over with --force")
+
+
+def resume(config: TrainConfig, accelerator, total_steps: int, optimizer=None, lr_scheduler=None) -> int:
     """The step to continue from: 0, or the step of the checkpoint whose state was just restored.
 
     A checkpoint past this run's last step is refused (an old run's, left in the folder); one at the last
     step restores the finished state, so the outputs are written from it. One written by a run of another
     length or process count is restored with a warning for each setting that makes the result differ from
     one uninterrupted run."""
-    if not config.resume_from_checkpoint:
+    path = resume_checkpoint(config)
+    if path is None:
         return 0
-    if config.resume_from_checkpoint == "latest":
-        found = checkpoints(config.output_dir)
-        if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {config.output_dir!r}")
-        path = found[-1]
-    else:
-        path = Path(config.resume_from_checkpoint)
     record = read_checkpoint_record(path)
     step = record["step"]
     if step > total_steps:
@@ -1735,10 +1906,26 @@ def resume(config: TrainConfig, accelerator, total_steps: int) -> int:
     if accelerator.is_main_process:
         for warning in resume_differences(config, record, step, total_steps, accelerator.num_processes):
             logger.warning(f"{path.name}: {warning}; the result will differ from one uninterrupted run")
+    rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
     restore_checkpoint(accelerator, path)
+    if any(name in record and record[name] != getattr(config, name) for name in RESUME_RATE_OPTIONS):
+        continue_at_rates(optimizer, lr_scheduler, rates)
     finished = ": the run is finished, its outputs are written again" if step == total_steps else ""
     accelerator.print(f"resumed from {path} at step {step}{finished}")
     return step
+
+
+def continue_at_rates(optimizer, lr_scheduler, rates: list[float]) -> None:
+    """After a checkpoint's optimizer and schedule were restored (with the rates of the run that wrote it), this run's
+    rates (each parameter group's `rates`) as the schedule's base, at the restored step of the schedule."""
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds torch's scheduler
+    schedule.base_lrs = list(rates)
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["initial_lr"] = rate
+    # diffusers' schedules are LambdaLR: the rate at a step is the base rate times the schedule's factor there
+    schedule._last_lr = [factor(schedule.last_epoch) * rate for factor, rate in zip(schedule.lr_lambdas, rates)]
+    for group, rate in zip(optimizer.param_groups, schedule._last_lr):
+        group["lr"] = rate
 
 
 def read_checkpoint_record(path: Path) -> dict:
@@ -1779,6 +1966,9 @@ def resume_differences(config: TrainConfig, record: dict, step: int, total_steps
     written_processes = record.get("processes", processes)
     if written_processes != processes:
         differences.append(f"written by {written_processes} process(es), this run has {processes}")
+    for name in RESUME_RATE_OPTIONS:
+        if name in record and record[name] != getattr(config, name):
+            differences.append(f"written at --{name} {record[name]:g}, continued at {getattr(config, name):g}")
     return differences
 
 
@@ -1871,21 +2061,27 @@ class Progress:
     reading it waits for the device to finish, so the steps in between queue their work without waiting. The mean
     over those steps is shown and logged at the step it was read."""
 
-    def __init__(self, total: int, start: int, accelerator, every: int = 1):
+    def __init__(self, total: int, start: int, accelerator, every: int = 1, diverged=None):
         self.bar = tqdm(
             total=total, initial=start, desc="training", unit="step", disable=not accelerator.is_local_main_process
         )
         self.accelerator, self.every = accelerator, every
         self.loss_sum, self.summed, self.schedule = None, 0, None
+        # diverged(step, mean loss or None, (step, mean loss) last finite or None) -> the error that stops the run
+        self.diverged, self.last_finite = diverged, None
 
-    def update(self, loss, optimizer, lr_scheduler) -> None:
+    def update(self, loss, optimizer, lr_scheduler, check_models: list | None = None) -> None:
+        """Add a step's loss; read the mean every `every` steps, and with `check_models` (a checkpoint follows) read it
+        now and check those models' trained weights finite too."""
         loss = loss.detach()
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.summed += 1
         self.schedule = (optimizer, lr_scheduler)
         self.bar.update(1)
-        if self.bar.n % self.every == 0 or self.bar.n == self.bar.total:
+        if self.bar.n % self.every == 0 or self.bar.n == self.bar.total or check_models is not None:
             self.flush()
+        if check_models is not None:
+            self.check_finite(check_models, self.bar.n)
 
     def flush(self) -> None:
         """Read, show and log the mean loss of the steps since the last read (the one host synchronisation)."""
@@ -1894,6 +2090,10 @@ class Progress:
         optimizer, lr_scheduler = self.schedule
         group = optimizer.param_groups[0]
         values = {"loss": float(self.loss_sum) / self.summed, "lr": lr_scheduler.get_last_lr()[0]}
+        if not math.isfinite(values["loss"]):  # read here anyway: the check costs no wait of its own
+            self.loss_sum, self.summed = None, 0
+            self.stop(values["loss"])
+        self.last_finite = (self.bar.n, values["loss"])
         if "d" in group:
             values["d*lr"] = group["d"] * group["lr"]
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
@@ -1903,6 +2103,39 @@ class Progress:
     def close(self) -> None:
         self.flush()
         self.bar.close()
+
+    def check_finite(self, models: list, step: int) -> None:
+        """Every trained weight is finite: one reduction on the device, read where the run waits anyway (before a
+        checkpoint and the final save), so that neither ever holds a diverged adapter."""
+        import torch
+
+        parameters = [p for model in models for p in model.parameters() if p.requires_grad]
+        if parameters and not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
+            self.stop(None, step)
+
+    def stop(self, loss: float | None, step: int | None = None) -> None:
+        self.bar.close()
+        if self.diverged is None:
+            raise UserError(f"training diverged at step {step or self.bar.n}")
+        raise self.diverged(step or self.bar.n, loss, self.last_finite)
+
+
+def divergence_error(config: TrainConfig, step: int, loss: float | None, last_finite: tuple | None) -> UserError:
+    """The one line a diverged run stops with: where, the last finite loss, the likely cause, and the last good
+    checkpoint to resume at a lower rate (every checkpoint was checked finite before it was written)."""
+    what = f"the mean loss up to step {step} is {loss}" if loss is not None else f"the trained weights are not finite at step {step}"
+    last = f" (the last finite mean loss: {last_finite[1]:.4g} at step {last_finite[0]})" if last_finite else ""
+    usual = {"adamw": 1e-4, "adafactor": 1e-4, "prodigy": 1.0}[config.optimizer]
+    causes = [f"--{name} {rate:g} ({usual:g} is usual for {config.optimizer})"
+              for name, rate in (("learning_rate", config.learning_rate), ("text_encoder_lr", config.text_encoder_lr))
+              if rate > 100 * usual and (name == "learning_rate" or config.train_text_encoder or config.train_text_encoder_ti)]
+    if config.mixed_precision == "fp16":
+        causes.append("fp16 overflow (--mixed_precision bf16 has float32's range)")
+    cause = " or ".join(causes) or "the learning rate, or an image with extreme values"
+    kept = checkpoints(config.output_dir)
+    resume = (f"{kept[-1].name} holds the last finite state: resume it at a lower rate with --resume_from_checkpoint latest"
+              if kept else f"no checkpoint was written before it (every {config.checkpointing_steps} steps): start over at a lower rate")
+    return UserError(f"training diverged: {what}{last}; likely cause: {cause}; {resume}; no LoRA file was written")
 
 
 def sample_prompts(config: TrainConfig) -> list:
@@ -1964,7 +2197,7 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, pro
         settings = SamplingSettings(
             width=sample.width or native,
             height=sample.height or native,
-            num_inference_steps=sample.steps or 25,
+            num_inference_steps=25 if sample.steps is None else sample.steps,
             guidance_scale=5.0 if sample.guidance_scale is None else sample.guidance_scale,
             guidance_rescale=default_guidance_rescale(pipe.scheduler.config) if config.guidance_rescale is None else config.guidance_rescale,
             scheduler_name="default",

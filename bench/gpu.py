@@ -92,9 +92,10 @@ def train_row(model: str, images: Path, scratch: Path, resolution: int, batch: i
         torch.cuda.empty_cache()
     reset_peak_memory(device)
     with quiet_libraries():
-        pipe = train_lora.load_models(config, accelerator)
-        formulation = train_lora.choose_formulation(config, pipe, accelerator)
-        data = train_lora.build_data(config, pipe, accelerator)
+        checked = train_lora.preflight(config)
+        pipe = train_lora.load_models(config, accelerator, checked.base)
+        formulation = train_lora.choose_formulation(config, pipe, accelerator, checked.base, checked.formulation)
+        data = train_lora.build_data(config, checked, pipe, accelerator)
         unet = train_lora.add_lora(pipe.unet, config)
     optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances)
     captions = train_lora.CaptionEncoder(pipe, config, total, data.all_captions(), accelerator)

@@ -270,11 +270,11 @@ def peft_parameters(adapter: AdapterType, tensors: Tensors, *, rank: int, alpha:
 # ---------------------------------------------------------------- users' files applied as weight patches
 
 
-def dora_weight(weight: torch.Tensor, scaled_delta: torch.Tensor, dora_scale: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """A DoRA layer's weight as ComfyUI computes it (comfy/weight_adapter/base.py `weight_decompose`; DoRA: Liu et al.
+def dora_change(weight: torch.Tensor, scaled_delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """W' - W of a DoRA layer as ComfyUI computes W' (comfy/weight_adapter/base.py `weight_decompose`; DoRA: Liu et al.
     2024, Eq. 5): W' = (W + ΔW) d / (||.|| + eps), the norm taken over each output row of the base W when d's first
-    axis is the output size (ComfyUI's own convention), else over each input column of W + ΔW (kohya's, WebUI's);
-    `strength` moves from W towards W', eps = float32 eps."""
+    axis is the output size (ComfyUI's own convention), else over each input column of W + ΔW (kohya's, WebUI's),
+    eps = float32 eps. A strength moves from W towards W' linearly: W + strength (W' - W)."""
     import torch
 
     weight_calc = weight + scaled_delta
@@ -283,8 +283,45 @@ def dora_weight(weight: torch.Tensor, scaled_delta: torch.Tensor, dora_scale: to
     else:
         norm = weight_calc.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
         norm = norm.reshape(weight.shape[1], *[1] * (weight.ndim - 1)).transpose(0, 1)
-    adapted = weight_calc * (dora_scale.to(weight.dtype) / (norm + torch.finfo(torch.float32).eps))
-    return weight + strength * (adapted - weight)
+    return weight_calc * (dora_scale.to(weight.dtype) / (norm + torch.finfo(torch.float32).eps)) - weight
+
+
+# ---------------------------------------------------------------- whether an adapted weight fits the model's dtype
+
+
+def fits_dtype(weight: torch.Tensor, dtype) -> bool:
+    """Whether every value of `weight` is finite once stored in `dtype` (a value beyond its range becomes inf)."""
+    import torch
+
+    return bool(torch.isfinite(weight.to(dtype)).all())
+
+
+def largest_fitting_weight(base: torch.Tensor, change: torch.Tensor, dtype) -> float:
+    """The largest |w| for which W + w·C surely stays within `dtype`'s range: (max - max|W|) / max|C| by the triangle
+    inequality, and at most float32's largest number, in which the patch is computed (0 where C is not finite or W
+    alone does not fit)."""
+    import math
+
+    import torch
+
+    largest_change = float(change.abs().max()) if change.numel() else 0.0
+    room = float(torch.finfo(dtype).max) - (float(base.abs().max()) if base.numel() else 0.0)
+    if not math.isfinite(largest_change) or room <= 0:
+        return 0.0
+    return min(room / largest_change if largest_change else math.inf, float(torch.finfo(torch.float32).max))
+
+
+def lora_change_bound(up: torch.Tensor, down: torch.Tensor) -> float:
+    """An upper bound of max |(U D)_ij| that does not form U D: max_i ||U_i,:|| · max_j ||D_:,j|| (Cauchy-Schwarz),
+    U (out, r[, 1, 1]) and D (r, in[, kh, kw])."""
+    return float(up.flatten(1).float().norm(dim=1).max()) * float(down.flatten(1).float().norm(dim=0).max())
+
+
+def adapted_weight_overflow(base: torch.Tensor, change: torch.Tensor, weight: float, dtype) -> float | None:
+    """None where W + weight·C fits `dtype` (`fits_dtype`, evaluated in float32); otherwise the largest |weight| that
+    surely fits (`largest_fitting_weight`), which is below |weight|."""
+    adapted = base.float() + weight * change.float()
+    return None if fits_dtype(adapted, dtype) else largest_fitting_weight(base, change, dtype)
 
 
 def file_layers(state: Tensors) -> dict[str, Tensors]:
@@ -306,10 +343,12 @@ PATCHES_ATTRIBUTE = "_adapter_patch_originals"  # on a pipeline: {(component, mo
 
 def patch_weights(pipe, layers: dict[str, Tensors], targets: dict[str, tuple[str, str]], *, strength: float,
                   keep: Callable[[str, str], bool], source: str) -> int:
-    """Add each file layer's ΔW (its type's formula, float32, times `strength`; a DoRA layer through `dora_weight`) to
+    """Add each file layer's ΔW (its type's formula, float32, times `strength`; a DoRA layer's W' - W, `dora_change`) to
     the weight it names, as the UIs patch weights; `targets` resolves layer names to (component, module path) and
     `keep` chooses which (blocks). A layer naming no module of the model, or of another shape, is refused before any
-    weight changes. The weights as they were are kept (on the CPU) for `unpatch_weights`. Returns the layers applied."""
+    weight changes; a patched weight beyond the range of the model's dtype (a huge `strength`) is refused with every
+    patch of this call undone. The weights as they were are kept (on the CPU) for `unpatch_weights`. Returns the
+    layers applied."""
     import torch
 
     planned = []
@@ -331,18 +370,61 @@ def patch_weights(pipe, layers: dict[str, Tensors], targets: dict[str, tuple[str
                             f"{tuple(module.weight.shape)} weight ({str(error).splitlines()[0]})") from None
         planned.append((component, module_path, module, adapter, factors, tensors.get("dora_scale")))
     originals = pipe.__dict__.setdefault(PATCHES_ATTRIBUTE, {})
+    undo = []  # (module, its weight before this call; None where `originals` holds it) of each layer patched so far
     with torch.no_grad():
         for component, module_path, module, adapter, factors, dora_scale in planned:
             weight = module.weight
-            originals.setdefault((component, module_path), weight.detach().to("cpu", copy=True))
+            key = (component, module_path)
+            undo.append((module, weight.detach().to("cpu", copy=True) if key in originals else None, key))
+            originals.setdefault(key, weight.detach().to("cpu", copy=True))
             current = weight.detach().float()
-            delta = adapter.delta({k: v.to(current.device) for k, v in factors.items()}, tuple(weight.shape))
-            if dora_scale is None:
-                patched = current + strength * delta
-            else:
-                patched = dora_weight(current, delta, dora_scale.float().to(current.device), strength)
+            patched = current + strength * _patch_change(adapter, factors, dora_scale, current)
+            if not fits_dtype(patched, weight.dtype):
+                _undo_patches(undo, originals)
+                raise UserError(f"LoRA {source!r} at weight {strength:g} takes {component}.{module_path}'s weight beyond "
+                                f"{describe_dtype_range(weight.dtype)}: {describe_fitting_weights(_largest_strength(planned))}")
             weight.copy_(patched.to(weight.dtype))
     return len(planned)
+
+
+def _patch_change(adapter: AdapterType, factors: Tensors, dora_scale, current: torch.Tensor) -> torch.Tensor:
+    """What one file layer adds to the (float32) weight `current` at strength 1: its ΔW, or W' - W for a DoRA layer."""
+    delta = adapter.delta({k: v.to(current.device) for k, v in factors.items()}, tuple(current.shape))
+    return delta if dora_scale is None else dora_change(current, delta, dora_scale.float().to(current.device))
+
+
+def _largest_strength(planned: list) -> float:
+    """The largest strength at which every planned layer's patched weight surely fits its dtype (convexity: a layer
+    that fits at a strength fits at every smaller one)."""
+    limits = []
+    for *_, module, adapter, factors, dora_scale in planned:
+        current = module.weight.detach().float()
+        limits.append(largest_fitting_weight(current, _patch_change(adapter, factors, dora_scale, current), module.weight.dtype))
+    return min(limits)
+
+
+def _undo_patches(undo: list, originals: dict) -> None:
+    """The weights patched by one `patch_weights` call back as they were before it, bit for bit."""
+    for module, before, key in reversed(undo):
+        module.weight.copy_(before if before is not None else originals.pop(key))
+
+
+def describe_dtype_range(dtype) -> str:
+    """`the range of float16 (±65504)`."""
+    import torch
+
+    return f"the range of {str(dtype).removeprefix('torch.')} (±{float(torch.finfo(dtype).max):.6g})"
+
+
+def describe_fitting_weights(limit: float) -> str:
+    """What a refusal says of the weights that fit (`largest_fitting_weight`): the limit rounded down to 3 significant
+    digits, below it by a margin for the rounding of the patch itself, so that the weight named does fit."""
+    import math
+
+    if not limit > 0:
+        return "no weight makes it fit"
+    step = 10.0 ** (math.floor(math.log10(limit)) - 2)
+    return f"weights up to {math.floor(limit * (1 - 1e-6) / step) * step:.3g} fit"
 
 
 def unpatch_weights(pipe) -> None:

@@ -82,45 +82,40 @@ def find_examples(
     caption_extension: str = ".txt",
     prompt_as_prefix: bool = False,
 ) -> list[Example]:
-    """Images with their captions: a datasets dataset (a caption column), a folder's `metadata.jsonl` (an imagefolder:
-    the same), or a folder in kohya's layouts (`folder_examples`)."""
+    """Images with their captions: a datasets dataset (a caption column), or a folder in kohya's layouts, with or
+    without a `metadata.jsonl` (`folder_examples`)."""
     if dataset_name:
         return _dataset_examples(dataset_name, dataset_config_name, image_column, caption_column, instance_prompt)
     if instance_data_dir is None:
         raise UserError("give --instance_data_dir FOLDER (with --instance_prompt) or --dataset_name DATASET")
     if not instance_data_dir.is_dir():
         raise UserError(f"--instance_data_dir {str(instance_data_dir)!r} is not a folder")
-    if (instance_data_dir / "metadata.jsonl").is_file():
-        return _dataset_examples(str(instance_data_dir), None, image_column, caption_column, instance_prompt)
     return folder_examples(instance_data_dir, instance_prompt=instance_prompt, caption_extension=caption_extension,
-                           prompt_as_prefix=prompt_as_prefix)
+                           prompt_as_prefix=prompt_as_prefix, caption_column=caption_column)
 
 
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's DreamBooth subfolders: `10_sks dog` is 10 repeats of "sks dog"
+METADATA_FILE = "metadata.jsonl"
 
 
 def folder_examples(folder: Path, *, instance_prompt: str | None, caption_extension: str = ".txt",
-                    prompt_as_prefix: bool = False) -> list[Example]:
+                    prompt_as_prefix: bool = False, caption_column: str | None = None) -> list[Example]:
     """The images of a folder in kohya's layouts (sd-scripts, library/config_util.py and train_util.py): the images in
     it and in each `N_prompt` subfolder (N repeats; the rest of the name, kohya's class tokens, the prompt of its
-    images). An image's caption is the first line of the file beside it with `caption_extension` (`0001.txt` for
-    `0001.png`), else its folder's prompt (--instance_prompt for the folder itself); with `prompt_as_prefix` the
-    prompt goes before a caption file's caption. An image without either, or an empty caption file, is refused in one
-    line."""
-    groups = [(folder, 1, instance_prompt)]
-    groups += [(sub, int(match[1]), match[2]) for sub in sorted(folder.iterdir())
-               if sub.is_dir() and (match := REPEATS_FOLDER.match(sub.name)) and int(match[1]) > 0]
+    images). One rule gives every image its caption, whatever the layout: the first line of the file beside it with
+    `caption_extension` (`0001.txt` for `0001.png`), else its row in the folder's `metadata.jsonl` (`caption_column`,
+    default `text`), else its folder's prompt (--instance_prompt for the folder itself); with `prompt_as_prefix` the
+    prompt goes before a caption file's or metadata row's caption. An image without any, or an empty caption, is
+    refused in one line. Text files may be UTF-8 or UTF-16 (`read_text_file`)."""
+    metadata = metadata_captions(folder, caption_column) if (folder / METADATA_FILE).is_file() else {}
+    groups = [(folder, 1, instance_prompt)] + [(sub, repeats, prompt) for sub, repeats, prompt in repeat_folders(folder)]
     examples, uncaptioned = [], []
     for group, repeats, prompt in groups:
         for path in sorted(p for p in group.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            name = str(path.relative_to(folder))
-            caption_file = path.with_suffix(caption_extension)
-            if caption_file.is_file():
-                lines = caption_file.read_text(encoding="utf-8").splitlines()
-                caption = lines[0].strip() if lines else ""
-                if not caption:
-                    raise UserError(f"caption file {str(caption_file)!r} is empty; write the image's caption on its first line")
-                caption, source = (f"{prompt}, {caption}" if prompt_as_prefix and prompt else caption), "file"
+            name = path.relative_to(folder).as_posix()
+            caption, source = image_caption(path, name, metadata, caption_extension)
+            if caption is not None:
+                caption = f"{prompt}, {caption}" if prompt_as_prefix and prompt else caption
             elif prompt:
                 caption, source = prompt, "folder" if group != folder else "prompt"
             else:
@@ -128,12 +123,98 @@ def folder_examples(folder: Path, *, instance_prompt: str | None, caption_extens
                 continue
             examples.append(Example(path, caption, name, repeats, source))
     if uncaptioned:
+        row = f", no {METADATA_FILE} row" if metadata else ""
+        if "/" in uncaptioned[0]:  # an N_ folder without a prompt after its count
+            folder_name = uncaptioned[0].split("/")[0]
+            raise UserError(f"{len(uncaptioned)} image(s) have no caption, e.g. {uncaptioned[0]}: no {caption_extension} file beside "
+                            f"them{row}, and folder {folder_name}/ names no prompt after its repeat count (N_prompt, e.g. "
+                            f"{folder_name}sks dog)")
         raise UserError(f"{len(uncaptioned)} image(s) have no caption, e.g. {uncaptioned[0]}: no {caption_extension} file beside "
-                        "them and no --instance_prompt (give one, or a caption file per image)")
+                        f"them{row} and no --instance_prompt (give one, or a caption file per image)")
     if not examples:
         raise UserError(f"--instance_data_dir {str(folder)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}), "
                         "in itself or in N_prompt subfolders")
+    listed = set(metadata) - {e.name for e in examples}
+    if listed:
+        logger.warning("%s names %d image(s) that are not in the folder (or not in an N_prompt folder), e.g. %s",
+                       METADATA_FILE, len(listed), sorted(listed)[0])
     return examples
+
+
+def image_caption(path: Path, name: str, metadata: dict[str, str], caption_extension: str) -> tuple[str | None, str]:
+    """An image's own caption and its source ("file", "metadata"), or (None, "") when it has none of its own."""
+    from common.files import read_text_file
+
+    caption_file = path.with_suffix(caption_extension)
+    if caption_file.is_file():
+        lines = read_text_file(caption_file, "caption file").splitlines()
+        caption = lines[0].strip() if lines else ""
+        if not caption:
+            raise UserError(f"caption file {str(caption_file)!r} is empty; write the image's caption on its first line")
+        return caption, "file"
+    if name in metadata:
+        return metadata[name], "metadata"
+    return None, ""
+
+
+def repeat_folders(folder: Path) -> list[tuple[Path, int, str]]:
+    """The N_prompt subfolders kohya trains on: (folder, N, prompt), N >= 1."""
+    return [(sub, int(match[1]), match[2]) for sub in sorted(folder.iterdir())
+            if sub.is_dir() and (match := REPEATS_FOLDER.match(sub.name)) and int(match[1]) > 0]
+
+
+def skipped_folders(folder: Path) -> list[str]:
+    """One line per rule under which folders holding images are not trained on, naming them, as kohya reports (or
+    silently applies) its rules: subfolders without a repeat count (kohya: "ignore directory without repeats"), with 0
+    repeats (kohya skips them without a word), and folders inside an N_prompt folder (kohya reads one level)."""
+    def has_images(path: Path) -> bool:
+        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+
+    subfolders = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
+    no_count = [sub.name for sub in subfolders if not REPEATS_FOLDER.match(sub.name) and has_images(sub)]
+    zero = [sub.name for sub in subfolders if (m := REPEATS_FOLDER.match(sub.name)) and int(m[1]) == 0 and has_images(sub)]
+    nested = [inner.relative_to(folder).as_posix() for sub, _, _ in repeat_folders(folder) for inner in sorted(sub.rglob("*"))
+              if inner.is_dir() and has_images(inner)]
+    lines = []
+    if no_count:
+        lines.append(f"ignoring folder(s) without a repeat count: {', '.join(no_count)} (kohya's folders are N_prompt, e.g. "
+                     "10_sks dog; kohya ignores these too)")
+    if zero:
+        lines.append(f"ignoring folder(s) of 0 repeats: {', '.join(zero)} (0 repeats trains nothing; kohya skips them too)")
+    if nested:
+        lines.append(f"ignoring folder(s) inside N_prompt folders: {', '.join(nested)} (kohya reads one level; move their "
+                     "images up, or into an N_prompt folder of their own)")
+    return lines
+
+
+def metadata_captions(folder: Path, caption_column: str | None) -> dict[str, str]:
+    """file_name -> caption of a folder's metadata.jsonl (an imagefolder's: one JSON object a line), from
+    `caption_column` (default `text`); a line that is not such an object is refused naming its number."""
+    import json
+
+    from common.files import read_text_file
+
+    column = caption_column or "text"
+    captions = {}
+    path = folder / METADATA_FILE
+    for number, line in enumerate(read_text_file(path, METADATA_FILE).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise UserError(f"{str(path)!r} line {number} is not JSON: {error}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise UserError(f"{str(path)!r} line {number} has no \"file_name\" (an imagefolder's rows name their image)")
+        if row.get(column) is None:
+            continue
+        caption = str(row[column]).strip()
+        if not caption:
+            raise UserError(f"{str(path)!r} line {number}: the {column!r} caption of {row['file_name']} is empty")
+        captions[Path(row["file_name"]).as_posix()] = caption
+    if not captions and caption_column:
+        raise UserError(f"{str(path)!r} has no {caption_column!r} column (--caption_column)")
+    return captions
 
 
 def _dataset_examples(dataset_name: str, config_name: str | None, image_column: str, caption_column: str | None,
@@ -200,7 +281,8 @@ def with_masks(examples: list[Example], mask_dir: Path | None) -> list[Example]:
 
 def open_mask(example: Example, size: tuple[int, int]):
     """The example's mask as an "L" image of the image's `size` (height, width), or None for an image without
-    transparency (it trains everywhere). A mask file of the image's aspect ratio but another size is scaled to it."""
+    transparency (it trains everywhere). A mask file of the image's aspect ratio but another size is scaled to it;
+    one that is no image, or of another aspect ratio, is refused naming it."""
     from PIL import Image
 
     from common.images import read_alpha, read_mask_file
@@ -209,7 +291,10 @@ def open_mask(example: Example, size: tuple[int, int]):
         return None
     if example.mask == ALPHA:
         return read_alpha(example.image) if isinstance(example.image, (str, Path, bytes, bytearray)) else None
-    mask = read_mask_file(example.mask)
+    try:
+        mask = read_mask_file(example.mask)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for a file that is no image
+        raise UserError(f"mask {str(example.mask)!r} (of {example.name}) cannot be read as an image: {error}") from None
     if (mask.height, mask.width) != size:
         if abs(mask.width / mask.height - size[1] / size[0]) > 0.01:
             raise UserError(f"mask {str(example.mask)!r} is {mask.width}x{mask.height}, its image {example.name} "
@@ -218,20 +303,41 @@ def open_mask(example: Example, size: tuple[int, int]):
     return mask
 
 
-def check_images(examples: list[Example], skip_bad: bool) -> list[Example]:
-    """Every image decodes; a bad one is an error naming it, or is skipped with a warning when asked."""
-    good = []
+def check_masks(examples: list[Example], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """Every mask read and fitted to its image as training will (`open_mask`), before any model loads: (masked images,
+    all-black masks). A black mask trains nothing of its image; masks that are all black are refused, since the
+    LoRA would come out unchanged from its start."""
+    masked = black = 0
+    for example, size in zip(examples, sizes):
+        mask = open_mask(example, size)
+        if mask is not None:
+            masked += 1
+            black += mask.getextrema()[1] == 0
+    if masked and black == len(examples):
+        source = "alpha channel" if examples[0].mask == ALPHA else "mask"
+        raise UserError(f"every image's {source} is all black ({black} of {len(examples)}): a black mask excludes its image from "
+                        "the loss, so the LoRA would learn nothing (white trains, black does not)")
+    return masked, black
+
+
+def check_images(examples: list[Example], skip_bad: bool) -> tuple[list[Example], list[tuple[int, int]]]:
+    """Every image decodes; a bad one is an error naming it, or is skipped with a warning when asked. (The readable
+    examples, their images' (height, width).)"""
+    good, sizes = [], []
     for example in examples:
         try:
-            open_rgb(example).load()
-            good.append(example)
+            image = open_rgb(example)
+            image.load()
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             if not skip_bad:
                 raise UserError(f"cannot read image {example.name}: {error}; fix or remove it, or pass --skip_bad_images") from None
             logger.warning("skipping unreadable image %s: %s", example.name, error)
+            continue
+        good.append(example)
+        sizes.append((image.height, image.width))
     if not good:
         raise UserError("no readable training images left")
-    return good
+    return good, sizes
 
 
 @dataclass(frozen=True)
@@ -342,13 +448,12 @@ class TrainingImages(torch.utils.data.Dataset):
     `captions` (`transformed_caption`) for this epoch and position."""
 
     def __init__(self, examples: list[Example], augment: Augment, repeats: int, seed: int,
-                 captions: CaptionTransform = CaptionTransform()):
+                 captions: CaptionTransform = CaptionTransform(), sizes: list[tuple[int, int]] | None = None):
         self.examples, self.augment, self.seed, self.captions = examples, augment, seed, captions
         self.indices = [i for i, example in enumerate(examples) for _ in range(repeats * example.repeats)]
-        self.sizes = []
-        for example in examples:
-            image = open_rgb(example)
-            self.sizes.append((image.height, image.width))
+        if sizes is None:  # (height, width) of each image, when `check_images` has not read them already
+            sizes = [(image.height, image.width) for image in map(open_rgb, examples)]
+        self.sizes = list(sizes)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -422,7 +527,7 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __init__(self, images: TrainingImages, encode, batch_size: int | None = None, files=None, model_key: str = ""):
         self.images, self.files, self.cache, self._digests = images, files, {}, {}
-        self.encoded = self.found = 0  # entries encoded now, and found already on disk
+        self.encoded = self.found = self.healed = 0  # entries encoded now, found whole on disk, found broken and encoded again
         if batch_size is None:  # the fp32 VAE encoder's activations grow with the pixels: about 1 Mpx at a time
             batch_size = max(1, ENCODE_PIXELS // images.augment.resolution**2)
         flips = (False, True) if images.augment.random_flip else (False,)
@@ -434,15 +539,22 @@ class CachedLatents(torch.utils.data.Dataset):
             names = [latent_key(self._sources(i), images.augment, placed[k][1], model_key) if files is not None else None
                      for k, (i, _) in enumerate(chunk)]
             by_size: dict[tuple[int, int], list[int]] = {}
+            wanted = {"mean", "std"} | ({"mask"} if images.augment.masked else set())
             for k, (pixels, _, _) in enumerate(placed):
                 if names[k] is not None and names[k] in files:
-                    self.cache[chunk[k]] = (names[k], placed[k][1])
-                    self.found += 1
-                    continue
+                    if files.whole(names[k], wanted):
+                        self.cache[chunk[k]] = (names[k], placed[k][1])
+                        self.found += 1
+                        continue
+                    self.healed += 1  # cut short, a tensor missing or not finite: encoded again below, replacing it
                 by_size.setdefault(tuple(pixels.shape[1:]), []).append(k)
             for members in by_size.values():
                 means, stds = encode(torch.stack([placed[k][0] for k in members]))
                 self.encoded += len(members)
+                if not (torch.isfinite(means).all() and torch.isfinite(stds).all()):
+                    names_of = ", ".join(images.examples[chunk[k][0]].name for k in members)
+                    raise UserError(f"the VAE encoded {names_of} to non-finite latents (an fp16 VAE overflowing? give an fp16-safe "
+                                    "one with --pretrained_vae_model_name_or_path, or let it run in fp32)")
                 for k, mean, std in zip(members, means, stds):
                     mask = placed[k][2]
                     if mask is not None:  # kept on the latent grid, where the loss uses it (`latent_grid_mask`)

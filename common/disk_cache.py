@@ -53,7 +53,8 @@ def module_digest(*modules) -> str:
 
 class TensorFiles:
     """A folder of entries, each a dict of tensors in `<folder>/<key[:2]>/<key>.safetensors`. An entry that cannot be
-    read (a disk fault) counts as missing and is computed again."""
+    read whole (a disk fault, a file cut short, a tensor missing or not finite) counts as missing and is computed
+    again: `whole` tells, and the caches count what they healed."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -76,6 +77,17 @@ class TensorFiles:
             return None
         self.reads += 1
         return entry
+
+    def whole(self, key: str, names: set[str]) -> bool:
+        """Whether entry `key` exists and reads back with every tensor of `names`, each finite (a NaN latent would train
+        a NaN LoRA)."""
+        import torch
+
+        if key not in self:
+            return False
+        entry = self.get(key)
+        return entry is not None and names <= entry.keys() and all(
+            bool(torch.isfinite(value).all()) for value in entry.values() if value.is_floating_point())
 
     def put(self, key: str, tensors: dict) -> None:
         from safetensors.torch import save_file

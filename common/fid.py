@@ -61,12 +61,14 @@ class Entry:
 
 def read_meta_data(path: Path) -> dict[str, Entry]:
     """MJHQ-30K's meta_data.json, {"<id>": {"category": ..., "prompt": ...}, ...}, checked entry by entry."""
+    from common.files import read_text_file
+
     expected = 'expected {"<image id>": {"category": "...", "prompt": "..."}, ...} as in MJHQ-30K'
     if not path.is_file():
         raise UserError(f"--meta_data {path} not found; {expected}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raw = json.loads(read_text_file(path, "--meta_data"))
+    except json.JSONDecodeError as error:
         raise UserError(f"--meta_data {path} is not valid JSON ({error}); {expected}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"--meta_data {path} holds no entries; {expected}")

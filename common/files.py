@@ -96,6 +96,58 @@ def writable_folder(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def check_writable_folder(path: str | os.PathLike, option: str) -> Path:
+    """`path` would be a folder this process can write into, checked without making it (a refused run leaves the
+    file system as it found it): an existing folder by writing a temporary file in it, a missing one by making and
+    removing a temporary folder in its nearest existing parent."""
+    import tempfile
+
+    from common.cli import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a file; give a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {str(path)!r} cannot be made: {str(existing)!r} is a file")
+    try:
+        if existing == path:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
+    except OSError as error:
+        raise UserError(f"{option} {str(path)!r} cannot be written: {error.strerror or error}") from None
+    return path
+
+
+# the byte-order marks of the encodings a text file may come in (UTF-32 first: its LE mark starts like UTF-16's)
+TEXT_ENCODINGS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+                  (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """A text file written by any common editor: UTF-8 with or without a byte-order mark, UTF-16 or UTF-32 with one
+    (Windows' Notepad "Unicode"); the mark never reaches the text. Anything else is refused in one line naming the
+    file, the byte offset and the byte (a latin-1 or cp1252 file, a binary file)."""
+    from common.cli import UserError
+
+    data = Path(path).read_bytes()
+    encoding = next((name for mark, name in TEXT_ENCODINGS if data.startswith(mark)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {str(path)!r} is not {encoding.upper().removesuffix('-SIG')} text: byte 0x{data[error.start]:02x} at "
+                        f"offset {error.start} (save it as UTF-8)") from None
+    if "\x00" in text:  # UTF-16 without its byte-order mark decodes as "UTF-8" with a NUL between letters
+        offset = data.index(b"\x00")
+        raise UserError(f"{what} {str(path)!r} is not text: byte 0x00 at offset {offset} (UTF-16 without a byte-order mark? "
+                        "save it as UTF-8)")
+    return text
+
+
 def writable_file(path: str | os.PathLike, option: str) -> Path:
     """`path` as a file this process can create or replace: not a folder, in a writable folder."""
     from common.cli import UserError

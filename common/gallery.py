@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError
+from common.generation import MIN_IMAGE_SIDE
 
 # kohya's prompt-line options (sd-scripts library/train_util.py `line_to_prompt_dict`) that mean the same here:
 # letter -> (SamplePrompt field, type, what it is)
@@ -47,17 +48,24 @@ def parse_prompt_line(line: str, where: str) -> SamplePrompt:
     if not values["prompt"]:
         raise UserError(f"{where}: no prompt before the options")
     for side in ("width", "height"):
-        if values.get(side) is not None and (values[side] <= 0 or values[side] % 8):
-            raise UserError(f"{where}: --{side[0]} {values[side]} must be a positive multiple of 8")
+        if values.get(side) is not None and (values[side] < MIN_IMAGE_SIDE or values[side] % 8):
+            raise UserError(f"{where}: --{side[0]} {values[side]} must be a multiple of 8 of at least {MIN_IMAGE_SIDE} (the UNet's "
+                            "smallest latent is 2x2)")
+    if values.get("steps") is not None and values["steps"] < 1:
+        raise UserError(f"{where}: --s {values['steps']} must be at least 1 (the sampling steps; leave --s out for 25)")
+    if values.get("guidance_scale") is not None and values["guidance_scale"] < 0:
+        raise UserError(f"{where}: --l {values['guidance_scale']:g} must be >= 0 (the CFG scale)")
     return SamplePrompt(**values)
 
 
 def read_prompt_file(path: Path) -> list[SamplePrompt]:
     """kohya's --sample_prompts text file: one prompt line per line; blank lines and lines starting with # are skipped."""
+    from common.files import read_text_file
+
     if not path.is_file():
         raise UserError(f"--sample_prompts {str(path)!r} is not a file")
     prompts = [parse_prompt_line(line, f"{path.name} line {number}")
-               for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+               for number, line in enumerate(read_text_file(path, "--sample_prompts").splitlines(), start=1)
                if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"--sample_prompts {str(path)!r} holds no prompt")

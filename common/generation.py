@@ -14,6 +14,11 @@ from common.files import IMAGE_SUFFIXES, PARTIAL_SUFFIX, atomic_path
 from common.long_prompts import CLIP_WINDOW
 
 
+# The smallest image side the scripts sample or train at: 2x2 latents. At 1x1 a group norm of the UNet or VAE can see one
+# value per group (the tiny models' do) and fails; SDXL's own smallest sensible size is far larger.
+MIN_IMAGE_SIDE = 16
+
+
 @dataclass(frozen=True)
 class ImageJob:
     """One image to make: everything that varies per image, so it can be reproduced alone."""
@@ -171,7 +176,10 @@ def generate_images(
 def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
     """Images for one batch; each image's noise comes from its own CPU generator seeded with its seed,
     so an image does not depend on its batch, its position or the device. Prompts are cut at CLIP's 75
-    tokens by the pipeline itself, or encoded here in chunks up to settings.max_token_length."""
+    tokens by the pipeline itself, or encoded here in chunks up to settings.max_token_length. An image that decodes
+    to non-finite values (a diverged LoRA, an overflowing weight) stops the run naming its prompt and seed: saved, it
+    would be a black PNG."""
+    import numpy as np
     import torch
 
     from common.long_prompts import pipeline_prompt_embeds
@@ -185,7 +193,7 @@ def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
             text = {"prompt": prompts, "negative_prompt": negative}
         else:
             text = pipeline_prompt_embeds(pipe, prompts, negative, max_token_length=settings.max_token_length)
-        return pipe(
+        arrays = pipe(
             **text,
             width=settings.width,
             height=settings.height,
@@ -194,7 +202,15 @@ def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
             guidance_rescale=settings.guidance_rescale,
             eta=settings.eta,
             generator=generators,
+            output_type="np",  # the same 8-bit images as "pil" (numpy_to_pil below), after the check
         ).images
+    for job, array in zip(batch, arrays):
+        if not np.isfinite(array).all():
+            adapters = f" (with {settings.adapters['Lora']})" if settings.adapters.get("Lora") else ""
+            raise UserError(f"the image of prompt {job.prompt[:80]!r}, seed {job.seed}, came out non-finite (NaN or inf): the "
+                            f"model{adapters} overflowed; a LoRA weight too large, a LoRA holding non-finite values or an fp16 "
+                            "overflow (try --dtype bf16 or fp32) are the usual causes; nothing was saved for it")
+    return pipe.image_processor.numpy_to_pil(arrays)
 
 
 # ---------------------------------------------------------------- class images for prior preservation

@@ -14,7 +14,7 @@ import typer
 from typing import TYPE_CHECKING
 
 from common.cli import REQUIRED, UserError, option, parse_dtype
-from common.generation import SamplingSettings
+from common.generation import MIN_IMAGE_SIDE, SamplingSettings
 from common.long_prompts import CLIP_WINDOW, check_max_token_length
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
 from common.flavours import PREDICTION_TYPES
@@ -115,8 +115,9 @@ class GenerationOptions:
 
 
 def check_image_size(name: str, value: int | None) -> None:
-    if value is not None and (value <= 0 or value % 8):
-        raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE downsamples by 8); try {max(8, round(value / 8) * 8)}")
+    if value is not None and (value < MIN_IMAGE_SIDE or value % 8):
+        raise UserError(f"--{name} {value} is not a multiple of 8 of at least {MIN_IMAGE_SIDE} (the VAE downsamples by 8, and the "
+                        f"UNet's smallest latent is 2x2); try {max(MIN_IMAGE_SIDE, round(value / 8) * 8)}")
 
 
 def lora_specs(

@@ -84,6 +84,37 @@ def read_safetensors(path: Path, what: str, hint: str = "") -> dict[str, torch.T
         return load_file(str(path))
 
 
+def read_finite_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter or embedding file (`read_safetensors`), refused in one line where one holds a NaN or an
+    infinity (`refuse_non_finite`)."""
+    tensors = read_safetensors(path, what)
+    refuse_non_finite(tensors, what, path)
+    return tensors
+
+
+def non_finite_values(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: what it holds, `nan`, `inf` or `nan, inf`} for each floating tensor holding a NaN or an infinity."""
+    import torch
+
+    found = {}
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            kinds = [kind for kind, test in (("nan", torch.isnan), ("inf", torch.isinf)) if bool(test(value).any())]
+            found[name] = ", ".join(kinds)
+    return found
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str, source: Path) -> None:
+    """One line naming the first tensor holding a NaN or an infinity: added to any weight, it makes every output it
+    touches NaN, and the images black, without an error anywhere (what a diverged training run saves)."""
+    found = non_finite_values(tensors)
+    if found:
+        name, kinds = next(iter(found.items()))
+        more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+        raise UserError(f"{what} {str(source)!r} holds non-finite values ({kinds}) in {name}{more}: it cannot be applied "
+                        "(a training run that diverged?)")
+
+
 @contextlib.contextmanager
 def _readable_safetensors(path: Path, what: str, hint: str = ""):
     from safetensors import SafetensorError
@@ -143,18 +174,38 @@ def adapter_layers(model, adapter_name: str) -> dict:
 
 def save_diffusers_lora(folder: Path, states: dict[str, dict], adapter_metadata: dict[str, dict] | None = None) -> Path:
     """folder/pytorch_lora_weights.safetensors from peft state dicts per component and, optionally, each
-    component's LoraConfig as a dict (ranks and alphas; without it every layer loads at scale 1), written
-    atomically; its path."""
+    component's LoraConfig as a dict (ranks and alphas; without it every layer loads at scale 1, and it is written
+    without where the base model lay, `shareable_config`), written atomically; its path."""
     from diffusers import StableDiffusionXLPipeline
 
     from common.files import atomic_path
 
     layers = {f"{component}_lora_layers": state for component, state in states.items()}
-    layers |= {f"{component}_lora_adapter_metadata": config for component, config in (adapter_metadata or {}).items()}
+    layers |= {f"{component}_lora_adapter_metadata": shareable_config(config) for component, config in (adapter_metadata or {}).items()}
     target = Path(folder) / DIFFUSERS_LORA_FILE
     with atomic_path(target) as partial:
         StableDiffusionXLPipeline.save_lora_weights(partial.parent, weight_name=partial.name, **layers)
     return target
+
+
+# LoraConfig fields that say where the base model lay on the machine that trained: peft's `to_dict` holds the path it
+# was given (/home/<user>/models/...), and diffusers writes the dict into the file's `lora_adapter_metadata`
+LOCAL_CONFIG_FIELDS = ("base_model_name_or_path",)
+
+
+def shareable_config(config: dict) -> dict:
+    """An adapter config dict for a file that others will read: without `LOCAL_CONFIG_FIELDS` (loading never reads
+    them; the base model is named where the user names it)."""
+    return {key: value for key, value in config.items() if key not in LOCAL_CONFIG_FIELDS}
+
+
+def public_model_name(model: str) -> str:
+    """A base model as a shared file's metadata may name it: a hub id or a built-in name as given, a local path (absolute,
+    ~ or ./-relative, or an existing file or folder) by its last part only, which names no user's folders."""
+    path = Path(model)
+    if model and (path.is_absolute() or model.startswith(("~", ".")) or path.exists()):
+        return path.expanduser().resolve().name
+    return model
 
 
 def read_lora(pipe, path: Path):
@@ -168,6 +219,7 @@ def read_lora(pipe, path: Path):
         raise UserError(f"could not read LoRA {str(file)!r}: {_first_line(error)}") from None
     if not state_dict or not all("lora" in key for key in state_dict):
         raise UserError(f"{str(file)!r} is not a LoRA file: its keys have no 'lora' layers")
+    refuse_non_finite(state_dict, "LoRA", file)
     return state_dict, network_alphas, metadata
 
 
@@ -214,11 +266,62 @@ def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:
             state_dict, network_alphas = keep_blocks(state_dict, network_alphas, spec.blocks, spec.path)
         with quiet_libraries():
             _load_adapter(pipe, state_dict, network_alphas, metadata, name, spec.path)
+        refuse_overflowing_adapter(pipe, name, spec)
         names.append(name)
         weights.append(spec.weight)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
     return names
+
+
+def refuse_overflowing_adapter(pipe, adapter_name: str, spec: LoraSpec) -> None:
+    """Refuse, and remove, a peft adapter whose weight takes some layer's adapted weight W + weight·s·ΔW beyond the
+    range of the model's dtype (fp16: ±65504): peft's DoRA forms that sum, fusing (--into_checkpoint, the DoRA bake)
+    stores it, and an unfused LoRA's output overflows alike, so the images come out black. The message gives the
+    largest weight that surely fits (`adapter_overflow_limit`)."""
+    from common.adapters import describe_dtype_range, describe_fitting_weights
+
+    limits = {}
+    for component in COMPONENT_PREFIXES:
+        model = getattr(pipe, component, None)
+        for module, layer in (adapter_layers(model, adapter_name) if model is not None else {}).items():
+            limit = adapter_overflow_limit(layer, adapter_name, spec.weight)
+            if limit is not None:
+                limits[f"{component}.{module}"] = (limit, layer.get_base_layer().weight.dtype)
+    if limits:
+        pipe.delete_adapters([adapter_name])
+        layer, (_, dtype) = next(iter(limits.items()))
+        more = f" and {len(limits) - 1} more layer(s)" if len(limits) > 1 else ""
+        raise UserError(f"LoRA {str(spec.path)!r} at weight {spec.weight:g} takes the weight of {layer}{more} beyond "
+                        f"{describe_dtype_range(dtype)}: {describe_fitting_weights(min(v for v, _ in limits.values()))}")
+
+
+def adapter_overflow_limit(layer, adapter_name: str, weight: float) -> float | None:
+    """None where a peft layer's adapted weight W + weight·s·ΔW fits its dtype; otherwise the largest |weight| that
+    surely fits (`common.adapters.adapted_weight_overflow`). Cheap where it fits by far: a LoRA layer's ΔW is bounded
+    from its factors (`lora_change_bound`) and formed only where the bound does not rule overflow out. peft multiplies
+    the adapter's output by the number weight·s, itself at most float32's largest."""
+    import math
+
+    import torch
+
+    from common.adapters import adapted_weight_overflow, lora_change_bound
+
+    base = layer.get_base_layer().weight.detach()
+    scale = layer.scaling[adapter_name]
+    scalar_limit = float(torch.finfo(torch.float32).max) / abs(scale) if scale else math.inf
+    if adapter_name in getattr(layer, "lora_A", {}):
+        up, down = layer.lora_B[adapter_name].weight.detach(), layer.lora_A[adapter_name].weight.detach()
+        room = float(torch.finfo(base.dtype).max) - float(base.abs().max())
+        if abs(weight) <= scalar_limit and abs(weight * scale) * lora_change_bound(up, down) <= room:
+            return None
+        change = scale * (up.flatten(1).float() @ down.flatten(1).float()).reshape(base.shape)
+    else:  # LoHa, LoKr: peft's own ΔW, which carries the layer's scale
+        change = layer.get_delta_weight(adapter_name).detach().float()
+    limit = adapted_weight_overflow(base, change, weight, base.dtype)
+    if limit is None and abs(weight) <= scalar_limit:
+        return None
+    return min(limit if limit is not None else math.inf, scalar_limit)
 
 
 KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "diffusion_model.", "text_encoders.")
@@ -235,7 +338,7 @@ def patch_kohya_file(pipe, file: Path, spec: LoraSpec) -> int:
     (every block named must hold some layer); the number of layers applied."""
     from common.adapters import file_layers, patch_weights
 
-    layers = file_layers(read_safetensors(file, "LoRA"))
+    layers = file_layers(read_finite_safetensors(file, "LoRA"))
     prefixes = [normalize_block_prefix(b) for b in spec.blocks or ()]
     targets = file_layer_names(pipe)
     if prefixes:
@@ -305,36 +408,109 @@ def _load_adapter(pipe, state_dict, network_alphas, metadata, adapter_name: str,
         raise UserError(
             f"LoRA {str(source)!r} does not match this model (trained for another base?): {_mismatch_reason(error)}"
         ) from None
+    _restore_dora_magnitudes(pipe, state_dict, adapter_name)
     _check_every_layer_loaded(pipe, state_dict, adapter_name, source)
 
 
-def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source: Path) -> None:
-    """Each component received as many LoRA layers as the file has, with the file's down-weights.
+def component_part(model, component: str, state_dict: dict) -> dict:
+    """The layers of a LoRA state dict (diffusers naming, `component.` prefixes) for one component, named as diffusers
+    names them when it injects them into `model`: peft naming (`<module>.lora_A.weight`), the module paths `model` has
+    (transformers 5's CLIPTextModel has no `text_model` level, which older files carry). The same conversions as
+    diffusers 0.42's `load_lora_adapter` (UNet) and `_load_lora_into_text_encoder`."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    diffusers and peft skip unmatched layers with at most a warning, and a layer whose name
-    matched only by suffix can be injected but left at its initial weights; both leave a LoRA
-    that "works" at reduced strength.
+    part = {k.removeprefix(component + "."): v for k, v in state_dict.items() if k.startswith(component + ".")}
+    if not part:
+        return {}
+    if component == "unet":
+        return part if "lora_A" in next(iter(part)) else convert_unet_state_dict_to_peft(part)
+    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    return part if hasattr(model, "text_model") else {k.removeprefix("text_model."): v for k, v in part.items()}
+
+
+ADAPTER_KEY = re.compile(r"(.+?)\.((?:lora_|hada_|lokr_)[^.]*(?:\.[^.]+)?)$")
+
+
+def split_adapter_key(key: str) -> tuple[str, str]:
+    """`<module>.lora_A.weight` -> (module, `lora_A.weight`); also `lora_magnitude_vector`, `hada_w1_a`, `lokr_w1`."""
+    match = ADAPTER_KEY.match(key)
+    if match is None:
+        raise UserError(f"LoRA key {key!r} names no adapter tensor (lora_*, hada_*, lokr_*)")
+    return match.group(1), match.group(2)
+
+
+def landed_tensor(layer, tensor: str, adapter_name: str) -> torch.Tensor:
+    """What a peft layer holds for a file tensor of adapter `adapter_name`: `lora_A.weight` -> lora_A[name].weight,
+    `lora_magnitude_vector` -> lora_magnitude_vector[name].weight, `lokr_w1` -> lokr_w1[name]."""
+    import torch
+
+    container, _, attribute = tensor.partition(".")
+    held = getattr(layer, container)[adapter_name]
+    return held if isinstance(held, torch.Tensor) else getattr(held, attribute or "weight")
+
+
+def _restore_dora_magnitudes(pipe, state_dict: dict, adapter_name: str) -> None:
+    """Each DoRA layer's magnitude set from the file.
+
+    With diffusers 0.42.1, transformers 5.23.0 and peft 0.21.2, a text encoder's magnitudes never arrive: peft's
+    state dicts name them `<module>.lora_magnitude_vector` (without the `.weight` of the parameter), and the key
+    renaming that transformers' `load_adapter` takes from peft (`build_peft_weight_mapping`: `lora_*` ->
+    `lora_*.<adapter>`) makes `lora_magnitude_vector.<adapter>`, which names no parameter. transformers' load report
+    lists them as unexpected and `lora_magnitude_vector.<adapter>.weight` as missing, and the layers keep peft's
+    initial magnitude, ||W|| (the UNet goes through peft's own set_peft_model_state_dict, which adds the `.weight`)."""
+    import torch
+
+    for component in COMPONENT_PREFIXES:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        magnitudes = {k: v for k, v in component_part(model, component, state_dict).items() if k.endswith(DORA_MAGNITUDE_SUFFIX)}
+        layers = adapter_layers(model, adapter_name) if magnitudes else {}
+        with torch.no_grad():
+            for key, value in magnitudes.items():
+                layer = layers.get(key.removesuffix(DORA_MAGNITUDE_SUFFIX))
+                if layer is not None:  # a layer the model lacks is refused by _check_every_layer_loaded
+                    landed_tensor(layer, DORA_MAGNITUDE_SUFFIX.lstrip("."), adapter_name).copy_(value)
+
+
+def _check_every_layer_loaded(pipe, state_dict: dict, adapter_name: str, source: Path) -> None:
+    """Each component received as many adapter layers as the file has, and every tensor of the file (factors,
+    DoRA magnitudes) is in its layer as the file holds it, rounded to the model's dtype.
+
+    diffusers and peft skip unmatched layers with at most a warning, a layer whose name matched only by suffix can
+    be injected but left at its initial weights, and a tensor renamed on the way is dropped with only a load report
+    (`_restore_dora_magnitudes`); each leaves a LoRA that "works", wrongly.
     """
     for component in COMPONENT_PREFIXES:
-        down_weights = [
-            value.float()
-            for key, value in state_dict.items()
-            if key.startswith(component + ".") and _is_down_weight(key)
-        ]
-        if not down_weights:
+        model = getattr(pipe, component, None)
+        part = component_part(model, component, state_dict)
+        if not part:
             continue
-        layers = list(adapter_layers(getattr(pipe, component), adapter_name).values())
-        loaded_total = sum(float(layer.lora_A[adapter_name].weight.detach().float().abs().sum()) for layer in layers)
-        file_total = sum(float(weight.abs().sum()) for weight in down_weights)
-        if len(layers) != len(down_weights) or abs(loaded_total - file_total) > 1e-2 * max(file_total, 1e-6):
+        layers = adapter_layers(model, adapter_name) if model is not None else {}
+        modules = {split_adapter_key(key)[0] for key in part}
+        if len(layers) != len(modules) or not modules <= set(layers):
             raise UserError(
-                f"LoRA {str(source)!r} does not match this model: {len(down_weights)} {component} layers in the file, "
-                f"{len(layers)} applied (names or shapes differ from the model's)"
+                f"LoRA {str(source)!r} does not match this model: {len(modules)} {component} layers in the file, "
+                f"{len(modules & set(layers))} applied (names or shapes differ from the model's)"
             )
+        for key, value in part.items():
+            module, tensor = split_adapter_key(key)
+            difference = _load_difference(landed_tensor(layers[module], tensor, adapter_name).detach(), value)
+            if difference:
+                raise UserError(f"LoRA {str(source)!r} did not load as the file holds it: {component}.{module}.{tensor} "
+                                f"{difference} (a library dropped or changed it on the way)")
 
 
-def _is_down_weight(key: str) -> bool:
-    return key.endswith(("lora_A.weight", "down.weight"))
+def _load_difference(landed: torch.Tensor, value: torch.Tensor) -> str | None:
+    """How a tensor in the model differs from the file's, cast to the model's dtype as loading casts it; None if equal."""
+    import torch
+
+    if landed.shape != value.shape:
+        return f"has shape {tuple(landed.shape)} in the model, {tuple(value.shape)} in the file"
+    expected = value.to(landed.device, landed.dtype)
+    if torch.equal(landed, expected):
+        return None
+    return f"is up to {float((landed.float() - expected.float()).abs().max()):.3g} off the file's values in the model"
 
 
 def _mismatch_reason(error: Exception) -> str:
@@ -607,6 +783,7 @@ def kohya_to_peft(file: Path, base_weight: BaseWeight | None = None) -> tuple[di
     from common.architectures import SDXL_UNET_CONFIG
     from common.models import quiet_libraries
 
+    read_finite_safetensors(file, "LoRA")  # diffusers' reading renames the tensors: refused by the file's own names
     with quiet_libraries():
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(file.parent), weight_name=file.name,
                                                                   unet_config=FrozenDict(SDXL_UNET_CONFIG))
@@ -694,8 +871,9 @@ def comfyui_layer_names() -> set[str]:
 
 @dataclass(frozen=True)
 class UiFinding:
-    """What one UI does with a part of a kohya file: `refuses` the whole file, `skips` a layer or key, or
-    `misapplies` it (loads it without an error into weights the file does not mean)."""
+    """What one UI does with a part of a kohya file: `refuses` the whole file, `skips` a layer or key,
+    `misapplies` it (loads it without an error into weights the file does not mean), or `breaks` the model with it
+    (loads it without an error, and every image it touches comes out NaN: black)."""
 
     effect: str
     what: str
@@ -757,7 +935,8 @@ def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
       separate Linear layers) and ComfyUI (separate layers for both) patch each projection;
     - `dora_scale`: WebUI always normalises input columns (shape (1, in)) and broadcasts any other shape, so an
       output-axis (out, 1) scale is applied wrongly without an error; ComfyUI (`weight_decompose`) reads (out, 1) on
-      the output axis and (1, in) on the input axis; other shapes fail in both.
+      the output axis and (1, in) on the input axis; other shapes fail in both;
+    - a tensor holding a NaN or an infinity: neither UI checks, so both add it to the weights and break the model.
     """
     from common.adapters import ADAPTERS, OTHER_ALGORITHMS, file_layers
 
@@ -768,6 +947,10 @@ def ui_findings(state: dict) -> dict[str, list[UiFinding]]:
     suffixes = set().union(*(adapter.file_suffixes for adapter in ADAPTERS.values())) | set(OTHER_ALGORITHMS) | {"weight"}
     webui: list[UiFinding] = []
     comfyui: list[UiFinding] = []
+    for key, kinds in non_finite_values(state).items():
+        for findings in (webui, comfyui):
+            findings.append(UiFinding("breaks", f"{key} holds non-finite values ({kinds}): every image it touches comes out "
+                                                "black (a training run that diverged?)"))
     layers: dict[str, dict[str, object]] = {}
     for name, tensors in file_layers(state).items():
         for suffix, value in tensors.items():
@@ -847,6 +1030,7 @@ def read_peft_lora(file: Path, base_weight: BaseWeight | None = None) -> tuple[d
     with safe_open(str(file), "pt") as handle:
         state = {k: handle.get_tensor(k) for k in keys}
         metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    refuse_non_finite(state, "LoRA", file)
     states: dict[str, dict] = {}
     for key, value in state.items():
         component, rest = key.split(".", 1)

@@ -130,6 +130,7 @@ class ModelReading:
     flavour: Flavour
     notes: tuple[str, ...] = ()  # one line each: how an ambiguous config was read
     weights_dtype: str | None = None  # the precision its UNet is stored in, e.g. "float16" (None: unknown, a hub model)
+    scheduler_config: dict | None = None  # the scheduler config it is sampled and trained with, flavour applied
 
     def line(self) -> str:
         """The start-up line: what was read and why, and what the options changed."""
@@ -155,8 +156,12 @@ def read_model(name_or_path: str, options: FlavourOptions = FlavourOptions(), wh
     location = resolve_model(name_or_path)
     if is_checkpoint_file(location):
         info = inspect_checkpoint(Path(location), what)
+        from common.architectures import PLAYGROUND_V25_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
+
         flavour = _override_single_file(info.reading.flavour, options)
-        return ModelReading(name_or_path, location, info, info.reading, flavour, weights_dtype=info.dtype)
+        published = PLAYGROUND_V25_SCHEDULER_CONFIG if flavour.edm else SDXL_SCHEDULER_CONFIG
+        return ModelReading(name_or_path, location, info, info.reading, flavour, weights_dtype=info.dtype,
+                            scheduler_config=scheduler_config_for(flavour, published))
     folder = Path(location)
     if not folder.is_dir():
         return None
@@ -191,7 +196,8 @@ def reading_of_configs(name: str, location: str, scheduler_config, vae_config, o
     words = [f"{scheduler_config.get('_class_name', 'scheduler')} config"] if edm_native else words
     base = FlavourReading(flavour, "scheduler config: " + ", ".join(words))
     overridden = with_overrides(flavour, options.prediction_type, options.zero_terminal_snr)
-    return ModelReading(name, location, None, base, overridden, (note,) if note else ())
+    return ModelReading(name, location, None, base, overridden, (note,) if note else (),
+                        scheduler_config=scheduler_config_for(overridden, dict(scheduler_config)))
 
 
 def _override_single_file(flavour: Flavour, options: FlavourOptions) -> Flavour:
@@ -268,16 +274,14 @@ def _load_single_file(reading: ModelReading, dtype) -> object:
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    from common.architectures import PLAYGROUND_V25_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
     from common.checkpoints import VAE_PREFIX, config_folder
 
     info = reading.checkpoint
     default = dtype.get("default", torch.float32) if isinstance(dtype, dict) else dtype
     vae_dtype = dtype.get("vae", default) if isinstance(dtype, dict) else dtype
     folder = str(config_folder(info.architecture))
-    base_config = PLAYGROUND_V25_SCHEDULER_CONFIG if reading.flavour.edm else SDXL_SCHEDULER_CONFIG
-    scheduler_config = scheduler_config_for(reading.flavour, base_config)
-    components = {"scheduler": getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)}
+    config = reading.scheduler_config
+    components = {"scheduler": getattr(diffusers, config["_class_name"]).from_config(config)}
     with quiet_libraries():
         if vae_dtype != default:
             components["vae"] = AutoencoderKL.from_single_file(info.header.tensors(VAE_PREFIX), config=folder, subfolder="vae",

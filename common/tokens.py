@@ -70,10 +70,10 @@ def parse_embedding_spec(spec: str) -> EmbeddingSpec:
 
 
 def read_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clip_l rows, clip_g rows) of an embedding file, checked to be a matching pair of 2-D tables."""
-    from common.lora_formats import read_safetensors
+    """(clip_l rows, clip_g rows) of an embedding file, checked to be a matching pair of 2-D tables of finite values."""
+    from common.lora_formats import read_finite_safetensors
 
-    tensors = read_safetensors(path, "embedding")
+    tensors = read_finite_safetensors(path, "embedding")
     missing = [key for key in (CLIP_L_KEY, CLIP_G_KEY) if key not in tensors]
     if missing:
         raise UserError(

@@ -59,7 +59,7 @@ def test_a_metadata_jsonl_folder_reads_through_instance_data_dir(tmp_path):
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"image_{k}.png", "text": f"caption {k}"}) + "\n"
                                                    for k in range(2)))
     examples = find_examples(instance_data_dir=folder, instance_prompt=None)
-    assert sorted(e.caption for e in examples) == ["caption 0", "caption 1"] and {e.caption_from for e in examples} == {"dataset"}
+    assert sorted(e.caption for e in examples) == ["caption 0", "caption 1"] and {e.caption_from for e in examples} == {"metadata"}
 
 
 def test_a_kohya_users_command_trains_on_every_caption_as_often_as_its_folder_says(tiny_sdxl_path, tmp_path, capsys, monkeypatch):

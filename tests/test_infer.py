@@ -146,7 +146,7 @@ BAD_INPUTS = {
     "missing model": (["-m", "/no/such/model"], "model '/no/such/model' not found: it is not a local folder"),
     "folder that is no pipeline": (["-m", "EMPTY_DIR"], "has no model_index.json; pass a diffusers pipeline folder"),
     "hub id without network": (["-m", "someone/sdxl-finetune"], "could not load model 'someone/sdxl-finetune' as an SDXL pipeline"),
-    "size not a multiple of 8": (["--width", "60"], "--width 60 is not a positive multiple of 8"),
+    "size not a multiple of 8": (["--width", "60"], "--width 60 is not a multiple of 8 of at least 16"),
     "unknown scheduler": (["--scheduler", "heun"], "unknown scheduler 'heun'; choose one of default"),
     "EDM scheduler on a discrete model": (["--scheduler", "edm-euler"], "'edm-euler' is an EDM sampler"),
     "unknown base formulation": (["--base_formulation", "edm"], "--base_formulation 'edm'; choose one of auto, edm-native, discrete"),
@@ -186,7 +186,7 @@ def test_bad_input_through_the_real_interpreter_prints_no_traceback(tiny_sdxl_pa
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --height 100 is not a positive multiple of 8 (the VAE downsamples by 8); try 96"
+        "error: --height 100 is not a multiple of 8 of at least 16 (the VAE downsamples by 8, and the UNet's smallest latent is 2x2); try 96"
     )
 
 

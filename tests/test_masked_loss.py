@@ -82,33 +82,51 @@ def lora_up_weights(out: Path) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("source", ["alpha", "mask_dir with cached latents"])
-def test_a_fully_masked_image_teaches_nothing_and_an_unmasked_one_does(tiny_sdxl_path, tmp_path, capsys, source):
-    """The loss is weighted by the mask: images whose masks are all black give zero loss, so the LoRA's up weights,
-    which start at zero, stay exactly zero; the same images without --masked_loss move them."""
+def test_all_black_masks_are_refused_before_anything_is_made_and_one_black_mask_is_named(tiny_sdxl_path, tmp_path, capsys, caplog,
+                                                                                        source):
+    """A black mask excludes its image from the loss: masks that are all black would leave the LoRA's up weights, which
+    start at zero, exactly zero, so the run is refused before any model loads; one black mask among others is named
+    in a warning, and the others train."""
     folder = write_images(tmp_path / "img", count=2, size=(64, 64))
-    extra = []
-    if source == "alpha":
-        for path in folder.glob("*.png"):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+
+    def mask(path: Path, value: int) -> None:
+        if source == "alpha":
             rgba = Image.open(path).convert("RGBA")
-            rgba.putalpha(0)
+            rgba.putalpha(value)
             rgba.save(path)
-    else:
-        masks = tmp_path / "masks"
-        masks.mkdir()
-        for path in folder.glob("*.png"):
-            Image.new("L", (64, 64), 0).save(masks / path.name)
-        extra = ["--mask_dir", masks] + (["--cache_latents"] if "cached" in source else [])
+        else:
+            Image.new("L", (64, 64), value).save(masks / path.name)
+
+    paths = sorted(folder.glob("*.png"))
+    for path in paths:
+        mask(path, 0)
+    extra = [] if source == "alpha" else ["--mask_dir", masks, "--cache_latents"]
     common = ["-m", tiny_sdxl_path, "--train_data_dir", folder, "--instance_prompt", "a photo of sks dog", "--resolution", 64,
-              "--max_train_steps", 2, "--unet_lr", 1e-2, "--seed", 0]
-    code, out, err = train_cli(capsys, *common, "--masked_loss", *extra, "--output_dir", tmp_path / "masked")
+              "--max_train_steps", 2, "--unet_lr", 1e-2, "--seed", 0, "--masked_loss", *extra]
+    code, _, err = train_cli(capsys, *common, "--output_dir", tmp_path / "masked")
+    kind = "alpha channel" if source == "alpha" else "mask"
+    assert code == 2 and f"every image's {kind} is all black (2 of 2)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "masked").exists()
+    mask(paths[1], 255)
+    code, out, err = train_cli(capsys, *common, "--output_dir", tmp_path / "half")
     assert code == 0, err
-    assert "masked loss: 2 of 2 images masked" in out, out
-    assert all(float(t.abs().max()) == 0 for t in lora_up_weights(tmp_path / "masked"))
-    if source != "alpha":
-        return  # the unmasked run is the same for both
-    code, _, err = train_cli(capsys, *common, "--output_dir", tmp_path / "plain")
-    assert code == 0, err
-    assert any(float(t.abs().max()) > 0 for t in lora_up_weights(tmp_path / "plain"))
+    assert "1 of 2 masks are all black: those images train nothing" in caplog.text
+    assert any(float(t.abs().max()) > 0 for t in lora_up_weights(tmp_path / "half"))
+
+
+def test_a_fully_black_mask_gives_exactly_zero_loss():
+    from common.losses import DiscreteFormulation, formulation_for_scheduler
+    from common.architectures import SDXL_SCHEDULER_CONFIG
+
+    formulation, _ = formulation_for_scheduler(SDXL_SCHEDULER_CONFIG)
+    assert isinstance(formulation, DiscreteFormulation)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    network = lambda model_input, time: model_input * 0.5  # noqa: E731
+    losses = formulation.loss(network, x0, torch.Generator().manual_seed(1), mask=torch.zeros(2, 64, 64))
+    assert torch.equal(losses, torch.zeros(2))
+    assert float(formulation.loss(network, x0, torch.Generator().manual_seed(1), mask=torch.ones(2, 64, 64)).min()) > 0
 
 
 def test_mask_dir_without_masked_loss_is_refused_in_one_line(tiny_sdxl_path, tmp_path, capsys):

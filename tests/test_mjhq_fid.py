@@ -456,7 +456,8 @@ def test_legacy_pytorch_mode_loads_pytorch_fids_weights_from_a_local_file(fixtur
 BAD_INPUTS = {
     "unknown mode": (["--mode", "tensorflow"], "--mode 'tensorflow' is not one of clean, legacy_tensorflow, legacy_pytorch"),
     "missing reference": (["--ref", "{root}/nowhere"], "--ref {root}/nowhere not found"),
-    "meta data not json": (["--meta_data", "{root}/gen/animals/an000.png"], "is not valid JSON"),
+    "meta data not json": (["--meta_data", "{root}/gen/animals/an000.png"], "is not UTF-8 text: byte 0x89 at offset 0"),
+    "meta data not json either": (["--meta_data", "{root}/gen"], "not found"),
     "weights not a model": (["--inception_weights", "{root}/meta_data.json"], "could not be loaded as inception-2015-12-05.pt"),
     "no images": (["--gen_dir", "{root}/empty"], "holds no image named after a meta_data id"),
 }

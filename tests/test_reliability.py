@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,17 +127,27 @@ def test_written_safetensors_and_images_are_readable_by_other_users(tiny_sdxl_pa
 
 
 class FakePipeline:
-    """Stands in for an SDXL pipeline: one flat image per prompt, in the colour its seed draws."""
+    """Stands in for an SDXL pipeline: one flat image per prompt, in the colour its seed draws, as diffusers' pipelines
+    return them with output_type "np" (floats in [0, 1], which their image processor turns into PIL images)."""
 
     def set_progress_bar_config(self, **kwargs):
         pass
 
     tokenizer = None
 
-    def __call__(self, *, prompt, generator, **kwargs):
-        class Output:
-            images = [Image.new("RGB", (8, 8), tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))) for g in generator]
+    @property
+    def image_processor(self):
+        from diffusers.image_processor import VaeImageProcessor
 
+        return VaeImageProcessor()
+
+    def __call__(self, *, prompt, generator, output_type="pil", **kwargs):
+        colours = [torch.randint(0, 256, (3,), generator=g).float() / 255 for g in generator]
+
+        class Output:
+            images = np.stack([np.broadcast_to(c.numpy(), (8, 8, 3)) for c in colours])
+
+        assert output_type == "np"
         return Output()
 
 

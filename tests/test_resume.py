@@ -4,6 +4,7 @@ cannot continue the run (past its end, other shapes, a damaged file) is refused 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -174,10 +175,19 @@ def truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
 
 
+def older_record(checkpoint: Path) -> None:
+    """The record as checkpoints had it before it held the shape options: step, run length and process count."""
+    record = json.loads((checkpoint / "training_state.json").read_text())
+    (checkpoint / "training_state.json").write_text(json.dumps({k: record[k] for k in ("step", "total_steps", "processes")}))
+
+
 UNUSABLE_CHECKPOINTS = {
-    "another rank": (lambda checkpoint: None, ["--rank", 8], "does not fit this run: lora.safetensors has "),
+    "another rank": (lambda checkpoint: None, ["--rank", 8], "was written by a run with --rank 4, this one has --rank 8"),
     "text encoders trained now, not then": (lambda checkpoint: None, ["--train_text_encoder"],
-                                            "does not fit this run: it has no text_encoder.safetensors"),
+                                            "was written by a run with no --train_text_encoder, this one has --train_text_encoder"),
+    "EMA now, not then": (lambda checkpoint: None, ["--use_ema"], "was written by a run with no --use_ema, this one has --use_ema"),
+    "another rank, an older record": (older_record, ["--rank", 8], "does not fit this run: lora.safetensors has "),
+    "EMA now, not then, an older record": (older_record, ["--use_ema"], "was written by a run with no --use_ema"),
     "a truncated LoRA file": (lambda checkpoint: truncate(checkpoint / "lora.safetensors"), [],
                               "could not read checkpoint file"),
     # accelerate itself would pass over this one without a word, and the resumed run would quietly differ

@@ -23,7 +23,9 @@ def test_kohya_prompt_lines_are_read_with_their_options():
 @pytest.mark.parametrize("line, message", [
     ("a dog --ss euler_a", r"prompts.txt line 1: option --ss is not one of --n \(negative prompt\), --w \(width\)"),
     ("a dog --d seven", r"prompts.txt line 1: --d 'seven' is not a int"),
-    ("a dog --w 60", r"prompts.txt line 1: --w 60 must be a positive multiple of 8"),
+    ("a dog --w 60", r"prompts.txt line 1: --w 60 must be a multiple of 8 of at least 16"),
+    ("a dog --w 8 --h 8", r"prompts.txt line 1: --w 8 must be a multiple of 8 of at least 16 \(the UNet.s smallest latent is 2x2\)"),
+    ("a dog --s 0", r"prompts.txt line 1: --s 0 must be at least 1"),
     (" --n only a negative", r"prompts.txt line 1: no prompt before the options"),
 ])
 def test_a_bad_prompt_line_is_refused_in_one_line_naming_it(tmp_path, line, message):
