@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from common.cli import REQUIRED, UserError, config_from_options, option, options_command, run_app
-from common.generation_options import GenerationOptions
+from common.generation_options import GenerationOptions, check_generation_prompts
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 CLASS = "Class images"
@@ -44,6 +44,7 @@ def main(**options) -> None:
     """Fill --class_data_dir up to --num_class_images images of --class_prompt."""
     wanted = config_from_options(ClassImages, options)
     generation = config_from_options(GenerationOptions, options)
+    check_generation_prompts(generation, [wanted.class_prompt])
     made = make_missing_images(wanted, generation)
     typer.echo(f"{wanted.class_data_dir}/: made {made} image(s) in this process")
 

@@ -182,9 +182,10 @@ def generate_missing(config: GenerateConfig) -> int:
     from accelerate import PartialState
 
     from common.generation import deal_batches, generate_images
-    from common.generation_options import prepare_pipeline, read_generation_model
+    from common.generation_options import check_generation_prompts, prepare_pipeline, read_generation_model
     from common.models import cpu_processes_requested, warn_about_lost_processes
 
+    check_generation_prompts(config.generation, [entry.prompt for entry in config.entries])
     reading = read_generation_model(config.generation)
     state = PartialState(cpu=cpu_processes_requested())
     if state.is_main_process:

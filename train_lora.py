@@ -243,6 +243,11 @@ class TrainConfig:
         None, help="the samples' guidance rescale (Lin et al. 2024, Sec. 3.4; default 0.7 on zero-terminal-SNR models, else 0)",
         panel=OUTPUT,
     )
+    prompt_syntax: str = option(
+        "plain", help="how the sample prompts are read: plain, webui or comfyui, as infer.py reads them (captions are always "
+        "plain text)", panel=OUTPUT,
+    )
+    emphasis: str = option("original", help="with --prompt_syntax webui: original or no_norm, WebUI's emphasis", panel=OUTPUT)
     validation_steps: Optional[int] = option(None, "--sample_every_n_steps", help="sample every N steps", panel=OUTPUT)
     validation_epochs: Optional[int] = option(
         None, "--sample_every_n_epochs", help="sample every N epochs (default: 50 without --validation_steps)", panel=OUTPUT
@@ -267,10 +272,13 @@ class TrainConfig:
     train_text_encoder_frac: float = option(1.0, panel=TEXT)
     text_encoder_lr: float = option(5e-6, panel=TEXT)
     adam_weight_decay_text_encoder: Optional[float] = option(None, panel=TEXT)
-    clip_skip: Optional[int] = option(None, panel=TEXT)
+    clip_skip: Optional[int] = option(
+        None, help="text-encoder layers skipped before the penultimate, for captions and samples (diffusers' numbering; "
+        "WebUI's 'Clip skip' is this plus 2, ComfyUI's CLIPSetLastLayer -(this + 2))", panel=TEXT,
+    )
     max_token_length: int = option(
-        75, help="75 (captions cut at CLIP's window), 150 or 225: longer captions in 75-token chunks, as ComfyUI and WebUI "
-        "encode prompts (sample with infer.py --max_token_length)", panel=TEXT,
+        75, help="75 (captions cut at CLIP's window), 150 or 225: longer captions in 75-token chunks, as ComfyUI "
+        "encodes prompts (sample with infer.py --max_token_length)", panel=TEXT,
     )
     with_prior_preservation: bool = option(False, panel=TEXT)
     class_data_dir: Optional[str] = option(None, panel=TEXT)
@@ -344,6 +352,8 @@ class IgnoredOptions:
         None, panel=DATA, refused="give --train_data_dir with caption files and N_prompt folders (kohya's DreamBooth layout)"
     )
     in_json: Optional[str] = option(None, panel=DATA, refused="captions come from caption files or a metadata.jsonl imagefolder")
+    weighted_captions: bool = option(False, panel=DATA, refused="captions are plain text here; weighting syntax in a caption "
+                                     "would be trained as text (the sample prompts take --prompt_syntax)")
     full_bf16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision bf16 autocast")
     full_fp16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision fp16 autocast")
     color_aug: bool = option(False, panel=DATA, refused="no colour augmentation here")
@@ -550,7 +560,7 @@ def make_config(options: dict) -> TrainConfig:
             f"--image_interpolation_mode {config.image_interpolation_mode!r}; choose one of {', '.join(INTERPOLATIONS)}"
         )
     block_weights(config)  # refuses malformed --down_lr_weight, --mid_lr_weight, --up_lr_weight here
-    sample_prompts(config)  # and a malformed --sample_prompts file
+    check_sample_prompts(config)  # and a malformed --sample_prompts file, or prompts its syntax cannot read
     if config.mask_dir and not Path(config.mask_dir).is_dir():
         raise UserError(f"--mask_dir {config.mask_dir!r} is not a folder")
     if config.resume_from_checkpoint and config.resume_from_checkpoint != "latest":
@@ -978,17 +988,19 @@ def flavour_options(config: TrainConfig):
 
 def read_base_model(config: TrainConfig):
     """The base as read before its weights load (`common.models.read_model`): a single file refused here when it is not
-    an SDXL base, and the flavour options checked against it; None for a hub id."""
-    from common.models import read_model
+    an SDXL base, the flavour options and --clip_skip checked against it; None for a hub id."""
+    from common.models import check_clip_skip, read_model
 
-    return read_model(config.pretrained_model_name_or_path, flavour_options(config))
+    base = read_model(config.pretrained_model_name_or_path, flavour_options(config))
+    check_clip_skip(config.clip_skip, base and base.text_encoder_layers, config.pretrained_model_name_or_path)
+    return base
 
 
 def load_models(config: TrainConfig, accelerator, base=None):
     """The pipeline's frozen parts, in the compute dtype; the VAE in fp32 unless a fp16-safe one is named."""
     import torch
 
-    from common.models import load_sdxl_pipeline, load_vae, quiet_libraries
+    from common.models import check_clip_skip, load_sdxl_pipeline, load_vae, quiet_libraries
 
     hub_options = {"revision": config.revision, "variant": config.variant, "cache_dir": config.cache_dir}
     hub_options = {k: v for k, v in hub_options.items() if v is not None}
@@ -1000,6 +1012,8 @@ def load_models(config: TrainConfig, accelerator, base=None):
     )
     if config.pretrained_vae_model_name_or_path:
         pipe.vae = load_vae(config.pretrained_vae_model_name_or_path, base, torch.float32)
+    check_clip_skip(config.clip_skip, (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers),
+                    config.pretrained_model_name_or_path)  # a hub model's depths are known only now
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     with quiet_libraries():
@@ -1272,7 +1286,7 @@ def encode_captions(tokenizers, encoders, captions: list[str], clip_skip: int | 
     """SDXL's prompt encoding through the (possibly wrapped, possibly training) encoders: the penultimate
     (or clip_skip-th from last) hidden state of both encoders side by side, and the second one's pooled
     projection, as diffusers' StableDiffusionXLPipeline.encode_prompt computes them for 75 tokens; longer captions
-    (--max_token_length 150 or 225) in 75-token chunks as ComfyUI and WebUI encode them when sampling
+    (--max_token_length 150 or 225) in 75-token chunks as ComfyUI encodes them when sampling
     (common/long_prompts.py), so the LoRA meets at use the encoding it was trained with."""
     from common.long_prompts import encode_long_prompts
 
@@ -2138,6 +2152,18 @@ def divergence_error(config: TrainConfig, step: int, loss: float | None, last_fi
     return UserError(f"training diverged: {what}{last}; likely cause: {cause}; {resume}; no LoRA file was written")
 
 
+def check_sample_prompts(config: TrainConfig) -> None:
+    """The sample prompts read as the gallery will read them (--prompt_syntax), before anything loads."""
+    from common.prompt_syntax import check_prompt_syntax, check_prompts
+
+    check_prompt_syntax(config.prompt_syntax, config.emphasis)
+    prompts = sample_prompts(config)
+    texts = [text for sample in prompts for text in (sample.prompt, sample.negative_prompt) if text]
+    weighted = check_prompts(texts, config.prompt_syntax)
+    if weighted:
+        logger.warning(weighted)
+
+
 def sample_prompts(config: TrainConfig) -> list:
     """The prompts sampled during training: each --validation_prompt, then the lines of --sample_prompts."""
     from common.gallery import SamplePrompt, read_prompt_file
@@ -2204,6 +2230,9 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, pro
             webui_sampler="default",
             model=config.pretrained_model_name_or_path,
             max_token_length=config.max_token_length,
+            prompt_syntax=config.prompt_syntax,
+            emphasis=config.emphasis,
+            clip_skip=config.clip_skip,
         )
         negative = expand_abstractions(sample.negative_prompt, config.token_map) if sample.negative_prompt else None
         jobs = plan_jobs([expand_abstractions(sample.prompt, config.token_map)], negative_prompt=negative,

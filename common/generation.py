@@ -45,6 +45,10 @@ class SamplingSettings:
     model: str = ""
     max_token_length: int = CLIP_WINDOW  # longer prompts cut there; a multiple of it: encoded in chunks
     adapters: dict[str, str] = field(default_factory=dict)  # LoRAs, embeddings: shown as given
+    prompt_syntax: str = "plain"  # common.prompt_syntax: plain, webui, comfyui
+    emphasis: str = "original"  # WebUI's emphasis mode, with prompt_syntax webui
+    clip_skip: int | None = None  # diffusers' numbering
+    embedding_names: dict[str, str] = field(default_factory=dict)  # a loaded embedding's file stem -> its tokens
 
 
 def plan_jobs(
@@ -88,11 +92,37 @@ def webui_parameters(job: ImageJob, settings: SamplingSettings) -> str:
         # beside WebUI's other text-encoding fields (Clip skip, Emphasis, Pad conds), and only where it departs from
         # the default, so that a resumed run can tell images encoded otherwise
         "Max token length": settings.max_token_length if settings.max_token_length != CLIP_WINDOW else "",
+        # WebUI's numbering (its SDXL default 2 is diffusers' None), written, as WebUI writes it, only when set
+        "Clip skip": settings.clip_skip + 2 if settings.clip_skip is not None else "",
+        "Prompt syntax": settings.prompt_syntax if settings.prompt_syntax != "plain" else "",
+        # WebUI writes its emphasis mode where it is not the default
+        "Emphasis": "No norm" if settings.prompt_syntax == "webui" and settings.emphasis == "no_norm" else "",
         **settings.adapters,
     }
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value != "")
     negative = f"\nNegative prompt: {job.negative_prompt}" if job.negative_prompt else ""
     return f"{job.prompt}{negative}\n{line}"
+
+
+# a `Key: value` field of WebUI's parameters line, the value plain or a JSON string (WebUI's own pattern's shape)
+_PARAMETER_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_parameters(text: str) -> tuple[str, str | None, dict[str, str]] | None:
+    """(prompt, negative prompt, fields) of a WebUI `parameters` text (what `webui_parameters` writes and WebUI's PNG
+    Info shows: the prompt, an optional "Negative prompt:" part, and a last line of `Key: value` fields holding
+    "Steps"); None for text that is not one."""
+    lines = text.strip().splitlines()
+    if len(lines) < 2 or not lines[-1].lstrip().startswith("Steps: "):
+        return None
+    fields = {key.strip(): json.loads(value) if value.startswith('"') else value.strip()
+              for key, value in _PARAMETER_FIELD.findall(lines[-1])}
+    body = lines[:-1]
+    negative_at = next((i for i, line in enumerate(body) if line.startswith("Negative prompt: ")), None)
+    if negative_at is None:
+        return "\n".join(body), None, fields
+    negative = "\n".join(body[negative_at:]).removeprefix("Negative prompt: ")
+    return "\n".join(body[:negative_at]), negative, fields
 
 
 def _quote(value) -> str:
@@ -189,10 +219,12 @@ def run_batch(pipe, batch: list[ImageJob], settings: SamplingSettings):
     negative = [job.negative_prompt or "" for job in batch] if any(job.negative_prompt for job in batch) else None
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
     with torch.inference_mode(), quiet_libraries():  # diffusers' own truncation note would repeat ours every batch
-        if settings.max_token_length == CLIP_WINDOW:
-            text = {"prompt": prompts, "negative_prompt": negative}
+        if settings.max_token_length == CLIP_WINDOW and settings.prompt_syntax == "plain":
+            text = {"prompt": prompts, "negative_prompt": negative, "clip_skip": settings.clip_skip}
         else:
-            text = pipeline_prompt_embeds(pipe, prompts, negative, max_token_length=settings.max_token_length)
+            text = pipeline_prompt_embeds(pipe, prompts, negative, max_token_length=settings.max_token_length,
+                                          syntax=settings.prompt_syntax, emphasis=settings.emphasis,
+                                          clip_skip=settings.clip_skip, embeddings=settings.embedding_names)
         arrays = pipe(
             **text,
             width=settings.width,

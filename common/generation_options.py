@@ -18,6 +18,7 @@ from common.generation import MIN_IMAGE_SIDE, SamplingSettings
 from common.long_prompts import CLIP_WINDOW, check_max_token_length
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
 from common.flavours import PREDICTION_TYPES
+from common.prompt_syntax import check_prompt_syntax
 from common.models import BASE_FORMULATIONS, FlavourOptions, read_model
 from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
 
@@ -61,7 +62,21 @@ class GenerationOptions:
     scheduler: str = option("default", panel=SAMPLING, help=", ".join(SCHEDULER_NAMES))
     max_token_length: int = option(CLIP_WINDOW, panel=SAMPLING,
                                    help="75: prompts cut at CLIP's 75 tokens, as diffusers cuts them; 150, 225, ...: "
-                                        "long prompts encoded in 75-token chunks up to this length, as ComfyUI and WebUI do")
+                                        "long prompts encoded in 75-token chunks up to this length (ComfyUI's chunks, or "
+                                             "WebUI's with --prompt_syntax webui)")
+    prompt_syntax: Optional[str] = option(None, panel=SAMPLING,
+                                          help="how prompts are read: plain (default: text, as diffusers reads it), webui "
+                                               "((x) x1.1, [x] /1.1, (x:w), nesting multiplies, BREAK) or comfyui ((x:w) "
+                                               "replaces outer weights, [x] is text, embedding:NAME), each with its UI's "
+                                               "chunking and weighting")
+    emphasis: Optional[str] = option(None, panel=SAMPLING,
+                                     help="with --prompt_syntax webui: original (default: weights, then each chunk rescaled "
+                                          "to its unweighted mean) or no_norm (weights only), WebUI's two modes")
+    clip_skip: Optional[int] = option(None, panel=SAMPLING,
+                                      help="text-encoder layers skipped before the penultimate (diffusers' and train_lora's "
+                                           "numbering: 1 reads the third-last layer). WebUI's and Forge's 'Clip skip' is this "
+                                           "plus 2 (their SDXL default 2 is the penultimate); ComfyUI's CLIPSetLastLayer is "
+                                           "-(this + 2)")
     eta: Optional[float] = option(None, panel=SAMPLING,
                                   help="stochasticity of DDIM-like steps; TCD's gamma (default 0.3 for tcd, else 0)")
     lora: Optional[list[str]] = option(None, panel=ADAPTERS, help="PATH[:WEIGHT], diffusers or kohya format; repeat to combine")
@@ -88,6 +103,11 @@ class GenerationOptions:
             raise UserError(f"--guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.guidance_rescale is not None and not 0 <= self.guidance_rescale <= 1:
             raise UserError(f"--guidance_rescale must be in [0, 1] (0.7 is the paper's), got {self.guidance_rescale}")
+        check_prompt_syntax(self.prompt_syntax or "plain", self.emphasis or "original")
+        if self.emphasis is not None and (self.prompt_syntax or "plain") != "webui":
+            raise UserError(f"--emphasis {self.emphasis} is WebUI's; it applies with --prompt_syntax webui")
+        if self.clip_skip is not None and self.clip_skip < 0:
+            raise UserError(f"--clip_skip must be >= 0 (layers skipped before the penultimate), got {self.clip_skip}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"--prediction_type {self.prediction_type!r}; use {' or '.join(PREDICTION_TYPES)}")
         if self.dtype != "auto":
@@ -136,22 +156,40 @@ def lora_specs(
     return specs
 
 
+def check_generation_prompts(config: GenerationOptions, prompts: list[str]) -> None:
+    """The prompts (and the negative prompt) read by the run's syntax before anything loads: WebUI's per-step constructs
+    and ComfyUI embedding names no --embedding file has refused by name; with plain text, one warning line when a
+    prompt holds weighting syntax."""
+    from common.prompt_syntax import check_prompts
+
+    weighted = check_prompts([*prompts, *([config.negative_prompt] if config.negative_prompt else [])], config.prompt_syntax or "plain",
+                             [spec.path.stem for spec in config.embeddings])
+    if weighted:
+        typer.echo(f"warning: {weighted}", err=True)
+
+
 def read_generation_model(config: GenerationOptions):
     """The model read before anything loads or is created (`common.models.read_model`): a file that is no SDXL base,
-    or flavour options it cannot take, are refused here."""
-    return read_model(config.model, config.flavour_options)
+    flavour options it cannot take, or a --clip_skip deeper than its text encoders, are refused here."""
+    from common.models import check_clip_skip
+
+    reading = read_model(config.model, config.flavour_options)
+    check_clip_skip(config.clip_skip, reading and reading.text_encoder_layers, config.model)
+    return reading
 
 
 def prepare_pipeline(config: GenerationOptions, device_name: str | None = None, reading=None):
     """Load the model with its scheduler and adapters on its device; (pipeline, sampling settings).
     `device_name` overrides config.device (a distributed launch gives each process its own); `reading` is the
     model's `read_generation_model`, when already made."""
-    from common.models import decide_base_formulation, load_sdxl_pipeline, load_vae
+    from common.models import check_clip_skip, decide_base_formulation, load_sdxl_pipeline, load_vae
     from common.schedulers import make_scheduler
 
     device, dtype = resolve_device_and_dtype(config, device_name)
     reading = reading or read_generation_model(config)
     pipe = load_sdxl_pipeline(config.model, dtype, flavour=reading or config.flavour_options, say=typer.echo)
+    check_clip_skip(config.clip_skip, (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers),
+                    config.model)  # a hub model's depths are known only now
     if config.vae:
         pipe.vae = load_vae(config.vae, reading, dtype)
     edm, _ = decide_base_formulation(pipe.scheduler.config, config.base_formulation)  # the load said how it read it
@@ -182,7 +220,14 @@ def sampling_settings(pipe, options: GenerationOptions) -> SamplingSettings:
         model=Path(options.model).name or options.model,
         max_token_length=options.max_token_length,
         adapters=adapter_description(options),
+        prompt_syntax=options.prompt_syntax or "plain",
+        emphasis=options.emphasis or "original",
+        clip_skip=options.clip_skip,
+        embedding_names=getattr(pipe, EMBEDDING_NAMES, {}),
     )
+
+
+EMBEDDING_NAMES = "_embedding_names"  # on a pipeline: each loaded embedding's file stem -> its tokens
 
 
 def default_guidance_rescale(scheduler_config) -> float:
@@ -206,9 +251,12 @@ def load_adapters(pipe, config: GenerationOptions) -> None:
     from common.lora_formats import load_loras
     from common.tokens import load_embedding
 
+    names = pipe.__dict__.setdefault(EMBEDDING_NAMES, {})
     for spec in config.embeddings:
         tokens = load_embedding(pipe, spec)
-        typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt")
+        names[spec.path.name.removesuffix(".safetensors").removesuffix("_emb")] = "".join(tokens)
+        typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt (or its name, as the UIs do, with "
+                   "--prompt_syntax webui or embedding:NAME with comfyui)")
     load_loras(pipe, config.loras)
     for spec in config.loras:
         if spec.weight == 0:

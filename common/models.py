@@ -131,6 +131,7 @@ class ModelReading:
     notes: tuple[str, ...] = ()  # one line each: how an ambiguous config was read
     weights_dtype: str | None = None  # the precision its UNet is stored in, e.g. "float16" (None: unknown, a hub model)
     scheduler_config: dict | None = None  # the scheduler config it is sampled and trained with, flavour applied
+    text_encoder_layers: tuple[int, ...] | None = None  # each text encoder's depth (None: unknown, a hub model)
 
     def line(self) -> str:
         """The start-up line: what was read and why, and what the options changed."""
@@ -161,17 +162,32 @@ def read_model(name_or_path: str, options: FlavourOptions = FlavourOptions(), wh
         flavour = _override_single_file(info.reading.flavour, options)
         published = PLAYGROUND_V25_SCHEDULER_CONFIG if flavour.edm else SDXL_SCHEDULER_CONFIG
         return ModelReading(name_or_path, location, info, info.reading, flavour, weights_dtype=info.dtype,
-                            scheduler_config=scheduler_config_for(flavour, published))
+                            scheduler_config=scheduler_config_for(flavour, published),
+                            text_encoder_layers=tuple(c["num_hidden_layers"] for c in info.architecture.text_encoders))
     folder = Path(location)
     if not folder.is_dir():
         return None
     try:
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    except (OSError, ValueError) as error:
+        layers = tuple(json.loads((folder / part / "config.json").read_text())["num_hidden_layers"]
+                       for part in ("text_encoder", "text_encoder_2"))
+    except (OSError, ValueError, KeyError) as error:
         raise UserError(f"could not read the configs of model {name_or_path!r}: {error}") from None
     reading = reading_of_configs(name_or_path, location, scheduler_config, vae_config, options)
-    return dataclasses.replace(reading, weights_dtype=_stored_dtype(folder / "unet"))
+    return dataclasses.replace(reading, weights_dtype=_stored_dtype(folder / "unet"), text_encoder_layers=layers)
+
+
+def check_clip_skip(clip_skip: int | None, layers: tuple[int, ...] | None, model: str) -> None:
+    """--clip_skip against the text encoders' depths (`layers`; None: not known yet). A CLIP encoder of L layers has
+    L + 1 hidden states (the token embeddings, then each layer's), so at most L - 1 layers can be skipped before the
+    penultimate; deeper, diffusers and the UIs fail with an index error."""
+    if clip_skip is None or not layers:
+        return
+    deepest = min(layers) - 1
+    if clip_skip > deepest:
+        raise UserError(f"--clip_skip {clip_skip} (WebUI's Clip skip {clip_skip + 2}): the text encoders of {model!r} have {' and '.join(map(str, layers))} layers, "
+                        f"so at most {deepest} can be skipped before the penultimate (WebUI's Clip skip {deepest + 2})")
 
 
 def _stored_dtype(folder: Path) -> str | None:

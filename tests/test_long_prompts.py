@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from common.generation import ImageJob, SamplingSettings, run_batch
-from common.long_prompts import (chunk_token_groups, count_cut_tokens, encode_long_prompts, pipeline_prompt_embeds,
-                                 prompt_chunks)
+from common.long_prompts import count_cut_tokens, encode_long_prompts, pipeline_prompt_embeds, prompt_chunks
+from common.prompt_syntax import Tokens, comfyui_chunks
 from helpers import load_pipe, parse_webui_parameters, run_cli
 
 PHRASE = "a photo of a dog on the beach, golden hour, "  # 12 tokens
@@ -108,7 +108,7 @@ def test_group_chunking_is_comfyuis_loop_for_groups_of_every_length():
         groups = [[rng.randrange(1, 49000) for _ in range(rng.choice([1, 3, 7, 8, 9, 20, 74, 75, 76, 90]))]
                   for _ in range(rng.randrange(0, 12))]
         expected = comfyui_reshape([list(g) for g in groups], 49406, 49407, 0)
-        ours = chunk_token_groups(groups, start=49406, end=49407, pad=0)
+        ours = [ids for ids, weights in comfyui_chunks([(g, 1.0) for g in groups], Tokens(start=49406, end=49407, pad=0, comma=267))]
         assert ours == expected, f"trial {trial}: group lengths {[len(g) for g in groups]}"
         assert all(len(chunk) == 77 for chunk in ours)
 

@@ -228,7 +228,7 @@ def test_captions_prompt_files_and_metadata_in_any_common_encoding_read_as_their
     assert captions == {"image_0.png": "a photo of sks dog, café", "image_1.png": "from metadata"}
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(bom + "a dog --s 2\n".encode(encoding))
-    assert read_prompt_file(prompts)[0].prompt == "a dog" and read_prompts(None, prompts) == ["a dog --s 2"]
+    assert read_prompt_file(prompts)[0].prompt == "a dog" and read_prompts(None, prompts, None)[0] == ["a dog --s 2"]
 
 
 def test_a_utf16_file_without_its_mark_is_refused_naming_the_byte(tmp_path):
