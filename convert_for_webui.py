@@ -6,21 +6,25 @@
     python convert_for_webui.py out/my_dog/pytorch_lora_weights.safetensors --name my_dog --out exported/
 
 The LoRA becomes one kohya-format file (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` with the trained
-alpha per layer, so alpha / rank reproduces the trained strength) with kohya and modelspec metadata;
-the embedding becomes NAME.safetensors with `clip_l` and `clip_g`. The prompts to use in each UI are
-printed.
+alpha per layer, so alpha / rank reproduces the trained strength) with kohya's, ModelSpec's and the hash
+metadata the UIs read (`common.lora_metadata`): the training facts the source carries go with it, its name,
+title and hashes are the new file's; --no_metadata writes kohya's minimum only. The embedding becomes
+NAME.safetensors with `clip_l` and `clip_g`. The prompts to use in each UI are printed.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from common.cli import UserError, flags, run_app
 from common.files import writable_file
+
+if TYPE_CHECKING:
+    from common.lora_metadata import LoraFacts
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -46,6 +50,7 @@ def main(
     to: Annotated[str, typer.Option(*flags("to"), help="kohya (for the UIs) or diffusers (a kohya file back, for merge_lora/train)")] = "kohya",
     check: Annotated[bool, typer.Option(*flags("check"), help="only report what WebUI and ComfyUI do with a kohya LoRA or an embedding file")] = False,
     dora_native: Annotated[Optional[str], typer.Option(*flags("dora_native"), help="comfyui: write a DoRA's dora_scale for ComfyUI's loader instead of baking it (needs --model)")] = None,
+    no_metadata: Annotated[bool, typer.Option(*flags("no_metadata"), help="write only kohya's minimum metadata (network, rank, alpha, SDXL) and ModelSpec's required keys, not the training facts (dataset, tags, dates, seed, learning rates)")] = False,
 ) -> None:
     """Write the LoRA (kohya format) and the embedding where WebUI or ComfyUI look for them."""
     from common.lora_formats import lora_file, safetensors_keys
@@ -66,7 +71,7 @@ def main(
     if to == "diffusers":
         if out is None:
             raise UserError("--to diffusers writes into --out DIR")
-        to_diffusers(lora, out, force, model=model)
+        to_diffusers(lora, out, force, model=model, minimal=no_metadata)
         return
     if sum(x is not None for x in (webui_dir, comfyui_dir, out)) != 1:
         raise UserError("give exactly one of --webui_dir DIR, --comfyui_dir DIR or --out DIR")
@@ -85,7 +90,7 @@ def main(
         warn_if_ordinary_word(name)
     training_args = read_training_args(source.parent)
     export_lora(source, lora_target, name=name, training_args=training_args, model=model, rank=parse_rank(rank, max_rank),
-                dora_native=dora_native, dtype=dtype)
+                dora_native=dora_native, dtype=dtype, minimal=no_metadata)
     typer.echo(f"LoRA: {lora_target}")
     if embedding:
         export_embedding(embedding, embedding_target)
@@ -147,18 +152,14 @@ def read_training_args(folder: Path) -> dict:
 
 
 def export_lora(source: Path, target: Path, *, name: str, training_args: dict, model: str | None, rank,
-                dora_native: str | None = None, dtype=None) -> None:
-    """The kohya/LyCORIS file with kohya's `ss_*` and Stability's `modelspec.*` metadata, written atomically in `dtype`
-    (factors; alphas and dora_scale stay fp32). A diffusers LoRA or LoCon is renamed; a kohya/LyCORIS file (LoCon,
-    LoHa, LoKr: what train_lora.py writes for them) is checked layer by layer and written again; a DoRA is baked into
-    a plain LoRA first (every UI loads that; their DoRA conventions differ), or written for ComfyUI's loader
-    (`dora_native`)."""
-    from safetensors.torch import save_file
-
-    from common.files import atomic_path
-    from common.lora_formats import (
-        diffusers_lora_to_kohya, is_dora, is_kohya_format, kohya_metadata, public_model_name, safetensors_keys,
-    )
+                dora_native: str | None = None, dtype=None, minimal: bool = False) -> None:
+    """The kohya/LyCORIS file with kohya's `ss_*`, Stability's `modelspec.*` and the hash metadata (`exported_metadata`),
+    written atomically in `dtype` (factors; alphas and dora_scale stay fp32). A diffusers LoRA or LoCon is renamed; a
+    kohya/LyCORIS file (LoCon, LoHa, LoKr: what train_lora.py writes for them) is checked layer by layer and written
+    again; a DoRA is baked into a plain LoRA first (every UI loads that; their DoRA conventions differ), or written for
+    ComfyUI's loader (`dora_native`)."""
+    from common.lora_formats import diffusers_lora_to_kohya, is_dora, is_kohya_format, safetensors_keys
+    from common.lora_metadata import LoraFacts, save_lora_file
 
     keys = safetensors_keys(source, "LoRA")
     dora = is_dora(keys)
@@ -173,20 +174,64 @@ def export_lora(source: Path, target: Path, *, name: str, training_args: dict, m
         kohya, summary = diffusers_lora_to_kohya(source, base_weight=lazy_base_weights(model) if dora else None)
     kohya = cast_factors(kohya, dtype)
     rank, alpha = summary.get("unet", next(iter(summary.values())))
-    fields = {"network_args": json.dumps({"parts": sorted(summary)} | network.get("args", {})), "output_name": name,
-              "sd_model_name": public_model_name(str(training_args.get("pretrained_model_name_or_path", "")))}
-    if training_args:
-        fields["training_comment"] = json.dumps({k: training_args.get(k) for k in ("adapter", "rank", "learning_rate", "max_train_steps", "edm")})
-    metadata = kohya_metadata(rank=rank, alpha=alpha, network_module=network["network_module"], **fields) | extra_metadata | {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": name,
-        "modelspec.trigger_phrase": trigger_prompt(training_args, name, "webui") or "",
-    }
+    facts = LoraFacts(network["network_module"], rank, alpha, name, network_args={"parts": sorted(summary)} | network.get("args", {}),
+                      trigger_phrase=trigger_prompt(training_args, name, "webui"), **training_args_facts(training_args))
+    metadata = exported_metadata(source, facts, minimal=minimal) | ({} if minimal else extra_metadata)
     announce_size(target, kohya)
-    with atomic_path(target) as partial:
-        save_file(kohya, str(partial), metadata=metadata)
+    save_lora_file(target, kohya, metadata)
+
+
+# Keys an exported file states anew: what its own tensors are (network, rank, alpha), the SDXL marks, its name and the
+# trigger phrase, which names it. Every other training fact the source carries goes over as it is.
+REFRESHED_KEYS = (
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_v2", "ss_base_model_version",
+    "ss_output_name", "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
+    "modelspec.trigger_phrase",
+)
+
+
+def exported_metadata(source: Path, facts: LoraFacts, *, minimal: bool) -> dict[str, str]:
+    """The metadata of a file made from `source` (before its hashes): `lora_metadata` of the facts known here, with the
+    training facts the source carries (`carried_metadata`: its ss_* and modelspec.* keys, or its training folder's
+    kohya file's) where they are not `REFRESHED_KEYS`; a carried value naming a local path is left out, and said so.
+    `minimal` (--no_metadata): kohya's minimum only, nothing carried."""
+    import time
+    from dataclasses import replace
+
+    from common.lora_metadata import carried_metadata, lora_metadata, shareable_metadata
+
+    fresh = lora_metadata(replace(facts, made_at=time.time()), minimal=minimal)
+    if minimal:
+        return fresh
+    carried, dropped = shareable_metadata(carried_metadata(source))
+    if dropped:
+        typer.echo(f"note: not carried over from {source.name}, as they name local paths: {', '.join(dropped)}", err=True)
+    return fresh | {key: value for key, value in carried.items() if key not in REFRESHED_KEYS or key not in fresh}
+
+
+def training_args_facts(training_args: dict) -> dict:
+    """The `LoraFacts` fields a training folder's training_args.json gives (train_lora.py's options): the base model, the
+    resolution, seed and learning rates, the prediction type where it was set, and a short comment of the run; each
+    only where it holds a value of its kind (the file may come from an older run, or be edited)."""
+    import math
+
+    def number(key: str, kind: type):
+        value = training_args.get(key)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return kind(value) if numeric and (kind is float or float(value).is_integer()) else None
+
+    size = number("resolution", int)
+    facts = {
+        "base_model": training_args.get("pretrained_model_name_or_path") if isinstance(training_args.get("pretrained_model_name_or_path"), str) else None,
+        "resolution": (size, size) if size else None, "seed": number("seed", int),
+        "learning_rate": number("learning_rate", float), "text_encoder_lr": number("text_encoder_lr", float),
+        "clip_skip": number("clip_skip", int), "steps": number("max_train_steps", int),
+        "prediction_type": training_args.get("prediction_type") if training_args.get("prediction_type") in ("epsilon", "v_prediction") else None,
+    }
+    if training_args:  # JSON for every reader: a non-finite number (a diverged run's NaN) is written as null
+        comment = {k: training_args.get(k) for k in ("adapter", "rank", "learning_rate", "max_train_steps", "edm")}
+        facts["training_comment"] = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in comment.items()})
+    return facts
 
 
 def kohya_file_layers(source: Path):
@@ -390,14 +435,16 @@ def check_embedding(state: dict) -> int:
     return 1 if problems else 0
 
 
-def to_diffusers(source: Path, out: Path, force: bool, *, model: str | None = None) -> None:
+def to_diffusers(source: Path, out: Path, force: bool, *, model: str | None = None, minimal: bool = False) -> None:
     """A kohya-format LoRA as a diffusers/peft file: factors unchanged, each layer's alpha in the metadata;
-    ComfyUI dora_scales become the peft magnitudes giving the same weights (needs the base model)."""
+    ComfyUI dora_scales become the peft magnitudes giving the same weights (needs the base model). The source's
+    training facts go with it (`exported_metadata`), under its own name and title."""
     from collections import Counter
 
     from peft import LoraConfig
 
     from common.lora_formats import DIFFUSERS_LORA_FILE, is_dora, kohya_to_peft, lora_ranks, read_finite_safetensors, save_diffusers_lora
+    from common.lora_metadata import LoraFacts, add_file_metadata, carried_metadata
 
     if not source.is_file():
         raise UserError(f"--to diffusers takes a kohya .safetensors file; {str(source)!r} is not a file")
@@ -418,6 +465,14 @@ def to_diffusers(source: Path, out: Path, force: bool, *, model: str | None = No
             target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas[component], use_dora=is_dora(state),
         ).to_dict()
     save_diffusers_lora(out, states, configs)
+    all_ranks = {r for state in states.values() for r in lora_ranks(state).values()}
+    all_alphas = {a for component in alphas.values() for a in component.values()}
+    carried = carried_metadata(source)
+    name = carried.get("ss_output_name") or source.stem
+    facts = LoraFacts("networks.lora", all_ranks.pop() if len(all_ranks) == 1 else "Dynamic",  # kohya's merges' word
+                      all_alphas.pop() if len(all_alphas) == 1 else "Dynamic", name,
+                      title=carried.get("modelspec.title") or name, trigger_phrase=carried.get("modelspec.trigger_phrase"))
+    add_file_metadata(target, exported_metadata(source, facts, minimal=minimal))
     typer.echo(f"diffusers LoRA: {target}")
 
 

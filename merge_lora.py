@@ -13,8 +13,9 @@ layers with a LoHa or LoKr input are re-factorised by SVD at a practical --rank 
 added, so the file is as large as `linear`'s; or sized by an error target, P%), with each layer's relative
 error in merge_report.json; full rank only on request. Factors are written in --save_precision
 (fp16 by default, as the UIs load LoRAs) and load with diffusers' load_lora_weights (and, with --kohya, in
-WebUI and ComfyUI). The inputs are read from their files in fp32; the base model's weights are read only
-for ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
+WebUI and ComfyUI). Both files carry the metadata the UIs read (`merged_metadata`: kohya's merges' keys, the
+inputs' dataset tags, fresh hashes; --no_metadata: kohya's minimum). The inputs are read from their files in
+fp32; the base model's weights are read only for ZipLoRA's training (on --device, bf16 on a GPU) and --fuse_into.
 """
 
 from __future__ import annotations
@@ -277,6 +278,7 @@ def main(
     fuse_into: Annotated[Optional[str], typer.Option(*flags("fuse_into"), help="a model to fuse the merge into (needs --save_pipeline)")] = None,
     save_pipeline: Annotated[Optional[Path], typer.Option(*flags("save_pipeline"), help="where the fused pipeline goes")] = None,
     force: Annotated[bool, typer.Option(*flags("force"), help="replace a merge or LoRA already in --out (never an input)")] = False,
+    no_metadata: Annotated[bool, typer.Option(*flags("no_metadata"), help="write only kohya's minimum metadata (network, rank, alpha, SDXL) and ModelSpec's required keys, not the inputs' titles, datasets and tags")] = False,
 ) -> None:
     """Merge two or more SDXL LoRAs into one file that loads anywhere, or bake LoRAs into a single-file checkpoint."""
     from common.cli import parse_dtype
@@ -286,6 +288,9 @@ def main(
     specs = [parse_weighted_path(spec) for spec in lora]
     flavour = FlavourOptions(prediction_type, True if zero_terminal_snr else None)
     if into_checkpoint is not None:
+        if no_metadata:
+            raise UserError("--no_metadata applies to merged LoRA files (--out); a checkpoint (--into_checkpoint) carries "
+                            "ModelSpec's keys only: its title, resolution and what it was merged from")
         if out is not None:
             raise UserError("--into_checkpoint writes a checkpoint and --out a merged LoRA: give one of them")
         bake(model, specs, into_checkpoint, method=method, blocks=blocks, content_alpha=content_alpha, style_alpha=style_alpha,
@@ -331,6 +336,7 @@ def main(
         typer.echo(large_file_notice(size, save_precision, method))
     shapes = {name: layer.shape for lora_input in inputs for name, layer in lora_input.layers.items()}
     token_lines = write_outputs(merged, inputs, out, kohya=kohya, layers_per_block=modules["unet"].config.layers_per_block, shapes=shapes,
+                                metadata=merged_metadata(inputs, merged, out=out, model=model, minimal=no_metadata),
                                 report={"method": method, "model": model, "density": density, "rank": describe_rank(rank_choice),
                                         "save_precision": save_precision, "seed": seed, **report, **error_report(merged)})
     for line in token_lines:
@@ -769,13 +775,12 @@ def merged_embeddings(inputs: list[InputLoRA]):
 
 
 def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bool, layers_per_block: int, report: dict,
-                  shapes: dict | None = None) -> list[str]:
-    """diffusers LoRA (scale 1 per layer: alpha = rank), optional kohya copy, merged embedding, JSON report. A
-    convolution's factors take LoCon's shapes: down (r, in, kh, kw), up (out, r, 1, 1)."""
-    from safetensors.torch import save_file
-
+                  metadata: dict[str, str], shapes: dict | None = None) -> list[str]:
+    """diffusers LoRA (scale 1 per layer: alpha = rank), optional kohya copy, both with `metadata` and their hashes,
+    merged embedding, JSON report. A convolution's factors take LoCon's shapes: down (r, in, kh, kw), up (out, r, 1, 1)."""
     from common.files import atomic_path
-    from common.lora_formats import kohya_metadata, peft_lora_to_kohya, save_diffusers_lora
+    from common.lora_formats import DIFFUSERS_LORA_FILE, peft_lora_to_kohya, save_diffusers_lora
+    from common.lora_metadata import add_file_metadata, save_lora_file
     from common.tokens import save_embedding
 
     out.mkdir(parents=True, exist_ok=True)
@@ -787,9 +792,9 @@ def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bo
         states.setdefault(component, {})[f"{module}.lora_A.weight"] = down.contiguous()
         states[component][f"{module}.lora_B.weight"] = up.contiguous()
     save_diffusers_lora(out, states)
+    add_file_metadata(out / DIFFUSERS_LORA_FILE, metadata)
     if kohya:
-        with atomic_path(out / f"{out.resolve().name}.safetensors") as partial:
-            save_file(peft_lora_to_kohya(states, layers_per_block=layers_per_block), str(partial), metadata=kohya_metadata())
+        save_lora_file(out / f"{out.resolve().name}.safetensors", peft_lora_to_kohya(states, layers_per_block=layers_per_block), metadata)
     embedding, lines = merged_embeddings(inputs)
     if embedding is not None:
         save_embedding(out / f"{out.resolve().name}_emb.safetensors", *embedding)
@@ -797,6 +802,51 @@ def write_outputs(merged: dict, inputs: list[InputLoRA], out: Path, *, kohya: bo
     with atomic_path(out / "merge_report.json") as partial:
         partial.write_text(json.dumps(report, indent=2, default=str))
     return lines
+
+
+def merged_metadata(inputs: list[InputLoRA], merged: dict, *, out: Path, model: str, minimal: bool) -> dict[str, str]:
+    """The metadata of a merged LoRA (before its hashes), as kohya's merge scripts write it (networks/sdxl_merge_lora.py,
+    svd_merge_lora.py: the minimum keys with the rank and alpha, "Dynamic" where layers differ, here alpha = rank as
+    every layer is at scale 1; ModelSpec with the output's name as title and the inputs' titles as merged_from) and
+    what they drop that still holds for the merge: the inputs' dataset folders and tags (the UIs' dataset size and tag
+    list), the base model's name, and the resolution and prediction type the inputs agree on. Inputs' values naming a
+    local path are not used."""
+    import time
+
+    from common.lora_formats import lora_file
+    from common.lora_metadata import (
+        MODELSPEC_PREDICTIONS, LoraFacts, carried_metadata, folders_from_metadata, lora_metadata, shareable_metadata,
+    )
+
+    carried = [shareable_metadata(carried_metadata(lora_file(i.path)))[0] for i in inputs]
+    ranks = {layer.down.shape[0] for layer in merged.values()}
+    rank = ranks.pop() if len(ranks) == 1 else "Dynamic"
+    resolutions = {parse_modelspec_resolution(c["modelspec.resolution"]) for c in carried if "modelspec.resolution" in c} - {None}
+    predictions = {c.get("modelspec.prediction_type") for c in carried} - {None}
+    prediction = {v: k for k, v in MODELSPEC_PREDICTIONS.items()}.get(predictions.pop()) if len(predictions) == 1 else None
+    facts = LoraFacts("networks.lora", rank, rank, out.resolve().name, base_model=model, made_at=time.time(),
+                      folders=tuple(folder for c in carried for folder in folders_from_metadata(c)),
+                      resolution=resolutions.pop() if len(resolutions) == 1 else None, prediction_type=prediction,
+                      merged_from=tuple(input_title(lora_input.path, c) for lora_input, c in zip(inputs, carried)))
+    return lora_metadata(facts, minimal=minimal)
+
+
+def input_title(path: Path, metadata: dict[str, str]) -> str:
+    """An input as merged_from names it: its ModelSpec title, else its kohya output name, else its file's name without
+    the suffix (kohya's `build_merged_from`), the training folder's for a diffusers file."""
+    from common.lora_formats import DIFFUSERS_LORA_FILE, lora_file
+
+    file = lora_file(path)
+    named = file.parent.resolve().name if file.name == DIFFUSERS_LORA_FILE else file.stem
+    return metadata.get("modelspec.title") or metadata.get("ss_output_name") or named
+
+
+def parse_modelspec_resolution(text: str) -> tuple[int, int] | None:
+    """ModelSpec's "WxH" as (width, height); None where it is not two positive whole numbers."""
+    import re
+
+    found = re.fullmatch(r"([0-9]+)x([0-9]+)", text)
+    return (int(found[1]), int(found[2])) if found and int(found[1]) and int(found[2]) else None
 
 
 def bake(model: str, specs: list[tuple[Path, float]], target: Path, *, method: str, blocks: str | None, content_alpha: float,

@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,9 +30,10 @@ import typer
 from tqdm.auto import tqdm
 
 from common.cli import (
-    REQUIRED, Interrupted, UserError, config_from_options, option, options_command, parse_bool, run_app,
+    MANY_VALUED, Interrupted, UserError, config_from_options, option, options_command, parse_bool, run_app,
 )
 from common.files import atomic_folder, atomic_path
+from common.lora_layers import LORA_LAYERS_HELP
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 logger = logging.getLogger("train_lora")
@@ -39,7 +41,6 @@ logger = logging.getLogger("train_lora")
 # help panels
 MODEL, DATA, LORA, OPTIM, LOSS, OUTPUT = "Model", "Data", "LoRA", "Optimizer", "Loss", "Output"
 MEMORY, TEXT = "Memory and speed", "Pivotal tuning, text encoders, prior preservation"
-UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 OPTIMIZERS = ("adamw", "prodigy", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -50,8 +51,8 @@ class TrainConfig:
     """Every option of the command, declared once (default, help, panel); validated by make_config and saved
     as training_args.json."""
 
-    pretrained_model_name_or_path: str = option(
-        REQUIRED, "--model", "-m", help="tiny-sdxl, tiny-edm, a diffusers folder, a single-file checkpoint (.safetensors, as "
+    pretrained_model_name_or_path: Optional[str] = option(
+        None, "--model", "-m", help="tiny-sdxl, tiny-edm, a diffusers folder, a single-file checkpoint (.safetensors, as "
         "WebUI and ComfyUI keep them; its flavour is read from its keys) or a hub id", panel=MODEL
     )
     pretrained_vae_model_name_or_path: Optional[str] = option(
@@ -74,6 +75,16 @@ class TrainConfig:
     keep_tokens: int = option(0, help="with --shuffle_caption and tag dropout: the first N tags stay in place", panel=DATA)
     caption_dropout_rate: float = option(0.0, help="train this share of examples unconditioned (an empty caption)", panel=DATA)
     caption_tag_dropout_rate: float = option(0.0, help="drop each tag after --keep_tokens with this probability", panel=DATA)
+    caption_dropout_every_n_epochs: int = option(0, help="kohya's: every Nth epoch trains every caption empty", panel=DATA)
+    caption_prefix: Optional[str] = option(None, help="kohya's: text put before every caption (before shuffling)", panel=DATA)
+    caption_suffix: Optional[str] = option(None, help="kohya's: text put after every caption", panel=DATA)
+    caption_separator: str = option(",", help="kohya's: what separates a caption's tags", panel=DATA)
+    keep_tokens_separator: Optional[str] = option(
+        None, help="kohya's: the tags before it (and after a second one) stay in place, instead of --keep_tokens", panel=DATA)
+    secondary_separator: Optional[str] = option(
+        None, help="kohya's: joins parts into one tag for shuffling and dropout; written as --caption_separator", panel=DATA)
+    enable_wildcard: bool = option(False, help="kohya's: a caption file's lines are alternatives (one drawn each time) and "
+                                   "{a|b} picks one", panel=DATA)
     prefix_instance_prompt: bool = option(False, help="put --instance_prompt before each caption file's caption", panel=DATA)
     masked_loss: bool = option(
         False, "--alpha_mask", help="weight the loss by a mask: the image's alpha channel, or its file in --mask_dir", panel=DATA
@@ -88,15 +99,33 @@ class TrainConfig:
     caption_column: Optional[str] = option(None, help="per-image captions", panel=DATA)
     repeats: int = option(1, help="how often an epoch shows each image (times an N_prompt folder's N)", panel=DATA)
     resolution: int = option(
-        1024, help="side of the square (or the bucket area's side); kohya's 1024,1024 is read as 1024", panel=DATA,
-        cli_type=str, parse=lambda name, value: parse_square_resolution(value),
+        1024, help="side of the square (or the bucket area's side); kohya's W,H trains W x H images (buckets at that area)",
+        panel=DATA, cli_type=str, parse=lambda name, value: area_side(parse_resolution(value)),
     )
     center_crop: bool = option(False, panel=DATA)
     random_flip: bool = option(False, "--flip_aug", panel=DATA)
     image_interpolation_mode: str = option(
         "lanczos", help="lanczos, bicubic, bilinear, nearest, box, hamming", panel=DATA
     )
-    aspect_buckets: bool = option(False, "--enable_bucket", help="train each image at the SDXL bucket of its aspect ratio", panel=DATA)
+    aspect_buckets: bool = option(False, "--enable_bucket", help="train each image at the bucket of its aspect ratio: SDXL's "
+                                  "published ones, or kohya's with any of the bucket options below", panel=DATA)
+    min_bucket_reso: Optional[int] = option(None, help="kohya's buckets: the smallest side (default 256)", panel=DATA)
+    max_bucket_reso: Optional[int] = option(None, help="kohya's buckets: the largest side (default 1024)", panel=DATA)
+    bucket_reso_steps: Optional[int] = option(None, help="kohya's buckets: sides are multiples of this (default 64)", panel=DATA)
+    bucket_no_upscale: bool = option(False, help="kohya's buckets: a small image gets a smaller bucket instead of being "
+                                     "enlarged", panel=DATA)
+    dataset_config: Optional[str] = option(
+        None, help="kohya's dataset TOML (or JSON): [general], [[datasets]] with their own resolution and batch size, "
+        "[[datasets.subsets]] each with its folder, repeats, caption options and is_reg", panel=DATA)
+    reg_data_dir: Optional[str] = option(
+        None, help="kohya's regularisation folder of N_class folders: trained in the instance batches at --prior_loss_weight, "
+        "repeated or trimmed to the instance images as kohya does", panel=DATA)
+    validation_split: float = option(0.0, help="hold this share of each dataset's images out of training for the validation "
+                                     "loss (kohya's)", panel=DATA)
+    validation_seed: Optional[int] = option(None, help="the seed of which images are held out (default --seed)", panel=DATA)
+    validate_every_n_steps: Optional[int] = option(None, help="the validation loss every N steps (default: after every "
+                                                   "epoch, with --validation_split)", panel=DATA)
+    validate_every_n_epochs: Optional[int] = option(None, help="the validation loss after every N epochs", panel=DATA)
     skip_bad_images: bool = option(False, help="skip unreadable images with a warning", panel=DATA)
     train_batch_size: int = option(4, panel=DATA)
     num_train_epochs: int = option(1, "--max_train_epochs", panel=DATA)
@@ -125,6 +154,8 @@ class TrainConfig:
         None, help="comma-separated blocks, e.g. unet.up_blocks.0.attentions.0", panel=LORA
     )
     use_blora: bool = option(False, help="B-LoRA: only the content and style blocks", panel=LORA)
+    lora_layers: Optional[str] = option(None, help=LORA_LAYERS_HELP + " (default attn; kohya's attn-mlp with kohya's "
+                                        "--network_module or --network_dim)", panel=LORA)
     init_lora: Optional[str] = option(
         None, "--network_weights", help="start the UNet LoRA from this one (diffusers or kohya file or folder)", panel=LORA
     )
@@ -157,6 +188,7 @@ class TrainConfig:
     prodigy_decouple: bool = option(True, help="True/False", panel=OPTIM, cli_type=str, parse=parse_bool)
     prodigy_use_bias_correction: bool = option(True, help="True/False", panel=OPTIM, cli_type=str, parse=parse_bool)
     prodigy_safeguard_warmup: bool = option(True, help="True/False", panel=OPTIM, cli_type=str, parse=parse_bool)
+    prodigy_d_coef: float = option(1.0, help="Prodigy's multiplier of its estimated step size (kohya users' d_coef)", panel=OPTIM)
     max_grad_norm: float = option(1.0, panel=OPTIM)
     lr_scheduler: str = option("constant", help=", ".join(LR_SCHEDULERS), panel=OPTIM)
     lr_warmup_steps: int = option(500, panel=OPTIM)
@@ -226,7 +258,23 @@ class TrainConfig:
     allow_tf32: bool = option(False, panel=MEMORY)
     torch_compile: bool = option(False, panel=MEMORY)
     output_dir: str = option("lora-dreambooth-model", "-o", panel=OUTPUT)
-    checkpointing_steps: int = option(500, "--save_every_n_steps", panel=OUTPUT)
+    checkpointing_steps: int = option(500, help="save the whole training state (for --resume_from_checkpoint) every N steps",
+                                      panel=OUTPUT)
+    output_name: Optional[str] = option(None, help="the adapter files' name (default: --output_dir's own folder name)",
+                                        panel=OUTPUT)
+    save_every_n_epochs: Optional[int] = option(
+        None, help="also write the adapter as NAME-000004.safetensors after every N epochs (kohya's; not after the last: "
+        "that is NAME.safetensors)", panel=OUTPUT)
+    save_every_n_steps: Optional[int] = option(
+        None, help="also write the adapter as NAME-step00000100.safetensors every N steps (kohya's)", panel=OUTPUT)
+    save_last_n_epochs: Optional[int] = option(
+        None, help="keep only the last N epoch files (kohya's: a count of files)", panel=OUTPUT)
+    save_last_n_steps: Optional[int] = option(
+        None, help="keep only the step files of the last N steps (kohya's: a span of steps, not a count)", panel=OUTPUT)
+    save_precision: Optional[str] = option(
+        None, help="float, fp16 or bf16: the precision of every adapter file written (default: float32)", panel=OUTPUT)
+    no_metadata: bool = option(False, help="write only the minimum of kohya's metadata into the adapter files (no dataset, "
+                               "tags, buckets or times)", panel=OUTPUT)
     checkpoints_total_limit: Optional[int] = option(None, panel=OUTPUT)
     resume_from_checkpoint: Optional[str] = option(None, "--resume", help="latest or a checkpoint folder", panel=OUTPUT)
     force: bool = option(
@@ -289,19 +337,45 @@ class TrainConfig:
     prior_generation_precision: Optional[str] = option(None, panel=TEXT)
     # abstraction -> its new tokens; filled in by pivotal tuning, recorded in training_args.json
     token_map: dict = field(default_factory=dict)
+    # (width, height) of --resolution W,H where it is no square; None: resolution x resolution
+    training_size: Optional[tuple] = None
+    # the run's options as config.toml holds them (common.config_file); written beside the LoRA, not into training_args.json
+    configuration: str = field(default="", repr=False, metadata={"recorded": False})
 
 
-def parse_square_resolution(value) -> int:
-    """--resolution N, or kohya's "N,N" (a square); another shape is refused: images here are squares or SDXL buckets."""
+def recorded(config: TrainConfig) -> dict:
+    """The config as training_args.json and the trackers record it."""
+    fields = {f.name for f in dataclasses.fields(config) if f.metadata.get("recorded", True)}
+    return {k: v for k, v in asdict(config).items() if k in fields}
+
+
+@dataclass
+class ConfigFiles:
+    """kohya's --config_file and --output_config (common.config_file)."""
+
+    config_file: Optional[str] = option(
+        None, help="a TOML file of options beneath the command line (kohya's: sections flattened, its option names read "
+        "as ours; a run's own config.toml re-runs it)", panel=OUTPUT,
+    )
+    output_config: bool = option(False, help="write the options that differ from their defaults to --config_file and stop",
+                                 panel=OUTPUT)
+
+
+def parse_resolution(value) -> tuple[int, int]:
+    """--resolution N, or kohya's "W,H": (width, height) in pixels."""
     parts = [p.strip() for p in str(value).split(",")]
     try:
         sides = [int(p) for p in parts]
     except ValueError:
-        raise UserError(f"--resolution {value!r} is not a number of pixels, e.g. 1024") from None
-    if len(sides) > 2 or len(set(sides)) != 1:
-        raise UserError(f"--resolution {value!r}: give one side ({sides[0]}); images are that square or, with --aspect_buckets "
-                        "(kohya's --enable_bucket), the SDXL bucket of their aspect ratio at that area")
-    return sides[0]
+        raise UserError(f"--resolution {value!r} is not a number of pixels, e.g. 1024 or 1024,768") from None
+    if len(sides) > 2:
+        raise UserError(f"--resolution {value!r}: one side (1024) or width,height (1024,768)")
+    return (sides[0], sides[-1])
+
+
+def area_side(size: tuple[int, int]) -> int:
+    """The side of the square of a (width, height)'s area: what buckets and samples are sized by."""
+    return size[0] if size[0] == size[1] else round(math.sqrt(size[0] * size[1]) / 8) * 8
 
 
 @dataclass
@@ -321,36 +395,23 @@ class IgnoredOptions:
         -1, panel=OUTPUT, help="set by launchers; accelerate reads the process's rank from the environment"
     )
     # kohya's sd-scripts flags whose meaning differs here: refused with the option that does it
-    output_name: Optional[str] = option(
-        None, panel=OUTPUT, refused="the files are named after --output_dir's own folder; give that folder this name"
-    )
+    # kohya's network and optimizer options, read into ours (common.kohya_options)
     network_module: Optional[str] = option(
-        None, panel=LORA, refused="use --adapter lora|loha|lokr (LoCon: --adapter lora with --conv_rank)"
+        None, panel=LORA, help="kohya's: networks.lora (LoRA, LoCon with conv_dim) or lycoris.kohya (with algo=locon|loha|lokr)"
     )
     network_args: Optional[list[str]] = option(
-        None, panel=LORA, refused="use --adapter, --conv_rank, --conv_alpha, --rank_dropout, --module_dropout, "
-        "--use_tucker, --lokr_factor, --decompose_both, --loraplus_lr_ratio and --down_lr_weight/--mid_lr_weight/--up_lr_weight",
+        None, panel=LORA, help="kohya's key=value settings of --network_module: algo, preset, conv_dim, conv_alpha, dropout, "
+        "rank_dropout, module_dropout, use_tucker, factor, decompose_both, loraplus_lr_ratio, down/mid/up_lr_weight",
     )
     network_dropout: Optional[float] = option(
         None, panel=LORA, refused="kohya drops a LoRA's hidden units, peft its inputs: --lora_dropout is the nearest"
     )
-    optimizer_type: Optional[str] = option(
-        None, panel=OPTIM, refused="use --optimizer adamw|prodigy|adafactor (and --use_8bit_adam)"
-    )
+    optimizer_type: Optional[str] = option(None, panel=OPTIM, help="kohya's: AdamW, AdamW8bit, Prodigy or Adafactor")
     optimizer_args: Optional[list[str]] = option(
-        None, panel=OPTIM, refused="the optimizers' settings are options here: --adam_beta1, --adam_weight_decay, --prodigy_* ..."
-    )
-    save_every_n_epochs: Optional[int] = option(None, panel=OUTPUT, refused="checkpoints are taken every --checkpointing_steps steps")
-    save_precision: Optional[str] = option(
-        None, panel=OUTPUT, refused="the LoRA files are float32; convert_for_webui.py writes fp16 exports for the UIs"
+        None, panel=OPTIM, help="kohya's key=value settings of --optimizer_type: weight_decay, eps, betas, and Prodigy's "
+        "decouple, use_bias_correction, safeguard_warmup"
     )
     save_model_as: str = option("safetensors", panel=OUTPUT, refused="every file is written as safetensors")
-    reg_data_dir: Optional[str] = option(
-        None, panel=TEXT, refused="prior preservation is --with_prior_preservation --class_data_dir DIR --class_prompt TEXT"
-    )
-    dataset_config: Optional[str] = option(
-        None, panel=DATA, refused="give --train_data_dir with caption files and N_prompt folders (kohya's DreamBooth layout)"
-    )
     in_json: Optional[str] = option(None, panel=DATA, refused="captions come from caption files or a metadata.jsonl imagefolder")
     weighted_captions: bool = option(False, panel=DATA, refused="captions are plain text here; weighting syntax in a caption "
                                      "would be trained as text (the sample prompts take --prompt_syntax)")
@@ -358,9 +419,6 @@ class IgnoredOptions:
     full_fp16: bool = option(False, panel=MEMORY, refused="the adapter trains in float32 under --mixed_precision fp16 autocast")
     color_aug: bool = option(False, panel=DATA, refused="no colour augmentation here")
     network_train_text_encoder_only: bool = option(False, panel=LORA, refused="the UNet adapter always trains")
-    min_bucket_reso: Optional[int] = option(None, panel=DATA, refused="buckets are SDXL's list at --resolution's area")
-    max_bucket_reso: Optional[int] = option(None, panel=DATA, refused="buckets are SDXL's list at --resolution's area")
-    bucket_reso_steps: Optional[int] = option(None, panel=DATA, refused="buckets are SDXL's list at --resolution's area")
     # kohya's flags that change nothing here: accepted with a warning
     xformers: bool = option(False, panel=MEMORY, no_effect="PyTorch's scaled-dot-product attention is always used")
     sdpa: bool = option(False, panel=MEMORY, no_effect="PyTorch's scaled-dot-product attention is always used")
@@ -378,10 +436,132 @@ class IgnoredOptions:
     lowram: bool = option(False, panel=MEMORY, no_effect="memory is managed the same way on every device")
 
 
-@options_command(app, TrainConfig, IgnoredOptions)
+# kohya's flags that take several values after one flag
+setattr(app, MANY_VALUED, ("--network_args", "--optimizer_args"))
+
+
+@options_command(app, TrainConfig, IgnoredOptions, ConfigFiles)
 def main(**options) -> None:
     """Train a DreamBooth LoRA (or DoRA) on an SDXL-family model; EDM bases train with EDM automatically."""
-    train(make_config(options))
+    options = with_config_file(options)
+    config = make_config(options)
+    config.configuration = configuration_text(options)
+    if options["output_config"]:
+        write_output_config(options["config_file"], config.configuration)
+        return
+    train(config)
+
+
+def check_data_sources(config: TrainConfig) -> None:
+    """The data options that exclude each other, and kohya's bucket options checked (common.buckets)."""
+    if config.dataset_config:
+        others = [f"--{name}" for name in ("instance_data_dir", "dataset_name", "reg_data_dir", "mask_dir") if getattr(config, name)]
+        if others:
+            raise UserError(f"--dataset_config holds the folders (image_dir, is_reg, conditioning_data_dir per subset); "
+                            f"{', '.join(others)} cannot go with it")
+    if config.reg_data_dir and config.dataset_name:
+        raise UserError("--reg_data_dir goes with --instance_data_dir (kohya's --train_data_dir), not --dataset_name")
+    if not 0 <= config.validation_split < 1 or math.isnan(config.validation_split):
+        raise UserError(f"--validation_split must be in [0, 1), got {config.validation_split}")
+    for name in ("validate_every_n_steps", "validate_every_n_epochs"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise UserError(f"--{name} must be a whole number >= 1, got {getattr(config, name)}")
+        if getattr(config, name) is not None and not config.validation_split and not config.dataset_config:
+            raise UserError(f"--{name} computes the loss of held-out images: give --validation_split too (e.g. 0.1)")
+    if not config.aspect_buckets and (config.bucket_no_upscale or any(
+            v is not None for v in (config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps))):
+        logger.warning("the bucket options apply with --aspect_buckets (kohya's --enable_bucket), which is not given: ignored, "
+                       "as kohya ignores them")
+    rule = kohya_bucket_options(config)
+    if rule is not None:
+        rule.check()
+
+
+def kohya_bucket_options(config: TrainConfig):
+    """kohya's bucket rule where --aspect_buckets comes with any of kohya's bucket options (common.buckets); None
+    for SDXL's published buckets or none."""
+    from common.buckets import BucketOptions
+
+    given = {"min_reso": config.min_bucket_reso, "max_reso": config.max_bucket_reso, "steps": config.bucket_reso_steps}
+    if not config.aspect_buckets or (all(v is None for v in given.values()) and not config.bucket_no_upscale):
+        return None
+    size = config.training_size or (config.resolution, config.resolution)
+    return BucketOptions(resolution_wh=size, no_upscale=config.bucket_no_upscale, **{k: v for k, v in given.items() if v is not None})
+
+
+def choose_lora_layers(config: TrainConfig, options: dict) -> None:
+    """--lora_layers, or the default of the flags used: kohya's network module or --network_dim train kohya's layer
+    set (common.lora_layers), said in one line; the diffusers flags the attention projections."""
+    import sys
+
+    from common.lora_layers import choose_layer_set
+
+    kohya_flags = options.get("network_module") is not None or any(a.split("=")[0] == "--network_dim" for a in sys.argv[1:])
+    config.lora_layers, message = choose_layer_set(config.lora_layers, kohya_flags=kohya_flags)
+    if message:
+        logger.warning(message)
+
+
+def with_kohya_options(options: dict) -> dict:
+    """kohya's --network_module/--network_args and --optimizer_type/--optimizer_args read into the options they mean
+    here (common.kohya_options); one of those options also given otherwise, with another value, is refused."""
+    from common.kohya_options import kohya_network, kohya_optimizer
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    read = kohya_optimizer(options["optimizer_type"], options["optimizer_args"], options["optimizer"])
+    read |= kohya_network(options["network_module"], options["network_args"])
+    for name, value in read.items():
+        if name not in defaults:
+            raise UserError(f"kohya's setting for --{name} ({value}) has no option here")
+        given = options.get(name, defaults.get(name))
+        if given != defaults.get(name) and str(given).lower() != str(value).lower():
+            raise UserError(f"--{name} {given} and kohya's --network_args/--optimizer_args/--optimizer_type ({value}) disagree; "
+                            "give it once")
+    return options | read
+
+
+def with_config_file(options: dict) -> dict:
+    """--config_file's values beneath the command line (common.config_file). kohya's clip_skip, which kohya ignores
+    on SDXL (its text encoders' penultimate layer is always read), is ignored with a warning: ours skips layers
+    beyond that one."""
+    from typer.main import get_current_context  # typer's own click
+
+    from common.config_file import config_path, layer_config_file
+
+    if not options["config_file"] or options["output_config"]:
+        return options
+    layered, own = layer_config_file(options, config_path(options["config_file"]), get_current_context(),
+                                     winning_aliases=frozenset({"unet_lr"}))
+    if layered["clip_skip"] != options["clip_skip"] and "clip_skip" not in own:
+        logger.warning(f"--config_file: clip_skip = {layered['clip_skip']} is kohya's, which kohya ignores on SDXL (the penultimate "
+                       "layer is always read, as here); ignored. --clip_skip N skips N layers beyond that one")
+        layered["clip_skip"] = options["clip_skip"]
+    return layered
+
+
+def configuration_text(options: dict) -> str:
+    """The run's options that differ from their defaults as a TOML table that --config_file reads back."""
+    from typer.main import get_current_context
+
+    from common.config_file import non_default_options, toml_text
+
+    values = non_default_options(options, get_current_context())
+    return toml_text(values, header="train_lora.py's options for this run: re-run it with\n"
+                                    "  python train_lora.py --config_file config.toml --output_dir ANOTHER_FOLDER")
+
+
+def write_output_config(config_file: str | None, text: str) -> None:
+    """kohya's --output_config: the configuration written to --config_file's path, never over an existing file."""
+    from common.config_file import config_path
+
+    if not config_file:
+        raise UserError("--output_config writes the options to --config_file FILE.toml; give that too")
+    path = config_path(config_file)
+    if path.exists():
+        raise UserError(f"--output_config: {str(path)!r} exists; it is never replaced, give another --config_file")
+    with atomic_path(path) as partial:
+        partial.write_text(text)
+    typer.echo(f"wrote the options to {path}")
 
 
 def make_config(options: dict) -> TrainConfig:
@@ -396,13 +576,25 @@ def make_config(options: dict) -> TrainConfig:
             "--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards"
         )
     config_from_options(IgnoredOptions, options, warn=logger.warning)
+    options = with_kohya_options(options)
     config = config_from_options(TrainConfig, options)
+    if not config.pretrained_model_name_or_path:
+        raise UserError("give the base model: --model (kohya's --pretrained_model_name_or_path) on the command line or in "
+                        "--config_file")
     if config.v_parameterization:
         if config.prediction_type not in (None, "v_prediction"):
             raise UserError(f"--v_parameterization means --prediction_type v_prediction; it contradicts --prediction_type {config.prediction_type}")
         config.prediction_type = "v_prediction"
     config.optimizer = config.optimizer.lower()
+    width, height = parse_resolution(options["resolution"])
+    if width != height:
+        if min(width, height) < MIN_IMAGE_SIDE or width % 8 or height % 8:
+            raise UserError(f"--resolution {width},{height}: both sides must be multiples of 8 and at least {MIN_IMAGE_SIDE}")
+        config.training_size = (width, height)
     check_adapter_options(config)
+    save_schedule(config)
+    check_data_sources(config)
+    choose_lora_layers(config, options)
     check_trackers(config.report_to)
     checks = [
         (config.rank >= 1, f"--rank must be a positive integer, got {config.rank}"),
@@ -417,6 +609,7 @@ def make_config(options: dict) -> TrainConfig:
             f"--snr_weighting must be hard or soft, got {config.snr_weighting!r}",
         ),
         (config.optimizer in OPTIMIZERS, f"--optimizer {config.optimizer!r} is not supported; use AdamW, Prodigy or Adafactor"),
+        (0 < config.prodigy_d_coef < MAX_LEARNING_RATE, f"--prodigy_d_coef must be a finite number > 0, got {config.prodigy_d_coef}"),
         (
             config.loraplus_lr_ratio is None or config.loraplus_lr_ratio > 0,
             f"--loraplus_lr_ratio must be > 0 (16 is usual), got {config.loraplus_lr_ratio}",
@@ -635,8 +828,7 @@ class Preflight:
     chosen once it loads), and the lines to show once the run starts."""
 
     base: object
-    examples: list
-    sizes: list
+    datasets: list  # common.data_plan.DatasetPlan, one per dataset
     formulation: tuple | None
     notes: list
 
@@ -646,19 +838,58 @@ def preflight(config: TrainConfig) -> Preflight:
     (images, captions, masks, kohya folders; no model file is opened while they are read), then the base as read (a
     single file's keys, a folder's configs) with the refusals of its flavour and of the loss options on it, the output
     folder, caches and logs (checked, not made), and the checkpoint a resume would continue."""
-    examples, sizes, notes = plan_data(config)
+    datasets, notes = plan_data(config)
     base = read_base_model(config)
     formulation = make_formulation(config, base.scheduler_config) if base is not None else None
     check_output_places(config)
     check_resume(config)
-    return Preflight(base, examples, sizes, formulation, notes)
+    return Preflight(base, datasets, formulation, notes)
 
 
-def plan_data(config: TrainConfig) -> tuple[list, list, list[str]]:
-    """The first half of the data path (`build_data` is the second, once the models are loaded): the examples found
-    and captioned by the one caption rule of every layout, every image and mask read and the masks fitted to their
-    images; (examples, image sizes, lines saying what was left out or trains nothing)."""
-    from common.data import check_images, check_masks, find_examples, skipped_folders, with_masks
+def plan_data(config: TrainConfig) -> tuple[list, list[str]]:
+    """The first half of the data path (`build_data` is the second, once the models are loaded), in one pass
+    (common.data_plan): the datasets (kohya's --dataset_config, or the command line's folders), their subsets'
+    examples found and captioned, every image and mask read, validation images held out and regularisation images
+    counted to the instance images; (datasets, lines saying what was left out or trains nothing)."""
+    from common.data_plan import plan_dataset
+
+    run = run_data(config)
+    if config.dataset_config:
+        from common.dataset_config import read_dataset_config
+
+        plans = [plan_dataset(spec, run) for spec in read_dataset_config(config.dataset_config, given_data_options(config))]
+        return plans, [note for plan in plans for note in plan.notes]
+    examples, notes = command_line_examples(config)
+    plan = plan_dataset(command_line_dataset(config), run, first_examples=examples, first_subset=command_line_subset(config))
+    return [plan], notes + plan.notes
+
+
+def run_data(config: TrainConfig):
+    from common.data_plan import RunData
+
+    return RunData(seed=config.seed, masked_loss=config.masked_loss, skip_bad_images=config.skip_bad_images,
+                   prior_loss_weight=config.prior_loss_weight, interpolation=config.image_interpolation_mode)
+
+
+def given_data_options(config: TrainConfig) -> dict:
+    """The data options given on the command line (or in --config_file) by name, for --dataset_config's levels to
+    stand on (common.dataset_config): an option left at its default gives way to kohya's default."""
+    names = ("train_batch_size", "repeats", "caption_extension", "shuffle_caption", "keep_tokens", "caption_dropout_rate",
+             "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "caption_prefix", "caption_suffix", "caption_separator",
+             "keep_tokens_separator", "secondary_separator", "enable_wildcard", "random_flip", "aspect_buckets", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+             "bucket_no_upscale", "masked_loss", "validation_split", "validation_seed")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = {name: getattr(config, name) for name in names if getattr(config, name) != defaults[name]}
+    if config.resolution != defaults["resolution"] or config.training_size:
+        given["resolution"] = config.training_size or (config.resolution, config.resolution)
+    return given
+
+
+def command_line_examples(config: TrainConfig) -> tuple[list, list[str]]:
+    """The instance images of --instance_data_dir (kohya's --train_data_dir, with its N_prompt folders) or
+    --dataset_name, captioned by the one caption rule of every layout, each with its repeats (N x --repeats), and the
+    lines on folders left out."""
+    from common.data import find_examples, skipped_folders, with_masks
 
     folder = Path(config.instance_data_dir) if config.instance_data_dir else None
     examples = find_examples(
@@ -670,15 +901,65 @@ def plan_data(config: TrainConfig) -> tuple[list, list, list[str]]:
         caption_column=config.caption_column,
         caption_extension=config.caption_extension,
         prompt_as_prefix=config.prefix_instance_prompt,
+        enable_wildcard=config.enable_wildcard,
     )
-    notes = skipped_folders(folder) if folder is not None and not config.dataset_name else []
-    examples, sizes = check_images(examples, config.skip_bad_images)
+    examples = [dataclasses.replace(e, repeats=e.repeats * config.repeats) for e in examples]
     if config.masked_loss:
         examples = with_masks(examples, Path(config.mask_dir) if config.mask_dir else None)
-        _, black = check_masks(examples, sizes)
-        if black:
-            notes.append(f"{black} of {len(examples)} masks are all black: those images train nothing (white trains, black not)")
-    return examples, sizes, notes
+    return examples, skipped_folders(folder) if folder is not None and not config.dataset_name else []
+
+
+def command_line_subset(config: TrainConfig):
+    """How the command line's instance images train (common.data_plan.SubsetPlan)."""
+    from common.data import Augment, sdxl_buckets
+    from common.data_plan import SubsetPlan
+
+    size = config.training_size
+    augment = Augment(
+        resolution=config.resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        interpolation=config.image_interpolation_mode,
+        buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
+        masked=config.masked_loss,
+        size=(size[1], size[0]) if size else None,
+        bucket_rule=kohya_bucket_options(config),
+    )
+    name = Path(config.instance_data_dir).name if config.instance_data_dir else str(config.dataset_name)
+    return SubsetPlan(name=name, is_reg=False, augment=augment, captions=caption_transform(config))
+
+
+def command_line_dataset(config: TrainConfig):
+    """The command line's dataset (common.dataset_config.DatasetSpec) beside its instance subset: --reg_data_dir's
+    N_class folders as kohya's regularisation subsets (images directly in it captioned by --class_prompt)."""
+    from common.data import repeat_folders
+    from common.dataset_config import DatasetSpec, SubsetSpec
+
+    width, height = config.training_size or (config.resolution, config.resolution)
+    subsets = []
+    if config.reg_data_dir:
+        folder = Path(config.reg_data_dir)
+        if not folder.is_dir():
+            raise UserError(f"--reg_data_dir {str(folder)!r} is not a folder")
+        from common.files import IMAGE_SUFFIXES
+
+        direct = [(folder, 1, config.class_prompt)] if any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()) else []
+        for sub, count, name in direct + repeat_folders(folder):
+            subsets.append(SubsetSpec(image_dir=sub, num_repeats=count * config.repeats, class_tokens=name or None, is_reg=True,
+                                      caption_extension=config.caption_extension, shuffle_caption=config.shuffle_caption,
+                                      keep_tokens=config.keep_tokens, caption_dropout_rate=config.caption_dropout_rate,
+                                      caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+                                      caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
+                                      caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix,
+                                      caption_separator=config.caption_separator,
+                                      keep_tokens_separator=config.keep_tokens_separator or "",
+                                      secondary_separator=config.secondary_separator, enable_wildcard=config.enable_wildcard,
+                                      flip_aug=config.random_flip,
+                                      random_crop=not config.center_crop, alpha_mask=config.masked_loss and not config.mask_dir))
+        if not subsets:
+            raise UserError(f"--reg_data_dir {str(folder)!r} has no images, in itself or in N_class folders (e.g. 1_dog)")
+    return DatasetSpec(resolution=(width, height), subsets=tuple(subsets), batch_size=config.train_batch_size,
+                       enable_bucket=False, validation_split=config.validation_split, validation_seed=config.validation_seed)
 
 
 def check_output_places(config: TrainConfig) -> None:
@@ -730,11 +1011,11 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
     unet = add_lora(pipe.unet, config)
     if config.init_lora:
         start_from_lora(unet, config)
-    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances)
-    caption_encoder = CaptionEncoder(pipe, config, total_steps, data.all_captions(), accelerator)
+    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances, data.plans[0].batch_size)
+    caption_encoder = CaptionEncoder(pipe, config, total_steps, data.all_captions(), accelerator, data.captions_vary)
     # infer.py --compile's recipe: channels-last on a GPU (TF32 only with --allow_tf32), compiled with --torch_compile
     unet = speed_up_unet(unet, accelerator.device, compile_unet=config.torch_compile, allow_tf32=config.allow_tf32)
-    loader, batch_order = make_loader(config, data.instances, pin_memory=accelerator.device.type == "cuda")
+    loader, batch_order = make_loader(config, data.instances, data.plans[0].batch_size, pin_memory=accelerator.device.type == "cuda")
     unet, *encoders, optimizer, lr_scheduler = accelerator.prepare(
         unet, *caption_encoder.trainable_encoders(), optimizer, lr_scheduler
     )
@@ -761,7 +1042,10 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
     progress = Progress(total_steps, step, accelerator, config.logging_steps, diverged=partial(divergence_error, config))
     sampling = Sampling(pipe, unet, config, accelerator, ema)
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
+    schedule = save_schedule(config)
     started, first_step, saved_step = time.time(), step, step
+    describe = partial(lora_facts, config, data, formulation, started)  # (step, epoch) -> the adapter files' metadata facts
+    validate = HeldOut(data, batch_loss, models, config, progress)
     with CtrlC(accelerator, config.logging_steps) as ctrl_c:
         while step < total_steps:
             epoch = step // steps_per_epoch
@@ -787,11 +1071,18 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
                     ema.step([p for p in unet.parameters() if p.requires_grad])
                 caption_encoder.update_phase(step)
                 checkpoint_due = step % config.checkpointing_steps == 0 or step == total_steps
-                # before a checkpoint the loss and the weights are checked finite: never a checkpoint of a diverged run
-                progress.update(loss, optimizer, lr_scheduler, models if checkpoint_due else None)
+                snapshot = schedule.file_after_step(step)
+                # before a checkpoint or an adapter file the loss and the weights are checked finite: never a file of a
+                # diverged run
+                progress.update(loss, optimizer, lr_scheduler, models if checkpoint_due or snapshot else None)
                 if checkpoint_due:
                     save_checkpoint(accelerator, config, step, total_steps)
                     saved_step = step
+                if snapshot and accelerator.is_main_process:
+                    save_snapshot(accelerator.unwrap_model(unet), pipe, config, schedule, snapshot,
+                                  describe(step, step // steps_per_epoch))
+                if validate.due_at_step(step):
+                    validate(step)
                 if sampling.due_at_step(step):
                     sampling(step)
                 if ctrl_c.pressed(step):  # here, between steps, the state is whole: safe to save and stop
@@ -802,6 +1093,14 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
                     raise Interrupted(f"interrupted at step {step}; resume with --resume_from_checkpoint latest")
                 if step >= total_steps:
                     break
+            snapshot = schedule.file_after_epoch(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch))
+            if snapshot and step % steps_per_epoch == 0:  # the epoch ran to its end
+                progress.check_finite(models, step)
+                if accelerator.is_main_process:
+                    save_snapshot(accelerator.unwrap_model(unet), pipe, config, schedule, snapshot,
+                                  describe(step, step // steps_per_epoch))
+            if step % steps_per_epoch == 0 and validate.due_after_epoch(step // steps_per_epoch):
+                validate(step)
             if sampling.due_after_epoch(epoch, step):
                 sampling(step)
     progress.close()
@@ -810,7 +1109,7 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
     accelerator.wait_for_everyone()
     caption_encoder.check_original_rows()
     if accelerator.is_main_process:
-        save_outputs(accelerator.unwrap_model(unet), pipe, caption_encoder, config, ema)
+        save_outputs(accelerator.unwrap_model(unet), pipe, caption_encoder, config, describe(step, math.ceil(step / steps_per_epoch)), ema)
     seconds = time.time() - started
     steps_done = max(1, step - first_step)
     accelerator.print(
@@ -853,12 +1152,47 @@ class BatchLoss:
                 self.formulation.loss(self.network(c, t, step), x, mask=m)
                 for x, c, t, m in zip(latents, captions, time_ids, masks)
             ]
+        if "loss_weight" in batch:  # kohya's regularisation images in the batch: each one's loss times --prior_loss_weight
+            losses[0] = losses[0] * batch["loss_weight"].to(losses[0].device, losses[0].dtype)
         if len(losses) == 1:
             return losses[0].mean()
         return prior_preservation_loss(losses[0], losses[1], self.prior_loss_weight)
 
     def network(self, captions: list[str], time_ids, step: int):
         return conditioned_unet(self.unet, self.caption_encoder.embed(captions, step), time_ids, self.accelerator)
+
+
+@dataclass
+class HeldOut:
+    """The validation loss of the held-out images (common.validation), when it is due; nothing without them."""
+
+    data: TrainingData
+    batch_loss: BatchLoss
+    models: list
+    config: TrainConfig
+    progress: Progress
+
+    def __post_init__(self):
+        from common.validation import ValidationSchedule
+
+        self.schedule = ValidationSchedule(self.config.validate_every_n_steps, self.config.validate_every_n_epochs)
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.data.held_out) and self.schedule.due_at_step(step)
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        return bool(self.data.held_out) and self.schedule.due_after_epoch(epoch)
+
+    def __call__(self, step: int) -> float | None:
+        from common.data import collate
+        from common.validation import validation_loss
+
+        if not self.data.held_out:
+            return None
+        loss = validation_loss(lambda batch: self.batch_loss(batch, None, step), self.data.held_out, collate,
+                               self.config.seed, self.models)
+        self.progress.validation(loss)
+        return loss
 
 
 def training_step(compute_loss, *, models: list, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
@@ -970,7 +1304,7 @@ def start_trackers(accelerator, config: TrainConfig) -> None:
     a refused run writes no event file into an earlier run's folder."""
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(
-            "train_lora", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+            "train_lora", config={k: v for k, v in recorded(config).items() if isinstance(v, (int, float, str, bool))}
         )
 
 
@@ -1092,49 +1426,70 @@ def choose_formulation(config: TrainConfig, pipe, accelerator, base=None, made: 
 
 @dataclass
 class TrainingData:
-    """Instance images (and class images for prior preservation) with each example's caption."""
+    """Instance images (one dataset, or a DatasetGroup of several) and class images for prior preservation, with
+    each example's caption."""
 
     instances: object
-    captions: list  # instance example index -> caption, abstractions already expanded
+    captions: list  # every dataset's examples' captions, abstractions already expanded
     classes: object = None
     class_captions: list = field(default_factory=list)
-
-    def instances_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of each instance image."""
-        images = getattr(self.instances, "images", self.instances)  # CachedLatents wraps the TrainingImages
-        return images.sizes
+    plans: list = field(default_factory=list)  # common.data_plan.DatasetPlan of each dataset
+    captions_vary: bool = False  # a subset's options draw captions no list can hold ahead (shuffles, wildcards, ...)
+    held_out: list = field(default_factory=list)  # one dataset item per held-out image, the same at every evaluation
 
     def all_captions(self) -> list[str]:
         return sorted(set(self.captions) | set(self.class_captions))
 
 
-def build_data(config: TrainConfig, checked: Preflight, pipe, accelerator) -> TrainingData:
-    """The second half of the data path (`plan_data` is the first): the checked examples, their captions' token
-    abstractions expanded, as datasets (optionally as cached latents), with the class images."""
-    import dataclasses
+def shown_captions(examples: list, options: list) -> tuple[list[str], bool]:
+    """(the captions training can show, whether they vary beyond that list): each example's caption under its
+    subset's kohya options (prefix, suffix, separators: the same every time), and the empty one where captions are
+    dropped; or, where tags are shuffled or dropped, wildcards drawn or whole epochs dropped, the written captions and
+    True (they are then encoded as they come)."""
+    import random
 
+    from common.captions import processed_caption
+
+    def varies(o) -> bool:
+        return o.shuffle or o.tag_dropout > 0 or o.enable_wildcard or o.dropout_every_n_epochs > 0
+
+    if any(varies(options[e.subset]) for e in examples):
+        return [e.caption for e in examples], True
+    fixed = [processed_caption(e.caption, dataclasses.replace(options[e.subset], dropout=0.0), random.Random(0), 1) for e in examples]
+    return fixed + ([""] if any(options[e.subset].dropout > 0 for e in examples) else []), False
+
+
+def build_data(config: TrainConfig, checked: Preflight, pipe, accelerator) -> TrainingData:
+    """The second half of the data path (`plan_data` is the first): each dataset's checked examples, their captions'
+    token abstractions expanded, as a dataset of its subsets' own options (optionally as cached latents), several
+    datasets as one group, with the class images; buckets.json written."""
     import torch
 
-    from common.data import Augment, CachedLatents, TrainingImages, check_images, find_examples, sdxl_buckets
+    from common.data import CAPTIONS_AS_WRITTEN, CachedLatents, DatasetGroup, TrainingImages, check_images, find_examples
     from common.tokens import expand_abstractions, warn_about_long_prompts
 
-    examples = [dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map)) for e in checked.examples]
-    augment = Augment(
-        resolution=config.resolution,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        interpolation=config.image_interpolation_mode,
-        buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
-        masked=config.masked_loss,
-    )
-    images = TrainingImages(examples, augment, config.repeats, config.seed, captions=caption_transform(config), sizes=checked.sizes)
-    data = TrainingData(images, [e.caption for e in examples])
+    parts, captions, vary = [], [], False
+    for plan in checked.datasets:
+        examples = [dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map)) for e in plan.examples]
+        shown, varies = shown_captions(examples, [s.captions for s in plan.subsets])
+        captions, vary = captions + shown, vary or varies
+        parts.append(TrainingImages(examples, [s.augment for s in plan.subsets], 1, config.seed,
+                                    captions=[s.captions for s in plan.subsets], sizes=plan.sizes,
+                                    loss_weights=[s.loss_weight for s in plan.subsets]))
+    data = TrainingData(parts[0], captions, plans=checked.datasets, captions_vary=vary)
+    # the held-out images centred, unflipped and captioned as written: the same item at every evaluation
+    held_out = [TrainingImages([dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map)) for e in plan.held_out],
+                               [dataclasses.replace(s.augment, center_crop=True, random_flip=False) for s in plan.subsets],
+                               1, config.seed, captions=[CAPTIONS_AS_WRITTEN] * len(plan.subsets), sizes=plan.held_out_sizes)
+                for plan in checked.datasets if plan.held_out]
+    data.captions += [e.caption for part in held_out for e in part.examples]  # encoded like the others
     if config.with_prior_preservation:
         class_examples = find_examples(
             instance_data_dir=Path(config.class_data_dir), instance_prompt=config.class_prompt
         )
         class_examples, class_sizes = check_images(class_examples, config.skip_bad_images)
         count = config.num_class_images
+        augment = dataclasses.replace(checked.datasets[0].subsets[0].augment, masked=config.masked_loss)
         data.classes = TrainingImages(class_examples[:count], augment, 1, config.seed + 1, sizes=class_sizes[:count])
         class_examples = class_examples[:count]
         data.class_captions = [e.caption for e in class_examples]
@@ -1146,20 +1501,23 @@ def build_data(config: TrainConfig, checked: Preflight, pipe, accelerator) -> Tr
 
             files, vae_key = TensorFiles(disk_cache_folder(config) / "latents"), module_digest(pipe.vae)
         with torch.no_grad():
-            data.instances = CachedLatents(data.instances, encode, files=files, model_key=vae_key)
+            parts = [CachedLatents(part, encode, files=files, model_key=vae_key) for part in parts]
+            held_out = [CachedLatents(part, encode, files=files, model_key=vae_key) for part in held_out]
             if data.classes is not None:
                 data.classes = CachedLatents(data.classes, encode, files=files, model_key=vae_key)
         if files is not None and accelerator.is_main_process:
-            parts = [d for d in (data.instances, data.classes) if d is not None]
-            healed = sum(d.healed for d in parts)
-            accelerator.print(f"latents: {sum(d.encoded for d in parts)} encoded, {sum(d.found for d in parts)} read from the "
+            cached = parts + ([data.classes] if data.classes is not None else [])
+            healed = sum(d.healed for d in cached)
+            accelerator.print(f"latents: {sum(d.encoded for d in cached)} encoded, {sum(d.found for d in cached)} read from the "
                               f"disk cache {files.folder}" + (f"; {healed} of the encoded replaced broken entries (cut short, "
                                                               "incomplete or not finite)" if healed else ""))
         pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
+    data.instances = parts[0] if len(parts) == 1 else DatasetGroup(parts, [plan.batch_size for plan in checked.datasets])
+    data.held_out = [part[position] for part in held_out for position in range(len(part))]
     if accelerator.is_main_process:
         warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning, max_tokens=config.max_token_length)
-    if accelerator.is_main_process:
-        accelerator.print(data_summary(examples, data, config))
+        accelerator.print(data_summary(data, config))
+        write_bucket_record(data, config)
     return data
 
 
@@ -1170,33 +1528,80 @@ def disk_cache_folder(config: TrainConfig) -> Path:
 
 
 def caption_transform(config: TrainConfig):
-    """kohya's caption options as the data's `CaptionTransform`."""
-    from common.data import CaptionTransform
+    """kohya's caption options of the command line (common.captions), checked."""
+    from common.captions import CaptionOptions
 
-    return CaptionTransform(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens, dropout=config.caption_dropout_rate,
-                            tag_dropout=config.caption_tag_dropout_rate)
+    return CaptionOptions(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens, keep_tokens_separator=config.keep_tokens_separator,
+                          caption_separator=config.caption_separator, secondary_separator=config.secondary_separator,
+                          caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix, dropout=config.caption_dropout_rate,
+                          dropout_every_n_epochs=config.caption_dropout_every_n_epochs, tag_dropout=config.caption_tag_dropout_rate,
+                          enable_wildcard=config.enable_wildcard).check()
 
 
-def data_summary(examples: list, data: TrainingData, config: TrainConfig) -> str:
-    """One line on what the run trains on: images, where their captions came from, repeats, buckets."""
+def data_summary(data: TrainingData, config: TrainConfig) -> str:
+    """One line on what the run trains on: images, where their captions came from, repeats, buckets; with several
+    datasets or regularisation images, kohya's counts of each."""
     from collections import Counter
 
+    from common.data import open_mask
+
+    examples = [e for plan in data.plans for e in plan.examples]
     sources = Counter(e.caption_from for e in examples)
     named = {"file": "from caption files", "metadata": "from metadata.jsonl", "folder": "from folder names",
              "prompt": "from --instance_prompt", "dataset": "from the dataset"}
     captions = ", ".join(f"{count} {named[source]}" for source, count in sources.items())
-    repeats = Counter(e.repeats * config.repeats for e in examples)
+    repeats = Counter(e.repeats for e in examples)
     buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
     classes = f"; {len(data.class_captions)} class images" if data.classes is not None else ""
-    if config.masked_loss:
-        from common.data import open_mask
-
-        masked = sum(open_mask(e, size) is not None for e, size in zip(examples, data.instances_sizes()))
+    masked_runs = [plan for plan in data.plans if any(s.augment.masked for s in plan.subsets)]
+    if masked_runs:
+        masked = sum(open_mask(e, size) is not None for plan in masked_runs for e, size in zip(plan.examples, plan.sizes))
         source = f"from {config.mask_dir}" if config.mask_dir else "from alpha channels"
         classes += f"; masked loss: {masked} of {len(examples)} images masked ({source}; the others train everywhere)"
-    return (f"{len(examples)} images, captions {captions} ({len(set(data.captions))} distinct); "
+    line = (f"{len(examples)} images, captions {captions} ({len({e.caption for e in examples})} distinct); "
             f"repeats {', '.join(f'{n} x{r}' for r, n in sorted(repeats.items()))}: {len(data.instances)} examples an epoch; "
             f"{len(buckets)} bucket(s): {', '.join(f'{h}x{w} ({n})' for (h, w), n in sorted(buckets.items()))}{classes}")
+    held_out = sum(len(plan.held_out) for plan in data.plans)
+    if held_out:
+        line += f"; {held_out} images held out for the validation loss"
+    reg = sum(plan.reg_images for plan in data.plans)
+    if len(data.plans) > 1 or reg:
+        line += "\n" + kohya_counts_line(data)
+    return line
+
+
+def kohya_counts_line(data: TrainingData) -> str:
+    """kohya's numbers of an epoch, per dataset: train and regularisation images with repeats, what became of the
+    regularisation images (repeated or trimmed to the train images), batches."""
+    parts = []
+    for k, plan in enumerate(data.plans):
+        train = sum(e.repeats for e in plan.examples if not plan.subsets[e.subset].is_reg)
+        reg = sum(e.repeats for e in plan.examples if plan.subsets[e.subset].is_reg)
+        width, height = plan.resolution
+        text = f"dataset {k} ({width}x{height}, batch {plan.batch_size}): {train} train images with repeats"
+        if reg:
+            weight = next(s.loss_weight for s in plan.subsets if s.is_reg)
+            text += f", {reg} regularisation images with repeats, repeated or trimmed to match them as kohya does (loss x{weight:g})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def write_bucket_record(data: TrainingData, config: TrainConfig) -> None:
+    """buckets.json in the output folder: each image's bucket and the size it was resized to, and each bucket's count."""
+    from common.data import fitted_size
+
+    images = []
+    for k, plan in enumerate(data.plans):
+        for example, size in zip(plan.examples, plan.sizes):
+            (height, width), (resized_h, resized_w) = fitted_size(size, plan.subsets[example.subset].augment)
+            images.append({"dataset": k, "image": example.name, "size": [size[1], size[0]], "bucket": [width, height],
+                           "resized": [resized_w, resized_h], "repeats": example.repeats})
+    counts: dict = {}
+    for item in images:
+        key = f"{item['dataset']}: {item['bucket'][0]}x{item['bucket'][1]}"
+        counts[key] = counts.get(key, 0) + item["repeats"]
+    with atomic_path(Path(config.output_dir) / "buckets.json") as partial:
+        partial.write_text(json.dumps({"buckets (dataset: width x height): images with repeats": counts, "images": images}, indent=1))
 
 
 def make_missing_class_images(config: TrainConfig, pipe, accelerator, base) -> None:
@@ -1298,17 +1703,15 @@ class CaptionEncoder:
     train; once the last of them stops (its fraction of the steps), every caption is embedded once,
     cached, and the encoders leave the GPU."""
 
-    def __init__(self, pipe, config: TrainConfig, total_steps: int, captions: list[str], accelerator):
+    def __init__(self, pipe, config: TrainConfig, total_steps: int, captions: list[str], accelerator, varying: bool = False):
         self.pipe, self.config, self.captions, self.accelerator = pipe, config, captions, accelerator
         self.encoders = [pipe.text_encoder, pipe.text_encoder_2]
         self.rows = [e.get_input_embeddings() for e in self.encoders] if config.train_text_encoder_ti else []
         self.rows_stop = int(config.train_text_encoder_ti_frac * total_steps) if self.rows else 0
         self.lora_stop = int(config.train_text_encoder_frac * total_steps) if config.train_text_encoder else 0
-        # shuffled or dropped tags make captions no list can hold ahead: encoded as they come, the encoders stay;
-        # a dropped caption is the empty one, which the list holds
-        self.varying = config.shuffle_caption or config.caption_tag_dropout_rate > 0
-        if config.caption_dropout_rate > 0:
-            self.captions = sorted(set(captions) | {""})
+        # shuffled or dropped tags, wildcards, epochs without captions make captions no list can hold ahead: encoded as
+        # they come, the encoders stay; a dropped caption is the empty one, which `captions` holds (TrainingData)
+        self.varying = varying
         self.files = None
         self.zeros_for_empty = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
         self.cache = None
@@ -1482,29 +1885,21 @@ def conditioned_unet(unet, text_embeddings, time_ids, accelerator):
     return network
 
 
-UNET_CONV_TARGETS = (".conv1", ".conv2", ".conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
-
-
-def is_conv_target(name: str) -> bool:
-    """A convolution --conv_rank adapts: a ResNet block's 3x3 conv1 and conv2 and 1x1 conv_shortcut, and the 3x3
-    convolutions of the down- and upsamplers (what kohya's --conv_dim adapts; conv_in and conv_out are left alone)."""
-    return name.endswith(UNET_CONV_TARGETS) and (".resnets." in name or "samplers.0." in name)
-
-
 def lora_target_modules(unet, config: TrainConfig) -> list[str]:
-    """The UNet layers the adapter trains: attention projections, and with --conv_rank the ResNet convolutions and
-    samplers, in the chosen blocks (B-LoRA: content and style)."""
+    """The UNet layers the adapter trains: --lora_layers' Linear layers (common.lora_layers), and with --conv_rank the
+    ResNet convolutions and samplers, in the chosen blocks (B-LoRA: content and style)."""
     from common.lora_formats import BLORA_BLOCKS, parse_blocks
 
     blocks = BLORA_BLOCKS if config.use_blora else parse_blocks(config.lora_unet_blocks)
     prefixes = tuple(b.removeprefix("unet.") + "." for b in blocks)
-    names = [n for n, _ in unet.named_modules()
-             if n.endswith(tuple("." + t for t in UNET_LORA_TARGETS)) or (config.conv_rank and is_conv_target(n))]
+    from common.lora_layers import DEFAULT_LAYER_SET, lora_layer_names
+
+    names = lora_layer_names(unet, config.lora_layers or DEFAULT_LAYER_SET, convolutions=bool(config.conv_rank))
     if prefixes:
         chosen = [n for n in names if n.startswith(prefixes)]
         for prefix in prefixes:
             if not any(n.startswith(prefix) for n in chosen):
-                kinds = "attention or convolution" if config.conv_rank else "attention"
+                kinds = f"--lora_layers {config.lora_layers}" + (" or convolution" if config.conv_rank else "")
                 raise UserError(
                     f"--lora_unet_blocks: no {kinds} layers under 'unet.{prefix[:-1]}'; e.g. unet.up_blocks.0.attentions.0"
                 )
@@ -1544,7 +1939,9 @@ def adapter_config(config: TrainConfig, target_modules: list[str]):
     the convolutions among them."""
     from common.adapters import ADAPTERS, peft_config
 
-    convolutions = [name for name in target_modules if is_conv_target(name)]
+    from common.lora_layers import is_conv_layer
+
+    convolutions = [name for name in target_modules if is_conv_layer(name)]
     conv_rank = config.conv_rank or config.rank
     return peft_config(
         ADAPTERS[config.adapter],
@@ -1666,7 +2063,7 @@ def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
                 own[name].copy_(value.to(own[name].dtype))
 
 
-def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
+def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset, batch_size: int):
     """Optimizer over the trained parameters (UNet LoRA; text LoRA and pivotal rows at --text_encoder_lr),
     its learning-rate schedule, and the number of optimizer steps."""
     import torch
@@ -1680,12 +2077,15 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
         else config.adam_weight_decay_text_encoder
     )
     text_parameters = [(n, p) for e in (pipe.text_encoder, pipe.text_encoder_2) for n, p in e.named_parameters() if p.requires_grad]
-    batches_per_epoch = math.ceil(len(dataset) / config.train_batch_size / accelerator.num_processes)
+    from common.data import DatasetGroup
+
+    parts = dataset.parts() if isinstance(dataset, DatasetGroup) else [(0, len(dataset), batch_size)]
+    batches_per_epoch = math.ceil(sum(length / size for _, length, size in parts) / accelerator.num_processes)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     learning_rate = config.learning_rate
     if config.scale_lr:
-        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        learning_rate *= config.gradient_accumulation_steps * batch_size * accelerator.num_processes
     # one group per learning rate: the UNet's by block weight and LoRA+, the text encoders' at --text_encoder_lr
     parameters = parameter_groups([(n, p) for n, p in unet.named_parameters() if p.requires_grad], lr=learning_rate,
                                   weight_decay=config.adam_weight_decay, loraplus_ratio=config.loraplus_lr_ratio,
@@ -1711,6 +2111,7 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
             decouple=config.prodigy_decouple,
             use_bias_correction=config.prodigy_use_bias_correction,
             safeguard_warmup=config.prodigy_safeguard_warmup,
+            d_coef=config.prodigy_d_coef,
         )
     elif config.optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -1750,14 +2151,14 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset):
     return optimizer, lr_scheduler, total_steps
 
 
-def make_loader(config: TrainConfig, dataset, pin_memory: bool = False):
+def make_loader(config: TrainConfig, dataset, batch_size: int, pin_memory: bool = False):
     """The instance batches in BucketBatches' order; on a GPU in pinned memory, so that their copies to it need not wait
     for the device (batch_latents copies them with non_blocking)."""
     import torch
 
     from common.data import BucketBatches, collate
 
-    batch_order = BucketBatches(dataset, config.train_batch_size, config.seed)
+    batch_order = BucketBatches(dataset, batch_size, config.seed)  # a DatasetGroup batches each dataset at its own size
     # A loader without a generator of its own draws its workers' base seed from the global generator each time
     # an iterator is made (each epoch, and mid-epoch after a resume), shifting the noise of every later step.
     # accelerate's prepare_data_loader and skip_first_batches pass this generator on to the loaders they make.
@@ -1833,8 +2234,17 @@ def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder)
 
 
 def output_name(config: TrainConfig) -> str:
-    """The run's name, from the output folder's own name (also for a nested path)."""
-    return Path(config.output_dir).resolve().name
+    """The run's name: --output_name, or the output folder's own name (also for a nested path)."""
+    return config.output_name or Path(config.output_dir).resolve().name
+
+
+def save_schedule(config: TrainConfig):
+    """kohya's saving options as one checked schedule (common.save_schedule)."""
+    from common.save_schedule import SaveSchedule
+
+    return SaveSchedule(name=output_name(config), every_n_epochs=config.save_every_n_epochs, every_n_steps=config.save_every_n_steps,
+                        last_n_epochs=config.save_last_n_epochs, last_n_steps=config.save_last_n_steps,
+                        precision=config.save_precision).check()
 
 
 def checkpoints(output_dir: str) -> list[Path]:
@@ -2081,6 +2491,8 @@ class Progress:
         )
         self.accelerator, self.every = accelerator, every
         self.loss_sum, self.summed, self.schedule = None, 0, None
+        self.shown: dict = {}  # values kept on the bar between reads (the validation loss)
+        self.last_values: dict = {}
         # diverged(step, mean loss or None, (step, mean loss) last finite or None) -> the error that stops the run
         self.diverged, self.last_finite = diverged, None
 
@@ -2110,9 +2522,16 @@ class Progress:
         self.last_finite = (self.bar.n, values["loss"])
         if "d" in group:
             values["d*lr"] = group["d"] * group["lr"]
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+        self.last_values = values
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in (values | self.shown).items()})
         self.accelerator.log(values, step=self.bar.n)
         self.loss_sum, self.summed = None, 0
+
+    def validation(self, loss: float) -> None:
+        """Show the held-out loss on the bar from now on, and log it as loss/validation (kohya's name)."""
+        self.shown["val_loss"] = loss
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in (self.last_values | self.shown).items()})
+        self.accelerator.log({"loss/validation": loss}, step=self.bar.n)
 
     def close(self) -> None:
         self.flush()
@@ -2254,7 +2673,7 @@ def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, pro
             tracker.log_images({"samples": np.asarray(grid)}, step=step)
 
 
-def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, ema=None) -> None:
+def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, facts, ema=None) -> None:
     """The diffusers LoRA file (LoRA and LoCon: what diffusers loads), the kohya/LyCORIS file WebUI and ComfyUI
     read (every type but DoRA), the same two for the EMA weights (`NAME_ema.safetensors`, `ema/`) with --use_ema,
     pivotal-tuning embeddings, training_args.json and a model card, each written atomically."""
@@ -2264,10 +2683,11 @@ def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, ema=None) -> 
     models = {"unet": unet}
     if config.train_text_encoder:
         models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    save_adapter_files(models, output, name, config, pipe.unet.config.layers_per_block)
+    save_adapter_files(models, output, name, config, pipe.unet.config.layers_per_block, facts=facts)
     if ema is not None:
         with ema_weights(ema, unet):
-            save_adapter_files(models, output / "ema", f"{name}_ema", config, pipe.unet.config.layers_per_block)
+            save_adapter_files(models, output / "ema", f"{name}_ema", config, pipe.unet.config.layers_per_block,
+                               facts=dataclasses.replace(facts, output_name=f"{name}_ema"))
         (output / "ema" / f"{name}_ema.safetensors").replace(output / f"{name}_ema.safetensors")  # beside the raw one
         if not any((output / "ema").iterdir()):  # LoHa and LoKr have no diffusers file
             (output / "ema").rmdir()
@@ -2279,37 +2699,94 @@ def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, ema=None) -> 
             [t for group in config.token_map.values() for t in group],
         )
     with atomic_path(output / "training_args.json") as partial:
-        partial.write_text(json.dumps(asdict(config), indent=2, default=str))
+        partial.write_text(json.dumps(recorded(config), indent=2, default=str))
+    if config.configuration:
+        with atomic_path(output / "config.toml") as partial:
+            partial.write_text(config.configuration)
     with atomic_path(output / "README.md") as partial:
         partial.write_text(model_card(config, name))
 
 
-def save_adapter_files(models: dict, output: Path, name: str, config: TrainConfig, layers_per_block: int) -> None:
-    """The adapter of `models` as the diffusers file (LoRA and LoCon) in `output` and the kohya/LyCORIS file NAME.safetensors."""
+def save_adapter_files(models: dict, output: Path, name: str, config: TrainConfig, layers_per_block: int,
+                       snapshot: bool = False, facts=None) -> None:
+    """The adapter of `models` in --save_precision: the diffusers file (LoRA and LoCon) in `output` and the
+    kohya/LyCORIS file NAME.safetensors, each with kohya's metadata of `facts` (common.lora_metadata; the minimum
+    with --no_metadata) and its hashes. A `snapshot` (a --save_every_n_* file) is only the file the UIs read, under
+    `name`: the kohya/LyCORIS file, or for DoRA, which has none, the diffusers one."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from common.adapters import ADAPTERS
-    from common.lora_formats import kohya_metadata, save_diffusers_lora, trained_adapter_file
+    from common.lora_formats import save_diffusers_lora, trained_adapter_file
+    from common.lora_metadata import add_file_metadata, lora_metadata, save_lora_file
+    from common.save_schedule import cast_for_saving
 
     output.mkdir(parents=True, exist_ok=True)
-    if config.adapter == "lora":
+    if config.adapter == "lora" and (config.use_dora or not snapshot):
         states = {
-            component: {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            component: cast_for_saving({k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
+                                       config.save_precision)
             for component, model in models.items()
         }
-        save_diffusers_lora(output, states, {component: model.peft_config["default"].to_dict() for component, model in models.items()})
+        written = save_diffusers_lora(output, states, {c: model.peft_config["default"].to_dict() for c, model in models.items()},
+                                      file_name=f"{name}.safetensors" if snapshot else None)
+        add_file_metadata(written, lora_metadata(facts, minimal=config.no_metadata))
     if config.use_dora:
-        logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
+        if not snapshot:
+            logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
         return
-    state = trained_adapter_file(models, layers_per_block=layers_per_block)
-    network_args = {"algo": "locon" if config.adapter == "lora" and config.conv_rank else config.adapter}
+    state = cast_for_saving(trained_adapter_file(models, layers_per_block=layers_per_block), config.save_precision)
+    save_lora_file(output / f"{name}.safetensors", state, lora_metadata(facts, minimal=config.no_metadata))
+
+
+def lora_facts(config: TrainConfig, data: TrainingData, formulation, started_at: float, step: int, epoch: int):
+    """What an adapter file's metadata records of this run (common.lora_metadata): the network, the dataset's
+    folders with their tags, repeats and image counts, the buckets, the training size, the rates and times."""
+    from collections import Counter, defaultdict
+
+    from common.adapters import ADAPTERS
+    from common.lora_metadata import LoraFacts, dataset_folder
+    from common.tokens import expand_abstractions
+
+    groups: dict = defaultdict(list)
+    for plan in data.plans:
+        for example in plan.examples:
+            subset = plan.subsets[example.subset]
+            folder = example.name.split("/")[0] if "/" in example.name else subset.name
+            groups[(folder, subset.is_reg)].append((example, subset))
+    folders = [dataset_folder(folder, [e.caption for e, _ in members],
+                              members[0][1].num_repeats if is_reg else members[0][0].repeats, is_reg=is_reg)
+               for (folder, is_reg), members in groups.items()]
+    if data.classes is not None:
+        folders.append(dataset_folder(Path(config.class_data_dir).name, data.class_captions, 1, is_reg=True))
+    buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
+    width, height = config.training_size or (config.resolution, config.resolution)
+    network_args = {"algo": "locon" if config.adapter == "lora" and config.conv_rank else config.adapter,
+                    "lora_layers": config.lora_layers}
     if config.conv_rank:
         network_args |= {"conv_dim": config.conv_rank, "conv_alpha": config.conv_alpha or config.conv_rank}
-    metadata = kohya_metadata(rank=config.rank, alpha=config.lora_alpha or config.rank,
-                              network_module=ADAPTERS[config.adapter].network_module, network_args=json.dumps(network_args))
-    with atomic_path(output / f"{name}.safetensors") as partial:
-        save_file(state, str(partial), metadata=metadata)
+    prediction = getattr(formulation, "prediction_type", None)
+    return LoraFacts(
+        network_module=ADAPTERS[config.adapter].network_module, dim=config.rank, alpha=config.lora_alpha or config.rank,
+        output_name=output_name(config), network_args=network_args, base_model=config.pretrained_model_name_or_path,
+        folders=tuple(folders), buckets={(w, h): n for (h, w), n in buckets.items()}, resolution=(width, height),
+        clip_skip=config.clip_skip, started_at=started_at, finished_at=time.time(), steps=step, epoch=epoch, seed=config.seed,
+        learning_rate=config.learning_rate, unet_lr=config.learning_rate,
+        text_encoder_lr=config.text_encoder_lr if config.train_text_encoder or config.token_map else None,
+        prediction_type=prediction if prediction in ("epsilon", "v_prediction") else None,
+        trigger_phrase=expand_abstractions(config.instance_prompt, config.token_map) if config.instance_prompt else None,
+    )
+
+
+def save_snapshot(unet, pipe, config: TrainConfig, schedule, file_name: str, facts) -> None:
+    """A --save_every_n_epochs/--save_every_n_steps file of the adapter as it is now, then the file kohya's
+    --save_last_n_* retire (common.save_schedule); the main process's work."""
+    models = {"unet": unet}
+    if config.train_text_encoder:
+        models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    output = Path(config.output_dir)
+    save_adapter_files(models, output, file_name.removesuffix(".safetensors"), config, pipe.unet.config.layers_per_block,
+                       snapshot=True, facts=dataclasses.replace(facts, output_name=output_name(config)))
+    for removed in schedule.remove_expired(output, file_name):
+        logger.info(f"removed {removed.name} (--save_last_n_*)")
 
 
 def make_ema(config: TrainConfig, unet, accelerator):

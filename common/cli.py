@@ -32,6 +32,25 @@ class Interrupted(UserError):
 INTERRUPTED_EXIT_STATUS = 130
 
 
+def expand_many_valued(argv: list[str], many_valued: tuple[str, ...]) -> list[str]:
+    """argparse's nargs="*" for `many_valued` flags, which kohya's command lines use (`--network_args conv_dim=8
+    conv_alpha=4`): each value after such a flag, up to the next option, gets the flag of its own, as Typer's
+    repeated options want it."""
+    expanded, current = [], None
+    for item in argv:
+        if item.startswith("-"):
+            current = item if item in many_valued else None
+            expanded.append(item)
+        elif current is not None and expanded[-1] != current:
+            expanded += [current, item]
+        else:
+            expanded.append(item)
+    return expanded
+
+
+MANY_VALUED = "many_valued_options"  # on a Typer app: its flags that take several values after one flag, as argparse's nargs="*"
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a Typer app so that every input error is one line on stderr and a non-zero exit.
 
@@ -39,6 +58,8 @@ def run_app(app: typer.Typer) -> None:
     raised inside a command end in a traceback; scripts are chained in shell pipelines,
     where one greppable `error: ...` line is what people want to see.
     """
+    if getattr(app, MANY_VALUED, ()):
+        sys.argv[1:] = expand_many_valued(sys.argv[1:], getattr(app, MANY_VALUED))
     try:
         exit_code = app(standalone_mode=False)
     except Interrupted as error:

@@ -6,6 +6,7 @@ so an interrupted run resumes with the same data as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from common.captions import CaptionOptions, processed_caption
 from common.cli import UserError
 from common.files import IMAGE_SUFFIXES
 from common.losses import latent_grid_mask
@@ -34,6 +36,7 @@ class Example:
     repeats: int = 1
     caption_from: str = "prompt"
     mask: object = None  # --masked_loss: a mask file's path, or ALPHA (the image's own transparency)
+    subset: int = 0  # which of its dataset's subsets it belongs to: their own augmentation, captions and loss weight
 
 
 ALPHA = "alpha"
@@ -81,6 +84,7 @@ def find_examples(
     caption_column: str | None = None,
     caption_extension: str = ".txt",
     prompt_as_prefix: bool = False,
+    enable_wildcard: bool = False,
 ) -> list[Example]:
     """Images with their captions: a datasets dataset (a caption column), or a folder in kohya's layouts, with or
     without a `metadata.jsonl` (`folder_examples`)."""
@@ -91,7 +95,7 @@ def find_examples(
     if not instance_data_dir.is_dir():
         raise UserError(f"--instance_data_dir {str(instance_data_dir)!r} is not a folder")
     return folder_examples(instance_data_dir, instance_prompt=instance_prompt, caption_extension=caption_extension,
-                           prompt_as_prefix=prompt_as_prefix, caption_column=caption_column)
+                           prompt_as_prefix=prompt_as_prefix, caption_column=caption_column, enable_wildcard=enable_wildcard)
 
 
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's DreamBooth subfolders: `10_sks dog` is 10 repeats of "sks dog"
@@ -99,7 +103,8 @@ METADATA_FILE = "metadata.jsonl"
 
 
 def folder_examples(folder: Path, *, instance_prompt: str | None, caption_extension: str = ".txt",
-                    prompt_as_prefix: bool = False, caption_column: str | None = None) -> list[Example]:
+                    prompt_as_prefix: bool = False, caption_column: str | None = None,
+                    enable_wildcard: bool = False) -> list[Example]:
     """The images of a folder in kohya's layouts (sd-scripts, library/config_util.py and train_util.py): the images in
     it and in each `N_prompt` subfolder (N repeats; the rest of the name, kohya's class tokens, the prompt of its
     images). One rule gives every image its caption, whatever the layout: the first line of the file beside it with
@@ -113,7 +118,7 @@ def folder_examples(folder: Path, *, instance_prompt: str | None, caption_extens
     for group, repeats, prompt in groups:
         for path in sorted(p for p in group.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             name = path.relative_to(folder).as_posix()
-            caption, source = image_caption(path, name, metadata, caption_extension)
+            caption, source = image_caption(path, name, metadata, caption_extension, enable_wildcard)
             if caption is not None:
                 caption = f"{prompt}, {caption}" if prompt_as_prefix and prompt else caption
             elif prompt:
@@ -141,14 +146,16 @@ def folder_examples(folder: Path, *, instance_prompt: str | None, caption_extens
     return examples
 
 
-def image_caption(path: Path, name: str, metadata: dict[str, str], caption_extension: str) -> tuple[str | None, str]:
-    """An image's own caption and its source ("file", "metadata"), or (None, "") when it has none of its own."""
+def image_caption(path: Path, name: str, metadata: dict[str, str], caption_extension: str,
+                  enable_wildcard: bool = False) -> tuple[str | None, str]:
+    """An image's own caption and its source ("file", "metadata"), or (None, "") when it has none of its own. A
+    caption file's first line, or with `enable_wildcard` its every line (kohya's: one is drawn each time)."""
+    from common.captions import caption_from_file
     from common.files import read_text_file
 
     caption_file = path.with_suffix(caption_extension)
     if caption_file.is_file():
-        lines = read_text_file(caption_file, "caption file").splitlines()
-        caption = lines[0].strip() if lines else ""
+        caption = caption_from_file(read_text_file(caption_file, "caption file"), enable_wildcard)
         if not caption:
             raise UserError(f"caption file {str(caption_file)!r} is empty; write the image's caption on its first line")
         return caption, "file"
@@ -342,12 +349,17 @@ def check_images(examples: list[Example], skip_bad: bool) -> tuple[list[Example]
 
 @dataclass(frozen=True)
 class Augment:
+    """How a subset's images are fitted into their training size: the dataset's size and buckets, the subset's crop,
+    flip and resize filter."""
+
     resolution: int
     center_crop: bool = False
     random_flip: bool = False
     interpolation: str = "lanczos"
-    buckets: tuple[tuple[int, int], ...] = ()  # empty: every image is a resolution x resolution square
+    buckets: tuple[tuple[int, int], ...] = ()  # empty: every image is `size`, or a resolution x resolution square
     masked: bool = False  # every item carries a loss mask (--masked_loss)
+    size: tuple[int, int] | None = None  # (height, width) of every image without buckets, where it is no square
+    bucket_rule: object = None  # kohya's bucket options (common.buckets.BucketOptions): each image's bucket from its size
 
 
 INTERPOLATIONS = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
@@ -355,9 +367,30 @@ INTERPOLATIONS = ("lanczos", "bicubic", "bilinear", "nearest", "box", "hamming")
 
 def bucket_of(size: tuple[int, int], augment: Augment) -> tuple[int, int]:
     """(height, width) that an image of `size` (height, width) is trained at."""
+    return fitted_size(size, augment)[0]
+
+
+def fitted_size(size: tuple[int, int], augment: Augment) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(the bucket, the size the image is resized to before it is cropped to the bucket), both (height, width): scaled
+    to cover the bucket, or as kohya's bucket rule resizes it (common.buckets; with --bucket_no_upscale never larger)."""
+    if augment.bucket_rule is not None:
+        from common.buckets import image_bucket
+
+        choice = image_bucket(augment.bucket_rule, (size[1], size[0]), _kohya_buckets(augment.bucket_rule))
+        return (choice.bucket_wh[1], choice.bucket_wh[0]), (choice.resized_wh[1], choice.resized_wh[0])
     if not augment.buckets:
-        return (augment.resolution, augment.resolution)
-    return nearest_bucket(*size, list(augment.buckets))
+        target = augment.size or (augment.resolution, augment.resolution)
+    else:
+        target = nearest_bucket(*size, list(augment.buckets))
+    scale = max(target[0] / size[0], target[1] / size[1])
+    return target, (max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale)))
+
+
+@functools.lru_cache(maxsize=8)
+def _kohya_buckets(rule) -> list[tuple[int, int]]:
+    from common.buckets import bucket_resolutions
+
+    return bucket_resolutions(rule)
 
 
 def place_image(image, augment: Augment, rng: random.Random, flip: bool | None = None):
@@ -374,9 +407,7 @@ def place_image_and_mask(image, mask, augment: Augment, rng: random.Random, flip
     from PIL import Image
 
     original = (image.height, image.width)
-    target_h, target_w = bucket_of(original, augment)
-    scale = max(target_h / image.height, target_w / image.width)
-    resized_h, resized_w = max(target_h, round(image.height * scale)), max(target_w, round(image.width * scale))
+    (target_h, target_w), (resized_h, resized_w) = fitted_size(original, augment)
     resample = getattr(Image.Resampling, augment.interpolation.upper())
     image = image.resize((resized_w, resized_h), resample=resample)
     if augment.center_crop:
@@ -405,36 +436,7 @@ def example_rng(seed: int, epoch: int, position: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{position}")
 
 
-@dataclass(frozen=True)
-class CaptionTransform:
-    """kohya's caption options (sd-scripts, library/train_util.py `process_caption`): with probability `dropout` the
-    caption becomes empty (the unconditional case); otherwise its comma-separated tags after the first `keep_tokens`
-    are shuffled (`shuffle`) and each dropped with probability `tag_dropout`."""
-
-    shuffle: bool = False
-    keep_tokens: int = 0
-    dropout: float = 0.0
-    tag_dropout: float = 0.0
-
-    @property
-    def changes_captions(self) -> bool:
-        return self.shuffle or self.dropout > 0 or self.tag_dropout > 0
-
-
-def transformed_caption(caption: str, transform: CaptionTransform, rng: random.Random) -> str:
-    """One draw of `transform` on a caption (a pure function of the caption and the generator), in kohya's order: the
-    caption dropout draw first, then the shuffle of the tags after the kept ones, then one draw per such tag."""
-    if transform.dropout > 0 and rng.random() < transform.dropout:
-        return ""
-    if not (transform.shuffle or transform.tag_dropout > 0):
-        return caption
-    tags = [tag.strip() for tag in caption.strip().split(",")]
-    kept, rest = tags[: transform.keep_tokens], tags[transform.keep_tokens :]
-    if transform.shuffle:
-        rng.shuffle(rest)
-    if transform.tag_dropout > 0:
-        rest = [tag for tag in rest if rng.random() >= transform.tag_dropout]
-    return ", ".join(kept + rest)
+CAPTIONS_AS_WRITTEN = CaptionOptions()  # kohya's defaults: every caption file's first line as it stands
 
 
 def caption_rng(seed: int, epoch: int, position: int) -> random.Random:
@@ -444,17 +446,35 @@ def caption_rng(seed: int, epoch: int, position: int) -> random.Random:
 
 
 class TrainingImages(torch.utils.data.Dataset):
-    """(index, pixels, placement, caption) for each repeated example: the example's caption drawn through
-    `captions` (`transformed_caption`) for this epoch and position."""
+    """(index, pixels, placement, caption) for each repeated example: the example's caption drawn through its subset's
+    kohya caption options (common.captions `processed_caption`) for this epoch and position, its image placed by its subset's augment, and,
+    where subsets weigh their losses differently (kohya's regularisation images), its `loss_weight`.
 
-    def __init__(self, examples: list[Example], augment: Augment, repeats: int, seed: int,
-                 captions: CaptionTransform = CaptionTransform(), sizes: list[tuple[int, int]] | None = None):
-        self.examples, self.augment, self.seed, self.captions = examples, augment, seed, captions
+    `augment`, `captions` and `loss_weights` are one per subset (Example.subset), or one for all."""
+
+    def __init__(self, examples: list[Example], augment: Augment | list[Augment], repeats: int, seed: int,
+                 captions: CaptionOptions | list[CaptionOptions] = CaptionOptions(),
+                 sizes: list[tuple[int, int]] | None = None, loss_weights: list[float] | None = None):
+        self.examples, self.seed = examples, seed
+        self.augments = augment if isinstance(augment, list) else [augment]
+        self.caption_options = captions if isinstance(captions, list) else [captions]
+        self.loss_weights = loss_weights if loss_weights and any(w != 1.0 for w in loss_weights) else None
         self.indices = [i for i, example in enumerate(examples) for _ in range(repeats * example.repeats)]
         if sizes is None:  # (height, width) of each image, when `check_images` has not read them already
             sizes = [(image.height, image.width) for image in map(open_rgb, examples)]
         self.sizes = list(sizes)
         self.epoch = 0
+
+    @property
+    def augment(self) -> Augment:
+        """The first subset's augment (the one of a dataset of one subset)."""
+        return self.augments[0]
+
+    def augment_of(self, index: int) -> Augment:
+        return self.augments[self.examples[index].subset if len(self.augments) > 1 else 0]
+
+    def captions_of(self, index: int) -> CaptionOptions:
+        return self.caption_options[self.examples[index].subset if len(self.caption_options) > 1 else 0]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -462,24 +482,33 @@ class TrainingImages(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         index = self.indices[position]
         example = self.examples[index]
-        pixels, placement, mask = place_image_and_mask(open_rgb(example), open_mask(example, self.sizes[index]), self.augment,
+        pixels, placement, mask = place_image_and_mask(open_rgb(example), open_mask(example, self.sizes[index]), self.augment_of(index),
                                                        example_rng(self.seed, self.epoch, position))
         item = {"index": index, "pixels": pixels, "placement": placement, "caption": self.caption(position)}
-        return item | ({"mask": mask} if mask is not None else {})
+        return item | ({"mask": mask} if mask is not None else {}) | self.weight(index)
+
+    def weight(self, index: int) -> dict:
+        """{"loss_weight": w} where subsets weigh their losses differently; {} otherwise, so batches stay as they were."""
+        return {} if self.loss_weights is None else {"loss_weight": self.loss_weights[self.examples[index].subset]}
 
     def caption(self, position: int) -> str:
-        caption = self.examples[self.indices[position]].caption
-        if not self.captions.changes_captions:
+        index = self.indices[position]
+        caption, options = self.examples[index].caption, self.captions_of(index)
+        if options == CAPTIONS_AS_WRITTEN:
             return caption
-        return transformed_caption(caption, self.captions, caption_rng(self.seed, self.epoch, position))
+        # kohya counts epochs from 1 (its trainers' current_epoch is epoch + 1)
+        return processed_caption(caption, options, caption_rng(self.seed, self.epoch, position), self.epoch + 1)
 
     def bucket(self, position: int) -> tuple[int, int]:
-        return bucket_of(self.sizes[self.indices[position]], self.augment)
+        index = self.indices[position]
+        return bucket_of(self.sizes[index], self.augment_of(index))
 
 
 class BucketBatches(torch.utils.data.Sampler):
     """Batches of positions that share a bucket, shuffled by (seed, epoch): identical in every process
-    and after a resume. Incomplete batches are kept (small DreamBooth sets would lose images)."""
+    and after a resume. Incomplete batches are kept (small DreamBooth sets would lose images). A DatasetGroup's
+    datasets are batched each at its own batch size, one bucket of one dataset a batch, and all their batches
+    shuffled together, as kohya's DatasetGroup draws them."""
 
     def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True):
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
@@ -492,14 +521,16 @@ class BucketBatches(torch.utils.data.Sampler):
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{self.epoch}:order")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for position in range(len(self.dataset)):
-            groups.setdefault(self.dataset.bucket(position), []).append(position)
+        parts = self.dataset.parts() if isinstance(self.dataset, DatasetGroup) else [(0, len(self.dataset), self.batch_size)]
         batches = []
-        for positions in groups.values():
-            if self.shuffle:
-                rng.shuffle(positions)
-            batches += [positions[i : i + self.batch_size] for i in range(0, len(positions), self.batch_size)]
+        for start, length, batch_size in parts:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for position in range(start, start + length):
+                groups.setdefault(self.dataset.bucket(position), []).append(position)
+            for positions in groups.values():
+                if self.shuffle:
+                    rng.shuffle(positions)
+                batches += [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
         return batches
@@ -509,6 +540,45 @@ class BucketBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+class DatasetGroup(torch.utils.data.Dataset):
+    """Datasets trained together, each at its own resolution and batch size (kohya's DatasetGroup): their positions
+    end to end; BucketBatches batches each at its batch size. Items keep their dataset's example index and gain
+    `dataset`, so a caption or latent is always found in its own dataset."""
+
+    def __init__(self, datasets: list, batch_sizes: list[int]):
+        self.datasets, self.batch_sizes = datasets, batch_sizes
+        self.starts = [sum(len(d) for d in datasets[:k]) for k in range(len(datasets))]
+
+    def parts(self) -> list[tuple[int, int, int]]:
+        """(first position, length, batch size) of each dataset."""
+        return [(start, len(d), size) for start, d, size in zip(self.starts, self.datasets, self.batch_sizes)]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(dataset, its own position) of a group position."""
+        k = max(k for k, start in enumerate(self.starts) if start <= position)
+        return k, position - self.starts[k]
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    @property
+    def epoch(self) -> int:
+        return self.datasets[0].epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        for dataset in self.datasets:
+            dataset.epoch = value
+
+    def bucket(self, position: int) -> tuple[int, int]:
+        k, own = self.locate(position)
+        return self.datasets[k].bucket(own)
+
+    def __getitem__(self, position: int) -> dict:
+        k, own = self.locate(position)
+        return self.datasets[k][own] | {"dataset": k}
 
 
 # Pixels encoded per VAE call when caching latents: one 1024x1024 image. At batch 8 the fp32 SDXL VAE's
@@ -529,14 +599,14 @@ class CachedLatents(torch.utils.data.Dataset):
         self.images, self.files, self.cache, self._digests = images, files, {}, {}
         self.encoded = self.found = self.healed = 0  # entries encoded now, found whole on disk, found broken and encoded again
         if batch_size is None:  # the fp32 VAE encoder's activations grow with the pixels: about 1 Mpx at a time
-            batch_size = max(1, ENCODE_PIXELS // images.augment.resolution**2)
-        flips = (False, True) if images.augment.random_flip else (False,)
-        keys = [(index, flip) for index in range(len(images.examples)) for flip in flips]
+            batch_size = max(1, ENCODE_PIXELS // max(math.prod(a.size) if a.size else a.resolution**2 for a in images.augments))
+        keys = [(index, flip) for index in range(len(images.examples))
+                for flip in ((False, True) if images.augment_of(index).random_flip else (False,))]
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            placed = [place_image_and_mask(open_rgb(images.examples[i]), open_mask(images.examples[i], images.sizes[i]), images.augment,
-                                           example_rng(images.seed, 0, i), flip) for i, flip in chunk]
-            names = [latent_key(self._sources(i), images.augment, placed[k][1], model_key) if files is not None else None
+            placed = [place_image_and_mask(open_rgb(images.examples[i]), open_mask(images.examples[i], images.sizes[i]),
+                                           images.augment_of(i), example_rng(images.seed, 0, i), flip) for i, flip in chunk]
+            names = [latent_key(self._sources(i), images.augment_of(i), placed[k][1], model_key) if files is not None else None
                      for k, (i, _) in enumerate(chunk)]
             by_size: dict[tuple[int, int], list[int]] = {}
             wanted = {"mean", "std"} | ({"mask"} if images.augment.masked else set())
@@ -591,10 +661,10 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         index = self.images.indices[position]
-        flip = self.images.augment.random_flip and example_rng(self.images.seed, self.epoch, position).random() < 0.5
+        flip = self.images.augment_of(index).random_flip and example_rng(self.images.seed, self.epoch, position).random() < 0.5
         mean, std, placement, mask = self._entry(index, flip)
         item = {"index": index, "latent_mean": mean, "latent_std": std, "placement": placement, "caption": self.images.caption(position)}
-        return item | ({"mask": mask} if mask is not None else {})
+        return item | ({"mask": mask} if mask is not None else {}) | self.images.weight(index)
 
     def _entry(self, index: int, flip: bool):
         if self.files is None:
@@ -624,4 +694,8 @@ def collate(items: list[dict]) -> dict:
     for key in ("pixels", "latent_mean", "latent_std", "mask"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
+    if "loss_weight" in items[0]:  # kohya's regularisation images: prior_loss_weight on each one's loss
+        batch["loss_weight"] = torch.tensor([item["loss_weight"] for item in items])
+    if "dataset" in items[0]:
+        batch["dataset"] = items[0]["dataset"]  # a batch is one bucket of one dataset
     return batch

@@ -172,17 +172,18 @@ def adapter_layers(model, adapter_name: str) -> dict:
             if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "r", {})}
 
 
-def save_diffusers_lora(folder: Path, states: dict[str, dict], adapter_metadata: dict[str, dict] | None = None) -> Path:
-    """folder/pytorch_lora_weights.safetensors from peft state dicts per component and, optionally, each
-    component's LoraConfig as a dict (ranks and alphas; without it every layer loads at scale 1, and it is written
-    without where the base model lay, `shareable_config`), written atomically; its path."""
+def save_diffusers_lora(folder: Path, states: dict[str, dict], adapter_metadata: dict[str, dict] | None = None,
+                        file_name: str | None = None) -> Path:
+    """folder/pytorch_lora_weights.safetensors (or `file_name`) from peft state dicts per component and, optionally,
+    each component's LoraConfig as a dict (ranks and alphas; without it every layer loads at scale 1, and it is
+    written without where the base model lay, `shareable_config`), written atomically; its path."""
     from diffusers import StableDiffusionXLPipeline
 
     from common.files import atomic_path
 
     layers = {f"{component}_lora_layers": state for component, state in states.items()}
     layers |= {f"{component}_lora_adapter_metadata": shareable_config(config) for component, config in (adapter_metadata or {}).items()}
-    target = Path(folder) / DIFFUSERS_LORA_FILE
+    target = Path(folder) / (file_name or DIFFUSERS_LORA_FILE)
     with atomic_path(target) as partial:
         StableDiffusionXLPipeline.save_lora_weights(partial.parent, weight_name=partial.name, **layers)
     return target
@@ -585,19 +586,6 @@ def kohya_part(key: str) -> str | None:
         if key.startswith(prefix):
             return prefix.removeprefix("lora_").removesuffix("_")
     return None
-
-
-def kohya_metadata(*, rank: int | None = None, alpha: float | None = None, network_module: str = "networks.lora",
-                   **fields: str) -> dict[str, str]:
-    """kohya's `ss_*` metadata of an SDXL LoRA file, as WebUI and ComfyUI display it: the network module (kohya's
-    networks.lora, or lycoris.kohya with its algorithm in ss_network_args) and base model always, rank and alpha where
-    one holds for the file, and ss_<name> for each further field."""
-    metadata = {"ss_network_module": network_module, "ss_base_model_version": "sdxl_base_v1-0"}
-    if rank is not None:
-        metadata["ss_network_dim"] = str(rank)
-    if alpha is not None:
-        metadata["ss_network_alpha"] = str(alpha)
-    return metadata | {f"ss_{name}": value for name, value in fields.items()}
 
 
 BaseWeight = Callable[[str, str], "torch.Tensor"]  # (component, peft module path) -> the base model's weight

@@ -52,7 +52,7 @@ def test_adamw_is_fused_for_parameters_on_a_gpu_and_left_as_it_is_on_the_cpu(dev
     pipe = types.SimpleNamespace(text_encoder=torch.nn.Linear(1, 1).requires_grad_(False),
                                  text_encoder_2=torch.nn.Linear(1, 1).requires_grad_(False))
     config = train_lora.TrainConfig(pretrained_model_name_or_path="x", instance_data_dir="x", instance_prompt="x")
-    optimizer, _, _ = train_lora.make_optimizer(config, unet, pipe, fake_accelerator(device), list(range(4)))
+    optimizer, _, _ = train_lora.make_optimizer(config, unet, pipe, fake_accelerator(device), list(range(4)), 4)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused
 
 
@@ -71,7 +71,7 @@ def test_batches_are_pinned_only_for_a_gpu():
 
     config = train_lora.TrainConfig(pretrained_model_name_or_path="x", instance_data_dir="x", instance_prompt="x")
     for pin in (False, True):
-        loader, _ = train_lora.make_loader(config, _Sized(), pin_memory=pin)
+        loader, _ = train_lora.make_loader(config, _Sized(), 2, pin_memory=pin)
         assert loader.pin_memory is pin
 
 

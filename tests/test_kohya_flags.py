@@ -43,15 +43,15 @@ def test_a_kohya_users_sdxl_lora_command_runs_unchanged(tiny_sdxl_path, tmp_path
         "--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", 2, "--lr_warmup_steps", 0,
         "--sample_every_n_steps", 2, "--sample_prompts", prompts, "--num_validation_images", 1, "--max_token_length", 150,
         "--seed", 1, "--log_with", "tensorboard", "--network_train_unet_only"]
-    code, _, err = train_cli(capsys, *command, "--optimizer_type", "AdamW")
-    assert code != 0 and "--optimizer_type is kohya's option and means something else here: use --optimizer" in err, err
-    code, stdout, err = train_cli(capsys, *command, "--optimizer", "AdamW")
+    code, _, err = train_cli(capsys, *command, "--optimizer_type", "Lion")
+    assert code != 0 and "--optimizer_type 'Lion' is not available here; accepted: AdamW, AdamW8bit, Prodigy, Adafactor" in err, err
+    code, stdout, err = train_cli(capsys, *command, "--optimizer_type", "AdamW")
     assert code == 0, err
     assert "--xformers has no effect" in caplog.text and "--network_train_unet_only has no effect" in caplog.text
     assert "repeats 2 x1, 1 x2: 4 examples an epoch" in stdout and "masked loss: 1 of 3 images masked" in stdout, stdout
     args = json.loads((out / "training_args.json").read_text())
     expected = {"resolution": 64, "aspect_buckets": True, "random_flip": True, "rank": 4, "lora_alpha": 2, "learning_rate": 1e-3,
-                "num_train_epochs": 1, "checkpointing_steps": 100, "lr_num_cycles": 2, "masked_loss": True, "snr_gamma": 5,
+                "num_train_epochs": 1, "save_every_n_steps": 100, "lr_num_cycles": 2, "masked_loss": True, "snr_gamma": 5,
                 "loss_type": "huber", "cache_latents_to_disk": True, "validation_steps": 2, "report_to": "tensorboard",
                 "max_token_length": 150}
     assert {k: args[k] for k in expected} == expected
@@ -60,14 +60,21 @@ def test_a_kohya_users_sdxl_lora_command_runs_unchanged(tiny_sdxl_path, tmp_path
 
 
 REFUSED = {
-    "--save_precision": (["--save_precision", "fp16"], "convert_for_webui.py writes fp16 exports"),
+    "--save_precision fp8": (["--save_precision", "fp8"], "--save_precision 'fp8': choose float, fp16, bf16"),
     "--save_model_as ckpt": (["--save_model_as", "ckpt"], "every file is written as safetensors"),
-    "--reg_data_dir": (["--reg_data_dir", "reg"], "--with_prior_preservation --class_data_dir DIR --class_prompt TEXT"),
-    "--dataset_config": (["--dataset_config", "x.toml"], "give --train_data_dir with caption files and N_prompt folders"),
-    "--save_every_n_epochs": (["--save_every_n_epochs", "1"], "every --checkpointing_steps steps"),
-    "--optimizer_args": (["--optimizer_args", "weight_decay=0.1"], "--adam_beta1, --adam_weight_decay"),
-    "--network_args with LoRA+": (["--network_args", "loraplus_lr_ratio=16"], "--loraplus_lr_ratio and --down_lr_weight"),
-    "--resolution 512,768": (["--resolution", "512,768"], "give one side (512); images are that square or, with --aspect_buckets"),
+    "--reg_data_dir missing": (["--reg_data_dir", "nowhere"], "--reg_data_dir 'nowhere' is not a folder"),
+    "--dataset_config with folders": (["--dataset_config", "x.toml"], "--dataset_config holds the folders (image_dir, is_reg, "
+                                      "conditioning_data_dir per subset); --instance_data_dir cannot go with it"),
+    "--save_last_n_epochs alone": (["--save_last_n_epochs", "2"], "add --save_every_n_epochs N or leave it out"),
+    "--optimizer_args alone": (["--optimizer_args", "weight_decay=0.1"], "--optimizer_args needs kohya's --optimizer_type"),
+    "--network_args alone": (["--network_args", "loraplus_lr_ratio=16"], "--network_args needs kohya's --network_module"),
+    "--network_args unknown": (["--network_module", "networks.lora", "--network_args", "train_norm=True"],
+                               "--network_args train_norm=True is not read here; accepted: algo, preset, conv_dim"),
+    "--optimizer_args unknown": (["--optimizer_type", "AdamW", "--optimizer_args", "foreach=False"],
+                                 "--optimizer_args foreach=False is not read for AdamW here; accepted: weight_decay, eps, betas"),
+    "--resolution 512,abc": (["--resolution", "512,abc"], "--resolution '512,abc' is not a number of pixels, e.g. 1024 or 1024,768"),
+    "--resolution 500,768": (["--resolution", "500,768"], "--resolution 500,768: both sides must be multiples of 8"),
+    "--bucket_reso_steps 48": (["--enable_bucket", "--bucket_reso_steps", "48"], "--bucket_reso_steps 48 must be a multiple of 32"),
     "--full_bf16": (["--full_bf16"], "the adapter trains in float32 under --mixed_precision bf16 autocast"),
 }
 

@@ -63,7 +63,7 @@ def test_outputs_load_through_diffusers_and_kohya_alike(tiny_sdxl_path, images, 
                                                 "--learning_rate", 1e-2, "--checkpointing_steps", 100))
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "README.md", "my_dog.safetensors", "pytorch_lora_weights.safetensors", "training_args.json"]
+        "README.md", "buckets.json", "config.toml", "my_dog.safetensors", "pytorch_lora_weights.safetensors", "training_args.json"]
     args = json.loads((out / "training_args.json").read_text())
     assert args["rank"] == 4 and args["lora_alpha"] == 8
     assert "<lora:my_dog:1>" in (out / "README.md").read_text()
@@ -251,7 +251,8 @@ def test_each_option_is_declared_once_as_a_config_field():
     import train_lora
 
     command = typer.main.get_command(train_lora.app)
-    declared = [f.name for cls in (train_lora.TrainConfig, train_lora.IgnoredOptions) for f in dataclasses.fields(cls) if "option" in f.metadata]
+    declared = [f.name for cls in (train_lora.TrainConfig, train_lora.IgnoredOptions, train_lora.ConfigFiles)
+                for f in dataclasses.fields(cls) if "option" in f.metadata]
     assert sorted(p.name for p in command.params) == sorted(declared)
     recorded = {f.name for f in dataclasses.fields(train_lora.TrainConfig)}
     assert recorded.isdisjoint(f.name for f in dataclasses.fields(train_lora.IgnoredOptions)), "hub_token and co. are never recorded"
