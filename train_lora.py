@@ -12,28 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import os
 import shutil
-import signal
-import threading
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import typer
-from tqdm.auto import tqdm
 
+from common.checkpointing import check_resume, checkpoints, register_checkpoint_hooks, resume, save_checkpoint
 from common.cli import (
     MANY_VALUED, Interrupted, UserError, config_from_options, option, options_command, parse_bool, run_app,
 )
-from common.files import atomic_folder, atomic_path
+from common.config_file import configuration_text, with_config_file, write_output_config
+from common.gallery import Sampling, check_sample_prompts
+from common.kohya_options import choose_lora_layers, with_kohya_options
 from common.lora_layers import LORA_LAYERS_HELP
+from common.lora_outputs import lora_facts, make_ema, recorded, save_outputs, save_schedule, save_snapshot
+from common.progress import CtrlC, Progress, divergence_error
+from common.training_data import ClassBatches, build_data, check_data_sources, disk_cache_folder, make_loader, plan_data
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 logger = logging.getLogger("train_lora")
@@ -343,12 +343,6 @@ class TrainConfig:
     configuration: str = field(default="", repr=False, metadata={"recorded": False})
 
 
-def recorded(config: TrainConfig) -> dict:
-    """The config as training_args.json and the trackers record it."""
-    fields = {f.name for f in dataclasses.fields(config) if f.metadata.get("recorded", True)}
-    return {k: v for k, v in asdict(config).items() if k in fields}
-
-
 @dataclass
 class ConfigFiles:
     """kohya's --config_file and --output_config (common.config_file)."""
@@ -452,118 +446,6 @@ def main(**options) -> None:
     train(config)
 
 
-def check_data_sources(config: TrainConfig) -> None:
-    """The data options that exclude each other, and kohya's bucket options checked (common.buckets)."""
-    if config.dataset_config:
-        others = [f"--{name}" for name in ("instance_data_dir", "dataset_name", "reg_data_dir", "mask_dir") if getattr(config, name)]
-        if others:
-            raise UserError(f"--dataset_config holds the folders (image_dir, is_reg, conditioning_data_dir per subset); "
-                            f"{', '.join(others)} cannot go with it")
-    if config.reg_data_dir and config.dataset_name:
-        raise UserError("--reg_data_dir goes with --instance_data_dir (kohya's --train_data_dir), not --dataset_name")
-    if not 0 <= config.validation_split < 1 or math.isnan(config.validation_split):
-        raise UserError(f"--validation_split must be in [0, 1), got {config.validation_split}")
-    for name in ("validate_every_n_steps", "validate_every_n_epochs"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise UserError(f"--{name} must be a whole number >= 1, got {getattr(config, name)}")
-        if getattr(config, name) is not None and not config.validation_split and not config.dataset_config:
-            raise UserError(f"--{name} computes the loss of held-out images: give --validation_split too (e.g. 0.1)")
-    if not config.aspect_buckets and (config.bucket_no_upscale or any(
-            v is not None for v in (config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps))):
-        logger.warning("the bucket options apply with --aspect_buckets (kohya's --enable_bucket), which is not given: ignored, "
-                       "as kohya ignores them")
-    rule = kohya_bucket_options(config)
-    if rule is not None:
-        rule.check()
-
-
-def kohya_bucket_options(config: TrainConfig):
-    """kohya's bucket rule where --aspect_buckets comes with any of kohya's bucket options (common.buckets); None
-    for SDXL's published buckets or none."""
-    from common.buckets import BucketOptions
-
-    given = {"min_reso": config.min_bucket_reso, "max_reso": config.max_bucket_reso, "steps": config.bucket_reso_steps}
-    if not config.aspect_buckets or (all(v is None for v in given.values()) and not config.bucket_no_upscale):
-        return None
-    size = config.training_size or (config.resolution, config.resolution)
-    return BucketOptions(resolution_wh=size, no_upscale=config.bucket_no_upscale, **{k: v for k, v in given.items() if v is not None})
-
-
-def choose_lora_layers(config: TrainConfig, options: dict) -> None:
-    """--lora_layers, or the default of the flags used: kohya's network module or --network_dim train kohya's layer
-    set (common.lora_layers), said in one line; the diffusers flags the attention projections."""
-    import sys
-
-    from common.lora_layers import choose_layer_set
-
-    kohya_flags = options.get("network_module") is not None or any(a.split("=")[0] == "--network_dim" for a in sys.argv[1:])
-    config.lora_layers, message = choose_layer_set(config.lora_layers, kohya_flags=kohya_flags)
-    if message:
-        logger.warning(message)
-
-
-def with_kohya_options(options: dict) -> dict:
-    """kohya's --network_module/--network_args and --optimizer_type/--optimizer_args read into the options they mean
-    here (common.kohya_options); one of those options also given otherwise, with another value, is refused."""
-    from common.kohya_options import kohya_network, kohya_optimizer
-
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    read = kohya_optimizer(options["optimizer_type"], options["optimizer_args"], options["optimizer"])
-    read |= kohya_network(options["network_module"], options["network_args"])
-    for name, value in read.items():
-        if name not in defaults:
-            raise UserError(f"kohya's setting for --{name} ({value}) has no option here")
-        given = options.get(name, defaults.get(name))
-        if given != defaults.get(name) and str(given).lower() != str(value).lower():
-            raise UserError(f"--{name} {given} and kohya's --network_args/--optimizer_args/--optimizer_type ({value}) disagree; "
-                            "give it once")
-    return options | read
-
-
-def with_config_file(options: dict) -> dict:
-    """--config_file's values beneath the command line (common.config_file). kohya's clip_skip, which kohya ignores
-    on SDXL (its text encoders' penultimate layer is always read), is ignored with a warning: ours skips layers
-    beyond that one."""
-    from typer.main import get_current_context  # typer's own click
-
-    from common.config_file import config_path, layer_config_file
-
-    if not options["config_file"] or options["output_config"]:
-        return options
-    layered, own = layer_config_file(options, config_path(options["config_file"]), get_current_context(),
-                                     winning_aliases=frozenset({"unet_lr"}))
-    if layered["clip_skip"] != options["clip_skip"] and "clip_skip" not in own:
-        logger.warning(f"--config_file: clip_skip = {layered['clip_skip']} is kohya's, which kohya ignores on SDXL (the penultimate "
-                       "layer is always read, as here); ignored. --clip_skip N skips N layers beyond that one")
-        layered["clip_skip"] = options["clip_skip"]
-    return layered
-
-
-def configuration_text(options: dict) -> str:
-    """The run's options that differ from their defaults as a TOML table that --config_file reads back."""
-    from typer.main import get_current_context
-
-    from common.config_file import non_default_options, toml_text
-
-    values = non_default_options(options, get_current_context())
-    return toml_text(values, header="train_lora.py's options for this run: re-run it with\n"
-                                    "  python train_lora.py --config_file config.toml --output_dir ANOTHER_FOLDER")
-
-
-def write_output_config(config_file: str | None, text: str) -> None:
-    """kohya's --output_config: the configuration written to --config_file's path, never over an existing file."""
-    from common.config_file import config_path
-
-    if not config_file:
-        raise UserError("--output_config writes the options to --config_file FILE.toml; give that too")
-    path = config_path(config_file)
-    if path.exists():
-        raise UserError(f"--output_config: {str(path)!r} exists; it is never replaced, give another --config_file")
-    with atomic_path(path) as partial:
-        partial.write_text(text)
-    typer.echo(f"wrote the options to {path}")
-
-
 def make_config(options: dict) -> TrainConfig:
     """Validate every option once, at the top, with messages for people; return the typed config."""
     from common.data import INTERPOLATIONS
@@ -576,7 +458,7 @@ def make_config(options: dict) -> TrainConfig:
             "--push_to_hub needs network access to the Hugging Face Hub; upload --output_dir yourself afterwards"
         )
     config_from_options(IgnoredOptions, options, warn=logger.warning)
-    options = with_kohya_options(options)
+    options = with_kohya_options(options, TrainConfig)
     config = config_from_options(TrainConfig, options)
     if not config.pretrained_model_name_or_path:
         raise UserError("give the base model: --model (kohya's --pretrained_model_name_or_path) on the command line or in "
@@ -610,6 +492,8 @@ def make_config(options: dict) -> TrainConfig:
         ),
         (config.optimizer in OPTIMIZERS, f"--optimizer {config.optimizer!r} is not supported; use AdamW, Prodigy or Adafactor"),
         (0 < config.prodigy_d_coef < MAX_LEARNING_RATE, f"--prodigy_d_coef must be a finite number > 0, got {config.prodigy_d_coef}"),
+        (not config.use_8bit_adam or config.optimizer == "adamw",
+         f"--use_8bit_adam is bitsandbytes' AdamW8bit; it does not apply to --optimizer {config.optimizer}"),
         (
             config.loraplus_lr_ratio is None or config.loraplus_lr_ratio > 0,
             f"--loraplus_lr_ratio must be > 0 (16 is usual), got {config.loraplus_lr_ratio}",
@@ -761,7 +645,29 @@ def make_config(options: dict) -> TrainConfig:
             raise UserError(
                 f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a checkpoint folder; use latest or a checkpoint-N folder"
             )
+    check_eight_bit_adam(config)
     return config
+
+
+def check_eight_bit_adam(config: TrainConfig) -> None:
+    """--use_8bit_adam runs bitsandbytes' AdamW8bit: it needs a CUDA GPU that this run uses (not several CPU
+    processes) and the package, checked here rather than when the optimizer is made, after the models load."""
+    import importlib.util
+
+    import torch
+
+    from common.models import cpu_processes_requested
+
+    if not config.use_8bit_adam:
+        return
+    if not torch.cuda.is_available() or cpu_processes_requested():
+        missing = "no CUDA GPU"
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        missing = "no bitsandbytes (pip install bitsandbytes)"
+    else:
+        return
+    raise UserError(f"--use_8bit_adam (kohya's --optimizer_type AdamW8bit) needs bitsandbytes on a CUDA GPU; this run has "
+                    f"{missing}: leave it out to train with AdamW")
 
 
 # A rate above this overflows float32 in the optimizers' updates (AdamW's lr / bias correction) before training starts.
@@ -846,122 +752,6 @@ def preflight(config: TrainConfig) -> Preflight:
     return Preflight(base, datasets, formulation, notes)
 
 
-def plan_data(config: TrainConfig) -> tuple[list, list[str]]:
-    """The first half of the data path (`build_data` is the second, once the models are loaded), in one pass
-    (common.data_plan): the datasets (kohya's --dataset_config, or the command line's folders), their subsets'
-    examples found and captioned, every image and mask read, validation images held out and regularisation images
-    counted to the instance images; (datasets, lines saying what was left out or trains nothing)."""
-    from common.data_plan import plan_dataset
-
-    run = run_data(config)
-    if config.dataset_config:
-        from common.dataset_config import read_dataset_config
-
-        plans = [plan_dataset(spec, run) for spec in read_dataset_config(config.dataset_config, given_data_options(config))]
-        return plans, [note for plan in plans for note in plan.notes]
-    examples, notes = command_line_examples(config)
-    plan = plan_dataset(command_line_dataset(config), run, first_examples=examples, first_subset=command_line_subset(config))
-    return [plan], notes + plan.notes
-
-
-def run_data(config: TrainConfig):
-    from common.data_plan import RunData
-
-    return RunData(seed=config.seed, masked_loss=config.masked_loss, skip_bad_images=config.skip_bad_images,
-                   prior_loss_weight=config.prior_loss_weight, interpolation=config.image_interpolation_mode)
-
-
-def given_data_options(config: TrainConfig) -> dict:
-    """The data options given on the command line (or in --config_file) by name, for --dataset_config's levels to
-    stand on (common.dataset_config): an option left at its default gives way to kohya's default."""
-    names = ("train_batch_size", "repeats", "caption_extension", "shuffle_caption", "keep_tokens", "caption_dropout_rate",
-             "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "caption_prefix", "caption_suffix", "caption_separator",
-             "keep_tokens_separator", "secondary_separator", "enable_wildcard", "random_flip", "aspect_buckets", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-             "bucket_no_upscale", "masked_loss", "validation_split", "validation_seed")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    given = {name: getattr(config, name) for name in names if getattr(config, name) != defaults[name]}
-    if config.resolution != defaults["resolution"] or config.training_size:
-        given["resolution"] = config.training_size or (config.resolution, config.resolution)
-    return given
-
-
-def command_line_examples(config: TrainConfig) -> tuple[list, list[str]]:
-    """The instance images of --instance_data_dir (kohya's --train_data_dir, with its N_prompt folders) or
-    --dataset_name, captioned by the one caption rule of every layout, each with its repeats (N x --repeats), and the
-    lines on folders left out."""
-    from common.data import find_examples, skipped_folders, with_masks
-
-    folder = Path(config.instance_data_dir) if config.instance_data_dir else None
-    examples = find_examples(
-        instance_data_dir=folder,
-        instance_prompt=config.instance_prompt,
-        dataset_name=config.dataset_name,
-        dataset_config_name=config.dataset_config_name,
-        image_column=config.image_column,
-        caption_column=config.caption_column,
-        caption_extension=config.caption_extension,
-        prompt_as_prefix=config.prefix_instance_prompt,
-        enable_wildcard=config.enable_wildcard,
-    )
-    examples = [dataclasses.replace(e, repeats=e.repeats * config.repeats) for e in examples]
-    if config.masked_loss:
-        examples = with_masks(examples, Path(config.mask_dir) if config.mask_dir else None)
-    return examples, skipped_folders(folder) if folder is not None and not config.dataset_name else []
-
-
-def command_line_subset(config: TrainConfig):
-    """How the command line's instance images train (common.data_plan.SubsetPlan)."""
-    from common.data import Augment, sdxl_buckets
-    from common.data_plan import SubsetPlan
-
-    size = config.training_size
-    augment = Augment(
-        resolution=config.resolution,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        interpolation=config.image_interpolation_mode,
-        buckets=tuple(sdxl_buckets(config.resolution)) if config.aspect_buckets else (),
-        masked=config.masked_loss,
-        size=(size[1], size[0]) if size else None,
-        bucket_rule=kohya_bucket_options(config),
-    )
-    name = Path(config.instance_data_dir).name if config.instance_data_dir else str(config.dataset_name)
-    return SubsetPlan(name=name, is_reg=False, augment=augment, captions=caption_transform(config))
-
-
-def command_line_dataset(config: TrainConfig):
-    """The command line's dataset (common.dataset_config.DatasetSpec) beside its instance subset: --reg_data_dir's
-    N_class folders as kohya's regularisation subsets (images directly in it captioned by --class_prompt)."""
-    from common.data import repeat_folders
-    from common.dataset_config import DatasetSpec, SubsetSpec
-
-    width, height = config.training_size or (config.resolution, config.resolution)
-    subsets = []
-    if config.reg_data_dir:
-        folder = Path(config.reg_data_dir)
-        if not folder.is_dir():
-            raise UserError(f"--reg_data_dir {str(folder)!r} is not a folder")
-        from common.files import IMAGE_SUFFIXES
-
-        direct = [(folder, 1, config.class_prompt)] if any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()) else []
-        for sub, count, name in direct + repeat_folders(folder):
-            subsets.append(SubsetSpec(image_dir=sub, num_repeats=count * config.repeats, class_tokens=name or None, is_reg=True,
-                                      caption_extension=config.caption_extension, shuffle_caption=config.shuffle_caption,
-                                      keep_tokens=config.keep_tokens, caption_dropout_rate=config.caption_dropout_rate,
-                                      caption_tag_dropout_rate=config.caption_tag_dropout_rate,
-                                      caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
-                                      caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix,
-                                      caption_separator=config.caption_separator,
-                                      keep_tokens_separator=config.keep_tokens_separator or "",
-                                      secondary_separator=config.secondary_separator, enable_wildcard=config.enable_wildcard,
-                                      flip_aug=config.random_flip,
-                                      random_crop=not config.center_crop, alpha_mask=config.masked_loss and not config.mask_dir))
-        if not subsets:
-            raise UserError(f"--reg_data_dir {str(folder)!r} has no images, in itself or in N_class folders (e.g. 1_dog)")
-    return DatasetSpec(resolution=(width, height), subsets=tuple(subsets), batch_size=config.train_batch_size,
-                       enable_bucket=False, validation_split=config.validation_split, validation_seed=config.validation_seed)
-
-
 def check_output_places(config: TrainConfig) -> None:
     """The folders the run will write checked without being made: --output_dir (and no earlier run in it unless this
     one continues it or starts over), the TensorBoard --logging_dir, the disk caches with the subfolders already in
@@ -995,6 +785,7 @@ def train(config: TrainConfig) -> None:
 def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
     """Load models -> (class images) -> (pivotal tokens, text LoRA) -> data -> UNet LoRA -> optimizer -> loop -> save."""
     from common.models import graph_break_summary, peak_memory_gib, speed_up_unet
+    from common.validation import HeldOut
 
     start_trackers(accelerator, config)
     for note in checked.notes:
@@ -1160,39 +951,6 @@ class BatchLoss:
 
     def network(self, captions: list[str], time_ids, step: int):
         return conditioned_unet(self.unet, self.caption_encoder.embed(captions, step), time_ids, self.accelerator)
-
-
-@dataclass
-class HeldOut:
-    """The validation loss of the held-out images (common.validation), when it is due; nothing without them."""
-
-    data: TrainingData
-    batch_loss: BatchLoss
-    models: list
-    config: TrainConfig
-    progress: Progress
-
-    def __post_init__(self):
-        from common.validation import ValidationSchedule
-
-        self.schedule = ValidationSchedule(self.config.validate_every_n_steps, self.config.validate_every_n_epochs)
-
-    def due_at_step(self, step: int) -> bool:
-        return bool(self.data.held_out) and self.schedule.due_at_step(step)
-
-    def due_after_epoch(self, epoch: int) -> bool:
-        return bool(self.data.held_out) and self.schedule.due_after_epoch(epoch)
-
-    def __call__(self, step: int) -> float | None:
-        from common.data import collate
-        from common.validation import validation_loss
-
-        if not self.data.held_out:
-            return None
-        loss = validation_loss(lambda batch: self.batch_loss(batch, None, step), self.data.held_out, collate,
-                               self.config.seed, self.models)
-        self.progress.validation(loss)
-        return loss
 
 
 def training_step(compute_loss, *, models: list, accelerator, optimizer, lr_scheduler, max_grad_norm: float):
@@ -1424,186 +1182,6 @@ def choose_formulation(config: TrainConfig, pipe, accelerator, base=None, made: 
     return formulation
 
 
-@dataclass
-class TrainingData:
-    """Instance images (one dataset, or a DatasetGroup of several) and class images for prior preservation, with
-    each example's caption."""
-
-    instances: object
-    captions: list  # every dataset's examples' captions, abstractions already expanded
-    classes: object = None
-    class_captions: list = field(default_factory=list)
-    plans: list = field(default_factory=list)  # common.data_plan.DatasetPlan of each dataset
-    captions_vary: bool = False  # a subset's options draw captions no list can hold ahead (shuffles, wildcards, ...)
-    held_out: list = field(default_factory=list)  # one dataset item per held-out image, the same at every evaluation
-
-    def all_captions(self) -> list[str]:
-        return sorted(set(self.captions) | set(self.class_captions))
-
-
-def shown_captions(examples: list, options: list) -> tuple[list[str], bool]:
-    """(the captions training can show, whether they vary beyond that list): each example's caption under its
-    subset's kohya options (prefix, suffix, separators: the same every time), and the empty one where captions are
-    dropped; or, where tags are shuffled or dropped, wildcards drawn or whole epochs dropped, the written captions and
-    True (they are then encoded as they come)."""
-    import random
-
-    from common.captions import processed_caption
-
-    def varies(o) -> bool:
-        return o.shuffle or o.tag_dropout > 0 or o.enable_wildcard or o.dropout_every_n_epochs > 0
-
-    if any(varies(options[e.subset]) for e in examples):
-        return [e.caption for e in examples], True
-    fixed = [processed_caption(e.caption, dataclasses.replace(options[e.subset], dropout=0.0), random.Random(0), 1) for e in examples]
-    return fixed + ([""] if any(options[e.subset].dropout > 0 for e in examples) else []), False
-
-
-def build_data(config: TrainConfig, checked: Preflight, pipe, accelerator) -> TrainingData:
-    """The second half of the data path (`plan_data` is the first): each dataset's checked examples, their captions'
-    token abstractions expanded, as a dataset of its subsets' own options (optionally as cached latents), several
-    datasets as one group, with the class images; buckets.json written."""
-    import torch
-
-    from common.data import CAPTIONS_AS_WRITTEN, CachedLatents, DatasetGroup, TrainingImages, check_images, find_examples
-    from common.tokens import expand_abstractions, warn_about_long_prompts
-
-    parts, captions, vary = [], [], False
-    for plan in checked.datasets:
-        examples = [dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map)) for e in plan.examples]
-        shown, varies = shown_captions(examples, [s.captions for s in plan.subsets])
-        captions, vary = captions + shown, vary or varies
-        parts.append(TrainingImages(examples, [s.augment for s in plan.subsets], 1, config.seed,
-                                    captions=[s.captions for s in plan.subsets], sizes=plan.sizes,
-                                    loss_weights=[s.loss_weight for s in plan.subsets]))
-    data = TrainingData(parts[0], captions, plans=checked.datasets, captions_vary=vary)
-    # the held-out images centred, unflipped and captioned as written: the same item at every evaluation
-    held_out = [TrainingImages([dataclasses.replace(e, caption=expand_abstractions(e.caption, config.token_map)) for e in plan.held_out],
-                               [dataclasses.replace(s.augment, center_crop=True, random_flip=False) for s in plan.subsets],
-                               1, config.seed, captions=[CAPTIONS_AS_WRITTEN] * len(plan.subsets), sizes=plan.held_out_sizes)
-                for plan in checked.datasets if plan.held_out]
-    data.captions += [e.caption for part in held_out for e in part.examples]  # encoded like the others
-    if config.with_prior_preservation:
-        class_examples = find_examples(
-            instance_data_dir=Path(config.class_data_dir), instance_prompt=config.class_prompt
-        )
-        class_examples, class_sizes = check_images(class_examples, config.skip_bad_images)
-        count = config.num_class_images
-        augment = dataclasses.replace(checked.datasets[0].subsets[0].augment, masked=config.masked_loss)
-        data.classes = TrainingImages(class_examples[:count], augment, 1, config.seed + 1, sizes=class_sizes[:count])
-        class_examples = class_examples[:count]
-        data.class_captions = [e.caption for e in class_examples]
-    if config.cache_latents or config.cache_latents_to_disk:
-        encode = lambda pixels: vae_posterior(pipe.vae, pixels, accelerator.device)  # noqa: E731
-        files, vae_key = None, ""
-        if config.cache_latents_to_disk:
-            from common.disk_cache import TensorFiles, module_digest
-
-            files, vae_key = TensorFiles(disk_cache_folder(config) / "latents"), module_digest(pipe.vae)
-        with torch.no_grad():
-            parts = [CachedLatents(part, encode, files=files, model_key=vae_key) for part in parts]
-            held_out = [CachedLatents(part, encode, files=files, model_key=vae_key) for part in held_out]
-            if data.classes is not None:
-                data.classes = CachedLatents(data.classes, encode, files=files, model_key=vae_key)
-        if files is not None and accelerator.is_main_process:
-            cached = parts + ([data.classes] if data.classes is not None else [])
-            healed = sum(d.healed for d in cached)
-            accelerator.print(f"latents: {sum(d.encoded for d in cached)} encoded, {sum(d.found for d in cached)} read from the "
-                              f"disk cache {files.folder}" + (f"; {healed} of the encoded replaced broken entries (cut short, "
-                                                              "incomplete or not finite)" if healed else ""))
-        pipe.vae.to("cpu")  # the loop needs it no more: about 0.3 GiB of GPU memory for SDXL
-    data.instances = parts[0] if len(parts) == 1 else DatasetGroup(parts, [plan.batch_size for plan in checked.datasets])
-    data.held_out = [part[position] for part in held_out for position in range(len(part))]
-    if accelerator.is_main_process:
-        warn_about_long_prompts(pipe.tokenizer, data.all_captions(), "caption", logger.warning, max_tokens=config.max_token_length)
-        accelerator.print(data_summary(data, config))
-        write_bucket_record(data, config)
-    return data
-
-
-def disk_cache_folder(config: TrainConfig) -> Path:
-    from common.disk_cache import default_cache_folder
-
-    return Path(config.disk_cache_dir) if config.disk_cache_dir else default_cache_folder()
-
-
-def caption_transform(config: TrainConfig):
-    """kohya's caption options of the command line (common.captions), checked."""
-    from common.captions import CaptionOptions
-
-    return CaptionOptions(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens, keep_tokens_separator=config.keep_tokens_separator,
-                          caption_separator=config.caption_separator, secondary_separator=config.secondary_separator,
-                          caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix, dropout=config.caption_dropout_rate,
-                          dropout_every_n_epochs=config.caption_dropout_every_n_epochs, tag_dropout=config.caption_tag_dropout_rate,
-                          enable_wildcard=config.enable_wildcard).check()
-
-
-def data_summary(data: TrainingData, config: TrainConfig) -> str:
-    """One line on what the run trains on: images, where their captions came from, repeats, buckets; with several
-    datasets or regularisation images, kohya's counts of each."""
-    from collections import Counter
-
-    from common.data import open_mask
-
-    examples = [e for plan in data.plans for e in plan.examples]
-    sources = Counter(e.caption_from for e in examples)
-    named = {"file": "from caption files", "metadata": "from metadata.jsonl", "folder": "from folder names",
-             "prompt": "from --instance_prompt", "dataset": "from the dataset"}
-    captions = ", ".join(f"{count} {named[source]}" for source, count in sources.items())
-    repeats = Counter(e.repeats for e in examples)
-    buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
-    classes = f"; {len(data.class_captions)} class images" if data.classes is not None else ""
-    masked_runs = [plan for plan in data.plans if any(s.augment.masked for s in plan.subsets)]
-    if masked_runs:
-        masked = sum(open_mask(e, size) is not None for plan in masked_runs for e, size in zip(plan.examples, plan.sizes))
-        source = f"from {config.mask_dir}" if config.mask_dir else "from alpha channels"
-        classes += f"; masked loss: {masked} of {len(examples)} images masked ({source}; the others train everywhere)"
-    line = (f"{len(examples)} images, captions {captions} ({len({e.caption for e in examples})} distinct); "
-            f"repeats {', '.join(f'{n} x{r}' for r, n in sorted(repeats.items()))}: {len(data.instances)} examples an epoch; "
-            f"{len(buckets)} bucket(s): {', '.join(f'{h}x{w} ({n})' for (h, w), n in sorted(buckets.items()))}{classes}")
-    held_out = sum(len(plan.held_out) for plan in data.plans)
-    if held_out:
-        line += f"; {held_out} images held out for the validation loss"
-    reg = sum(plan.reg_images for plan in data.plans)
-    if len(data.plans) > 1 or reg:
-        line += "\n" + kohya_counts_line(data)
-    return line
-
-
-def kohya_counts_line(data: TrainingData) -> str:
-    """kohya's numbers of an epoch, per dataset: train and regularisation images with repeats, what became of the
-    regularisation images (repeated or trimmed to the train images), batches."""
-    parts = []
-    for k, plan in enumerate(data.plans):
-        train = sum(e.repeats for e in plan.examples if not plan.subsets[e.subset].is_reg)
-        reg = sum(e.repeats for e in plan.examples if plan.subsets[e.subset].is_reg)
-        width, height = plan.resolution
-        text = f"dataset {k} ({width}x{height}, batch {plan.batch_size}): {train} train images with repeats"
-        if reg:
-            weight = next(s.loss_weight for s in plan.subsets if s.is_reg)
-            text += f", {reg} regularisation images with repeats, repeated or trimmed to match them as kohya does (loss x{weight:g})"
-        parts.append(text)
-    return "; ".join(parts)
-
-
-def write_bucket_record(data: TrainingData, config: TrainConfig) -> None:
-    """buckets.json in the output folder: each image's bucket and the size it was resized to, and each bucket's count."""
-    from common.data import fitted_size
-
-    images = []
-    for k, plan in enumerate(data.plans):
-        for example, size in zip(plan.examples, plan.sizes):
-            (height, width), (resized_h, resized_w) = fitted_size(size, plan.subsets[example.subset].augment)
-            images.append({"dataset": k, "image": example.name, "size": [size[1], size[0]], "bucket": [width, height],
-                           "resized": [resized_w, resized_h], "repeats": example.repeats})
-    counts: dict = {}
-    for item in images:
-        key = f"{item['dataset']}: {item['bucket'][0]}x{item['bucket'][1]}"
-        counts[key] = counts.get(key, 0) + item["repeats"]
-    with atomic_path(Path(config.output_dir) / "buckets.json") as partial:
-        partial.write_text(json.dumps({"buckets (dataset: width x height): images with repeats": counts, "images": images}, indent=1))
-
-
 def make_missing_class_images(config: TrainConfig, pipe, accelerator, base) -> None:
     """Fill --class_data_dir up to --num_class_images with the base model, as gen_class_images.py does."""
     from common.generation import fill_class_folder, make_class_images
@@ -1821,34 +1399,6 @@ class CaptionEncoder:
         for rows, digest in zip(self.rows, self.original_digests):
             if self._digest(rows.table.weight) != digest:
                 raise RuntimeError("an original token-embedding row changed during pivotal tuning")
-
-
-class ClassBatches:
-    """Class-image batches for prior preservation, one per micro-step, in a seeded order that is the
-    same after a resume; process p takes batch (micro_step * processes + p), so processes differ."""
-
-    def __init__(self, data: TrainingData, config: TrainConfig, accelerator):
-        from common.data import BucketBatches
-
-        self.dataset = data.classes
-        self.order = BucketBatches(data.classes, config.train_batch_size, config.seed + 1)
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
-
-    def batch(self, micro_step: int) -> dict:
-        from common.data import collate
-
-        global_index = micro_step * self.world + self.rank  # over all processes' class batches so far
-        per_epoch = len(self.order)
-        self.order.start_epoch(global_index // per_epoch)
-        positions = self.order.batches()[global_index % per_epoch]
-        return collate([self.dataset[p] for p in positions])
-
-
-def vae_posterior(vae, pixels, device):
-    """(mean, std) of the VAE's latent distribution, still unnormalised."""
-    distribution = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-    # the mean is a view of the VAE's output, whose other half (the log-variance) a cached view would keep alive
-    return distribution.mean.float().cpu().clone(), distribution.std.float().cpu()
 
 
 def batch_latents(batch, pipe, accelerator):
@@ -2122,13 +1672,9 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset, batch_
                               weight_decay=config.adam_weight_decay)
     else:
         optimizer_class = torch.optim.AdamW
-        if config.use_8bit_adam:
-            if not torch.cuda.is_available():
-                raise UserError("--use_8bit_adam needs bitsandbytes on a CUDA GPU; drop it on the CPU")
-            try:
-                import bitsandbytes
-            except ImportError:
-                raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        if config.use_8bit_adam:  # make_config has checked that it runs here
+            import bitsandbytes
+
             optimizer_class = bitsandbytes.optim.AdamW8bit
         # one fused kernel for every parameter on a GPU, instead of a few per parameter (the CPU keeps its default)
         fused = {"fused": True} if accelerator.device.type == "cuda" and not config.use_8bit_adam else {}
@@ -2149,723 +1695,6 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset, batch_
         power=config.lr_power,
     )
     return optimizer, lr_scheduler, total_steps
-
-
-def make_loader(config: TrainConfig, dataset, batch_size: int, pin_memory: bool = False):
-    """The instance batches in BucketBatches' order; on a GPU in pinned memory, so that their copies to it need not wait
-    for the device (batch_latents copies them with non_blocking)."""
-    import torch
-
-    from common.data import BucketBatches, collate
-
-    batch_order = BucketBatches(dataset, batch_size, config.seed)  # a DatasetGroup batches each dataset at its own size
-    # A loader without a generator of its own draws its workers' base seed from the global generator each time
-    # an iterator is made (each epoch, and mid-epoch after a resume), shifting the noise of every later step.
-    # accelerate's prepare_data_loader and skip_first_batches pass this generator on to the loaders they make.
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batch_order,
-        collate_fn=collate,
-        num_workers=config.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
-        pin_memory=pin_memory,
-    )
-    return loader, batch_order
-
-
-CHECKPOINT_FILES = ("lora.safetensors", "text_encoder.safetensors", "text_encoder_2.safetensors")
-
-
-def trained_state(model) -> dict:
-    """The parameters a run trains in `model`: the adapter's (LoRA/DoRA, LoHa, LoKr) and pivotal-tuning rows."""
-    from common.adapters import TRAINED_PARAMETER_MARKERS
-
-    return {
-        n: p.detach().float().cpu().contiguous()
-        for n, p in model.named_parameters()
-        if any(marker in n for marker in (*TRAINED_PARAMETER_MARKERS, "new_rows"))
-    }
-
-
-def register_checkpoint_hooks(accelerator, config: TrainConfig, caption_encoder) -> None:
-    """Checkpoints hold only what is trained (not 2.6 B frozen UNet parameters), plus optimizer and RNG
-    state, and with pivotal tuning the embedding file as it is at that step. A checkpoint is restored only
-    into a run that trains the same weights with the same shapes."""
-    from safetensors.torch import save_file
-
-    from common.lora_formats import read_safetensors
-    from common.tokens import save_embedding
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model, name in zip(models, CHECKPOINT_FILES):
-                save_file(trained_state(accelerator.unwrap_model(model)), os.path.join(output_dir, name))
-            if caption_encoder.rows:
-                save_embedding(
-                    Path(output_dir) / f"{output_name(config)}_emb.safetensors",
-                    *[r.new_rows for r in caption_encoder.rows],
-                    [t for group in config.token_map.values() for t in group],
-                )
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        def does_not_fit(what: str) -> UserError:
-            return UserError(
-                f"checkpoint {input_dir} does not fit this run: {what}; resume with the options it was trained with "
-                "(--rank, --use_dora, --lora_unet_blocks, the text-encoder options)"
-            )
-
-        for model, name in zip(list(models), CHECKPOINT_FILES):
-            file = Path(input_dir) / name
-            if not file.is_file():  # a checkpoint of a run that left the text encoders alone
-                raise does_not_fit(f"it has no {name}")
-            state = read_safetensors(file, "checkpoint file", hint="; resume from another checkpoint-N")
-            trained = trained_state(accelerator.unwrap_model(model))
-            mismatch = weights_mismatch(
-                {n: tuple(t.shape) for n, t in state.items()}, {n: tuple(t.shape) for n, t in trained.items()}
-            )
-            if mismatch:
-                raise does_not_fit(f"{name} {mismatch}")
-            accelerator.unwrap_model(model).load_state_dict(state, strict=False)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def output_name(config: TrainConfig) -> str:
-    """The run's name: --output_name, or the output folder's own name (also for a nested path)."""
-    return config.output_name or Path(config.output_dir).resolve().name
-
-
-def save_schedule(config: TrainConfig):
-    """kohya's saving options as one checked schedule (common.save_schedule)."""
-    from common.save_schedule import SaveSchedule
-
-    return SaveSchedule(name=output_name(config), every_n_epochs=config.save_every_n_epochs, every_n_steps=config.save_every_n_steps,
-                        last_n_epochs=config.save_last_n_epochs, last_n_steps=config.save_last_n_steps,
-                        precision=config.save_precision).check()
-
-
-def checkpoints(output_dir: str) -> list[Path]:
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-CHECKPOINT_RECORD = "training_state.json"  # the step, the run's length, its process count and shape options, for resume's checks
-# The options a checkpoint's state depends on: a resume with another value cannot restore it (refused before any model
-# loads), and the learning rates, which a resume may change (a diverged run continues at a lower one)
-RESUME_SHAPE_OPTIONS = ("adapter", "use_ema", "use_dora", "rank", "conv_rank", "train_text_encoder", "train_text_encoder_ti")
-RESUME_RATE_OPTIONS = ("learning_rate", "text_encoder_lr")
-
-
-def save_checkpoint(accelerator, config: TrainConfig, step: int, total_steps: int) -> None:
-    """accelerate state in checkpoint-STEP, written beside and renamed, so a crash never leaves half of one."""
-    with atomic_folder(
-        Path(config.output_dir) / f"checkpoint-{step}", is_main_process=accelerator.is_main_process
-    ) as staging:
-        accelerator.wait_for_everyone()  # the main process has made the staging folder
-        accelerator.save_state(str(staging))
-        if accelerator.is_main_process:
-            record = {"step": step, "total_steps": total_steps, "processes": accelerator.num_processes,
-                      **{name: getattr(config, name) for name in RESUME_SHAPE_OPTIONS + RESUME_RATE_OPTIONS}}
-            (staging / CHECKPOINT_RECORD).write_text(json.dumps(record))
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process and config.checkpoints_total_limit:
-        for old in checkpoints(config.output_dir)[: -config.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def resume_checkpoint(config: TrainConfig) -> Path | None:
-    """The checkpoint --resume_from_checkpoint names (latest: the newest in --output_dir), or None without it."""
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = checkpoints(config.output_dir)
-        if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {config.output_dir!r}")
-        return found[-1]
-    return Path(config.resume_from_checkpoint)
-
-
-def check_resume(config: TrainConfig) -> None:
-    """Before any model loads: the checkpoint to resume is readable and was written by a run this one can continue,
-    each difference named by its option (accelerate's own refusal, after the load, names neither). A checkpoint
-    written before its record held these options is judged by its files: an EMA leaves accelerate's
-    custom_checkpoint_0.pkl."""
-    path = resume_checkpoint(config)
-    if path is None:
-        return
-    record = read_checkpoint_record(path)
-    if "use_ema" not in record:
-        record["use_ema"] = (path / "custom_checkpoint_0.pkl").is_file()
-    for name in RESUME_SHAPE_OPTIONS:
-        if name in record and record[name] != getattr(config, name):
-            def flag(value):
-                return f"--{name} {value}" if not isinstance(value, bool) else (f"--{name}" if value else f"no --{name}")
-
-            raise UserError(f"{path} was written by a run with {flag(record[name])}, this one has {flag(getattr(config, name))}: a "
-                            f"resume continues the same adapter; resume with {flag(record[name])}, or start over with --force")
-
-
-def resume(config: TrainConfig, accelerator, total_steps: int, optimizer=None, lr_scheduler=None) -> int:
-    """The step to continue from: 0, or the step of the checkpoint whose state was just restored.
-
-    A checkpoint past this run's last step is refused (an old run's, left in the folder); one at the last
-    step restores the finished state, so the outputs are written from it. One written by a run of another
-    length or process count is restored with a warning for each setting that makes the result differ from
-    one uninterrupted run."""
-    path = resume_checkpoint(config)
-    if path is None:
-        return 0
-    record = read_checkpoint_record(path)
-    step = record["step"]
-    if step > total_steps:
-        length = f"--max_train_steps {total_steps}" if config.max_train_steps else f"{total_steps} steps"
-        raise UserError(
-            f"{path} is at step {step}, past the end of this run ({length}); continue it with a larger "
-            "--max_train_steps, or train into another --output_dir"
-        )
-    if accelerator.is_main_process:
-        for warning in resume_differences(config, record, step, total_steps, accelerator.num_processes):
-            logger.warning(f"{path.name}: {warning}; the result will differ from one uninterrupted run")
-    rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
-    restore_checkpoint(accelerator, path)
-    if any(name in record and record[name] != getattr(config, name) for name in RESUME_RATE_OPTIONS):
-        continue_at_rates(optimizer, lr_scheduler, rates)
-    finished = ": the run is finished, its outputs are written again" if step == total_steps else ""
-    accelerator.print(f"resumed from {path} at step {step}{finished}")
-    return step
-
-
-def continue_at_rates(optimizer, lr_scheduler, rates: list[float]) -> None:
-    """After a checkpoint's optimizer and schedule were restored (with the rates of the run that wrote it), this run's
-    rates (each parameter group's `rates`) as the schedule's base, at the restored step of the schedule."""
-    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds torch's scheduler
-    schedule.base_lrs = list(rates)
-    for group, rate in zip(optimizer.param_groups, rates):
-        group["initial_lr"] = rate
-    # diffusers' schedules are LambdaLR: the rate at a step is the base rate times the schedule's factor there
-    schedule._last_lr = [factor(schedule.last_epoch) * rate for factor, rate in zip(schedule.lr_lambdas, rates)]
-    for group, rate in zip(optimizer.param_groups, schedule._last_lr):
-        group["lr"] = rate
-
-
-def read_checkpoint_record(path: Path) -> dict:
-    """The checkpoint's training_state.json; a checkpoint written before there was one gives its step by its
-    name alone."""
-    file = path / CHECKPOINT_RECORD
-    if file.is_file():
-        try:
-            return json.loads(file.read_text())
-        except (ValueError, OSError) as error:
-            raise UserError(f"could not read {str(file)!r}: {error}; resume from another checkpoint-N") from None
-    digits = path.name.rpartition("-")[2]
-    if not digits.isdigit():
-        raise UserError(f"--resume_from_checkpoint {str(path)!r}: a checkpoint folder is named checkpoint-STEP")
-    return {"step": int(digits)}
-
-
-def resume_differences(config: TrainConfig, record: dict, step: int, total_steps: int, processes: int) -> list[str]:
-    """Why continuing from a checkpoint with this config cannot equal an uninterrupted run of it: the
-    settings that follow the run's length, when the checkpoint's run had another, and another process
-    count (another sharding of the data, and processes without a saved random state)."""
-    differences = []
-    written_total = record.get("total_steps", total_steps)
-    if written_total != total_steps and step < total_steps:
-        changed = []
-        if config.lr_scheduler not in ("constant", "constant_with_warmup"):
-            changed.append(f"--lr_scheduler {config.lr_scheduler} runs over all the steps")
-        for on, name, fraction in (
-            (config.train_text_encoder_ti, "train_text_encoder_ti_frac", config.train_text_encoder_ti_frac),
-            (config.train_text_encoder, "train_text_encoder_frac", config.train_text_encoder_frac),
-        ):
-            # the steps before the checkpoint trained this part up to the old run's end of it, not the new one's
-            if on and min(int(fraction * written_total), step) != min(int(fraction * total_steps), step):
-                changed.append(f"--{name} {fraction} ends at another step")
-        if changed:
-            length = f"written by a run of {written_total} steps, this one has {total_steps}"
-            differences.append(f"{length}: {'; '.join(changed)}")
-    written_processes = record.get("processes", processes)
-    if written_processes != processes:
-        differences.append(f"written by {written_processes} process(es), this run has {processes}")
-    for name in RESUME_RATE_OPTIONS:
-        if name in record and record[name] != getattr(config, name):
-            differences.append(f"written at --{name} {record[name]:g}, continued at {getattr(config, name):g}")
-    return differences
-
-
-def restore_checkpoint(accelerator, path: Path) -> None:
-    """accelerate's load_state, with any file it cannot read refused in one line. It passes over a random
-    state it cannot read without a word, which would quietly end the bit-identical continuation, so that
-    file is read here first."""
-    import pickle
-
-    import torch
-
-    unreadable = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)
-    random_state = path / f"random_states_{accelerator.process_index}.pkl"
-    try:
-        if random_state.is_file():
-            torch.load(random_state, weights_only=False)  # as accelerate does next
-    except unreadable as error:
-        raise UserError(
-            f"could not read checkpoint file {str(random_state)!r}: {str(error) or type(error).__name__}; "
-            "resume from another checkpoint-N"
-        ) from None
-    try:
-        accelerator.load_state(str(path))
-    except unreadable as error:
-        raise UserError(
-            f"could not restore checkpoint {str(path)!r}: {str(error) or type(error).__name__}; "
-            "resume from another checkpoint-N"
-        ) from None
-
-
-def weights_mismatch(found: dict, expected: dict) -> str | None:
-    """How a checkpoint's weights (name -> shape) differ from those a run trains; None when they match."""
-    unknown = sorted(set(found) - set(expected))
-    if unknown:
-        return f"has {len(unknown)} weights this run does not train, e.g. {unknown[0]}"
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        return f"lacks {len(missing)} weights this run trains, e.g. {missing[0]}"
-    for name in sorted(found):
-        if found[name] != expected[name]:
-            return f"has {name} of shape {list(found[name])}, this run's is {list(expected[name])}"
-    return None
-
-
-class CtrlC:
-    """Ctrl-C (SIGINT) during the loop asks for a stop at the next step boundary, where the state is whole
-    and can be saved: stopping mid-step would save half a step's random state under the last step's name.
-    The handler that was there before comes back with the first Ctrl-C, so a second one stops at once.
-    In a run of several processes, a request in any of them stops all at the same step: the processes share
-    their requests every `every` steps (--logging_steps), not with a collective, and its wait, every step."""
-
-    def __init__(self, accelerator, every: int = 1):
-        self.accelerator, self.every, self.requested, self.previous = accelerator, every, False, None
-
-    def __enter__(self) -> CtrlC:
-        current = signal.getsignal(signal.SIGINT)
-        # handlers can be set from the main thread only; an ignored SIGINT (a background job's) stays ignored
-        if threading.current_thread() is threading.main_thread() and current not in (None, signal.SIG_IGN):
-            self.previous = current
-            signal.signal(signal.SIGINT, self._request)
-        return self
-
-    def _request(self, signum, frame) -> None:
-        self.requested = True
-        self._restore()
-
-    def _restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
-
-    def pressed(self, step: int) -> bool:
-        if self.accelerator.num_processes == 1:
-            return self.requested
-        if step % self.every:
-            return False
-        import torch
-
-        flag = torch.tensor([float(self.requested)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="max").item())
-
-
-class Progress:
-    """A progress bar with loss, learning rate and, for Prodigy, the adapted step size d*lr.
-
-    The loss stays on the device, summed, and is read once every `every` steps (--logging_steps) and at the end:
-    reading it waits for the device to finish, so the steps in between queue their work without waiting. The mean
-    over those steps is shown and logged at the step it was read."""
-
-    def __init__(self, total: int, start: int, accelerator, every: int = 1, diverged=None):
-        self.bar = tqdm(
-            total=total, initial=start, desc="training", unit="step", disable=not accelerator.is_local_main_process
-        )
-        self.accelerator, self.every = accelerator, every
-        self.loss_sum, self.summed, self.schedule = None, 0, None
-        self.shown: dict = {}  # values kept on the bar between reads (the validation loss)
-        self.last_values: dict = {}
-        # diverged(step, mean loss or None, (step, mean loss) last finite or None) -> the error that stops the run
-        self.diverged, self.last_finite = diverged, None
-
-    def update(self, loss, optimizer, lr_scheduler, check_models: list | None = None) -> None:
-        """Add a step's loss; read the mean every `every` steps, and with `check_models` (a checkpoint follows) read it
-        now and check those models' trained weights finite too."""
-        loss = loss.detach()
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.summed += 1
-        self.schedule = (optimizer, lr_scheduler)
-        self.bar.update(1)
-        if self.bar.n % self.every == 0 or self.bar.n == self.bar.total or check_models is not None:
-            self.flush()
-        if check_models is not None:
-            self.check_finite(check_models, self.bar.n)
-
-    def flush(self) -> None:
-        """Read, show and log the mean loss of the steps since the last read (the one host synchronisation)."""
-        if not self.summed:
-            return
-        optimizer, lr_scheduler = self.schedule
-        group = optimizer.param_groups[0]
-        values = {"loss": float(self.loss_sum) / self.summed, "lr": lr_scheduler.get_last_lr()[0]}
-        if not math.isfinite(values["loss"]):  # read here anyway: the check costs no wait of its own
-            self.loss_sum, self.summed = None, 0
-            self.stop(values["loss"])
-        self.last_finite = (self.bar.n, values["loss"])
-        if "d" in group:
-            values["d*lr"] = group["d"] * group["lr"]
-        self.last_values = values
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in (values | self.shown).items()})
-        self.accelerator.log(values, step=self.bar.n)
-        self.loss_sum, self.summed = None, 0
-
-    def validation(self, loss: float) -> None:
-        """Show the held-out loss on the bar from now on, and log it as loss/validation (kohya's name)."""
-        self.shown["val_loss"] = loss
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in (self.last_values | self.shown).items()})
-        self.accelerator.log({"loss/validation": loss}, step=self.bar.n)
-
-    def close(self) -> None:
-        self.flush()
-        self.bar.close()
-
-    def check_finite(self, models: list, step: int) -> None:
-        """Every trained weight is finite: one reduction on the device, read where the run waits anyway (before a
-        checkpoint and the final save), so that neither ever holds a diverged adapter."""
-        import torch
-
-        parameters = [p for model in models for p in model.parameters() if p.requires_grad]
-        if parameters and not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
-            self.stop(None, step)
-
-    def stop(self, loss: float | None, step: int | None = None) -> None:
-        self.bar.close()
-        if self.diverged is None:
-            raise UserError(f"training diverged at step {step or self.bar.n}")
-        raise self.diverged(step or self.bar.n, loss, self.last_finite)
-
-
-def divergence_error(config: TrainConfig, step: int, loss: float | None, last_finite: tuple | None) -> UserError:
-    """The one line a diverged run stops with: where, the last finite loss, the likely cause, and the last good
-    checkpoint to resume at a lower rate (every checkpoint was checked finite before it was written)."""
-    what = f"the mean loss up to step {step} is {loss}" if loss is not None else f"the trained weights are not finite at step {step}"
-    last = f" (the last finite mean loss: {last_finite[1]:.4g} at step {last_finite[0]})" if last_finite else ""
-    usual = {"adamw": 1e-4, "adafactor": 1e-4, "prodigy": 1.0}[config.optimizer]
-    causes = [f"--{name} {rate:g} ({usual:g} is usual for {config.optimizer})"
-              for name, rate in (("learning_rate", config.learning_rate), ("text_encoder_lr", config.text_encoder_lr))
-              if rate > 100 * usual and (name == "learning_rate" or config.train_text_encoder or config.train_text_encoder_ti)]
-    if config.mixed_precision == "fp16":
-        causes.append("fp16 overflow (--mixed_precision bf16 has float32's range)")
-    cause = " or ".join(causes) or "the learning rate, or an image with extreme values"
-    kept = checkpoints(config.output_dir)
-    resume = (f"{kept[-1].name} holds the last finite state: resume it at a lower rate with --resume_from_checkpoint latest"
-              if kept else f"no checkpoint was written before it (every {config.checkpointing_steps} steps): start over at a lower rate")
-    return UserError(f"training diverged: {what}{last}; likely cause: {cause}; {resume}; no LoRA file was written")
-
-
-def check_sample_prompts(config: TrainConfig) -> None:
-    """The sample prompts read as the gallery will read them (--prompt_syntax), before anything loads."""
-    from common.prompt_syntax import check_prompt_syntax, check_prompts
-
-    check_prompt_syntax(config.prompt_syntax, config.emphasis)
-    prompts = sample_prompts(config)
-    texts = [text for sample in prompts for text in (sample.prompt, sample.negative_prompt) if text]
-    weighted = check_prompts(texts, config.prompt_syntax)
-    if weighted:
-        logger.warning(weighted)
-
-
-def sample_prompts(config: TrainConfig) -> list:
-    """The prompts sampled during training: each --validation_prompt, then the lines of --sample_prompts."""
-    from common.gallery import SamplePrompt, read_prompt_file
-
-    prompts = [SamplePrompt(prompt) for prompt in config.validation_prompt or []]
-    if config.sample_prompts:
-        prompts += read_prompt_file(Path(config.sample_prompts))
-    return prompts
-
-
-class Sampling:
-    """Sample images during training, every --validation_steps steps and/or every --validation_epochs epochs (50
-    when neither is given, the reference script's default), at most once per step; with the EMA weights under
-    --use_ema."""
-
-    def __init__(self, pipe, unet, config: TrainConfig, accelerator, ema):
-        self.pipe, self.unet, self.config, self.accelerator, self.ema = pipe, unet, config, accelerator, ema
-        self.prompts = sample_prompts(config)
-        self.every_epochs = config.validation_epochs or (None if config.validation_steps else 50)
-        self.last_step = None
-
-    def due_at_step(self, step: int) -> bool:
-        return bool(self.prompts and self.config.validation_steps and step % self.config.validation_steps == 0)
-
-    def due_after_epoch(self, epoch: int, step: int) -> bool:
-        return bool(self.prompts and self.every_epochs and (epoch + 1) % self.every_epochs == 0 and step != self.last_step)
-
-    def __call__(self, step: int) -> None:
-        self.last_step = step
-        with ema_weights(self.ema, self.unet) if self.ema is not None else contextlib.nullcontext():
-            validate_images(self.pipe, self.unet, self.config, self.accelerator, step, self.prompts)
-
-
-def validate_images(pipe, unet, config: TrainConfig, accelerator, step: int, prompts: list) -> None:
-    """Sample images with the adapter as trained so far: each prompt's --num_validation_images images (prompt i's
-    seeds start at its --d or --seed + i, the same at every step, so galleries compare) under
-    OUTPUT/validation/step-N/, their grid (a row per prompt) as OUTPUT/samples/step-N.png carrying the first image's
-    WebUI parameters, and the grid in every tracker that takes images (TensorBoard, wandb)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from common.gallery import image_grid
-    from common.generation import SamplingSettings, generate_images, plan_jobs, save_png, webui_parameters
-    from common.generation_options import default_guidance_rescale
-    from common.tokens import expand_abstractions
-
-    if not accelerator.is_main_process:
-        return
-    pipe.unet = accelerator.unwrap_model(unet)
-    parked = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m.device != accelerator.device]
-    for module in parked:
-        module.to(accelerator.device)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    rows, first = [], None
-    for index, sample in enumerate(prompts):
-        settings = SamplingSettings(
-            width=sample.width or native,
-            height=sample.height or native,
-            num_inference_steps=25 if sample.steps is None else sample.steps,
-            guidance_scale=5.0 if sample.guidance_scale is None else sample.guidance_scale,
-            guidance_rescale=default_guidance_rescale(pipe.scheduler.config) if config.guidance_rescale is None else config.guidance_rescale,
-            scheduler_name="default",
-            webui_sampler="default",
-            model=config.pretrained_model_name_or_path,
-            max_token_length=config.max_token_length,
-            prompt_syntax=config.prompt_syntax,
-            emphasis=config.emphasis,
-            clip_skip=config.clip_skip,
-        )
-        negative = expand_abstractions(sample.negative_prompt, config.token_map) if sample.negative_prompt else None
-        jobs = plan_jobs([expand_abstractions(sample.prompt, config.token_map)], negative_prompt=negative,
-                         num_images=config.num_validation_images, seeds=[config.seed + index if sample.seed is None else sample.seed])
-        with torch.no_grad(), accelerator.autocast():
-            paths = generate_images(pipe, jobs, settings, output_dir=Path(config.output_dir) / "validation" / f"step-{step}",
-                                    batch_size=1, show_progress=False)
-        rows.append([Image.open(path).convert("RGB") for path in paths])  # read now: the files stay closed
-        first = first or webui_parameters(jobs[0], settings)
-    for module in parked:
-        module.to("cpu")
-    grid = image_grid(rows)
-    (Path(config.output_dir) / "samples").mkdir(exist_ok=True)
-    save_png(grid, Path(config.output_dir) / "samples" / f"step-{step}.png", first)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"samples": np.asarray(grid)}, step=step, dataformats="HWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({"samples": np.asarray(grid)}, step=step)
-
-
-def save_outputs(unet, pipe, caption_encoder, config: TrainConfig, facts, ema=None) -> None:
-    """The diffusers LoRA file (LoRA and LoCon: what diffusers loads), the kohya/LyCORIS file WebUI and ComfyUI
-    read (every type but DoRA), the same two for the EMA weights (`NAME_ema.safetensors`, `ema/`) with --use_ema,
-    pivotal-tuning embeddings, training_args.json and a model card, each written atomically."""
-    from common.tokens import save_embedding
-
-    output, name = Path(config.output_dir), output_name(config)
-    models = {"unet": unet}
-    if config.train_text_encoder:
-        models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    save_adapter_files(models, output, name, config, pipe.unet.config.layers_per_block, facts=facts)
-    if ema is not None:
-        with ema_weights(ema, unet):
-            save_adapter_files(models, output / "ema", f"{name}_ema", config, pipe.unet.config.layers_per_block,
-                               facts=dataclasses.replace(facts, output_name=f"{name}_ema"))
-        (output / "ema" / f"{name}_ema.safetensors").replace(output / f"{name}_ema.safetensors")  # beside the raw one
-        if not any((output / "ema").iterdir()):  # LoHa and LoKr have no diffusers file
-            (output / "ema").rmdir()
-
-    if caption_encoder.rows:
-        save_embedding(
-            output / f"{name}_emb.safetensors",
-            *[r.new_rows for r in caption_encoder.rows],
-            [t for group in config.token_map.values() for t in group],
-        )
-    with atomic_path(output / "training_args.json") as partial:
-        partial.write_text(json.dumps(recorded(config), indent=2, default=str))
-    if config.configuration:
-        with atomic_path(output / "config.toml") as partial:
-            partial.write_text(config.configuration)
-    with atomic_path(output / "README.md") as partial:
-        partial.write_text(model_card(config, name))
-
-
-def save_adapter_files(models: dict, output: Path, name: str, config: TrainConfig, layers_per_block: int,
-                       snapshot: bool = False, facts=None) -> None:
-    """The adapter of `models` in --save_precision: the diffusers file (LoRA and LoCon) in `output` and the
-    kohya/LyCORIS file NAME.safetensors, each with kohya's metadata of `facts` (common.lora_metadata; the minimum
-    with --no_metadata) and its hashes. A `snapshot` (a --save_every_n_* file) is only the file the UIs read, under
-    `name`: the kohya/LyCORIS file, or for DoRA, which has none, the diffusers one."""
-    from peft.utils import get_peft_model_state_dict
-
-    from common.lora_formats import save_diffusers_lora, trained_adapter_file
-    from common.lora_metadata import add_file_metadata, lora_metadata, save_lora_file
-    from common.save_schedule import cast_for_saving
-
-    output.mkdir(parents=True, exist_ok=True)
-    if config.adapter == "lora" and (config.use_dora or not snapshot):
-        states = {
-            component: cast_for_saving({k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
-                                       config.save_precision)
-            for component, model in models.items()
-        }
-        written = save_diffusers_lora(output, states, {c: model.peft_config["default"].to_dict() for c, model in models.items()},
-                                      file_name=f"{name}.safetensors" if snapshot else None)
-        add_file_metadata(written, lora_metadata(facts, minimal=config.no_metadata))
-    if config.use_dora:
-        if not snapshot:
-            logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
-        return
-    state = cast_for_saving(trained_adapter_file(models, layers_per_block=layers_per_block), config.save_precision)
-    save_lora_file(output / f"{name}.safetensors", state, lora_metadata(facts, minimal=config.no_metadata))
-
-
-def lora_facts(config: TrainConfig, data: TrainingData, formulation, started_at: float, step: int, epoch: int):
-    """What an adapter file's metadata records of this run (common.lora_metadata): the network, the dataset's
-    folders with their tags, repeats and image counts, the buckets, the training size, the rates and times."""
-    from collections import Counter, defaultdict
-
-    from common.adapters import ADAPTERS
-    from common.lora_metadata import LoraFacts, dataset_folder
-    from common.tokens import expand_abstractions
-
-    groups: dict = defaultdict(list)
-    for plan in data.plans:
-        for example in plan.examples:
-            subset = plan.subsets[example.subset]
-            folder = example.name.split("/")[0] if "/" in example.name else subset.name
-            groups[(folder, subset.is_reg)].append((example, subset))
-    folders = [dataset_folder(folder, [e.caption for e, _ in members],
-                              members[0][1].num_repeats if is_reg else members[0][0].repeats, is_reg=is_reg)
-               for (folder, is_reg), members in groups.items()]
-    if data.classes is not None:
-        folders.append(dataset_folder(Path(config.class_data_dir).name, data.class_captions, 1, is_reg=True))
-    buckets = Counter(data.instances.bucket(position) for position in range(len(data.instances)))
-    width, height = config.training_size or (config.resolution, config.resolution)
-    network_args = {"algo": "locon" if config.adapter == "lora" and config.conv_rank else config.adapter,
-                    "lora_layers": config.lora_layers}
-    if config.conv_rank:
-        network_args |= {"conv_dim": config.conv_rank, "conv_alpha": config.conv_alpha or config.conv_rank}
-    prediction = getattr(formulation, "prediction_type", None)
-    return LoraFacts(
-        network_module=ADAPTERS[config.adapter].network_module, dim=config.rank, alpha=config.lora_alpha or config.rank,
-        output_name=output_name(config), network_args=network_args, base_model=config.pretrained_model_name_or_path,
-        folders=tuple(folders), buckets={(w, h): n for (h, w), n in buckets.items()}, resolution=(width, height),
-        clip_skip=config.clip_skip, started_at=started_at, finished_at=time.time(), steps=step, epoch=epoch, seed=config.seed,
-        learning_rate=config.learning_rate, unet_lr=config.learning_rate,
-        text_encoder_lr=config.text_encoder_lr if config.train_text_encoder or config.token_map else None,
-        prediction_type=prediction if prediction in ("epsilon", "v_prediction") else None,
-        trigger_phrase=expand_abstractions(config.instance_prompt, config.token_map) if config.instance_prompt else None,
-    )
-
-
-def save_snapshot(unet, pipe, config: TrainConfig, schedule, file_name: str, facts) -> None:
-    """A --save_every_n_epochs/--save_every_n_steps file of the adapter as it is now, then the file kohya's
-    --save_last_n_* retire (common.save_schedule); the main process's work."""
-    models = {"unet": unet}
-    if config.train_text_encoder:
-        models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    output = Path(config.output_dir)
-    save_adapter_files(models, output, file_name.removesuffix(".safetensors"), config, pipe.unet.config.layers_per_block,
-                       snapshot=True, facts=dataclasses.replace(facts, output_name=output_name(config)))
-    for removed in schedule.remove_expired(output, file_name):
-        logger.info(f"removed {removed.name} (--save_last_n_*)")
-
-
-def make_ema(config: TrainConfig, unet, accelerator):
-    """diffusers' EMAModel of the UNet adapter's trained weights (--use_ema), on the device and in every checkpoint;
-    its decay warms up as min(--ema_decay, (1 + t) / (10 + t)) (EMAModel.get_decay without use_ema_warmup)."""
-    from diffusers.training_utils import EMAModel
-
-    if not config.use_ema:
-        return None
-    ema = EMAModel([p for p in unet.parameters() if p.requires_grad], decay=config.ema_decay)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
-    return ema
-
-
-@contextlib.contextmanager
-def ema_weights(ema, unet):
-    """The UNet adapter with its EMA weights inside the block, its raw weights after it."""
-    trained = [p for p in unet.parameters() if p.requires_grad]
-    ema.store(trained)
-    ema.copy_to(trained)
-    try:
-        yield
-    finally:
-        ema.restore(trained)
-
-
-def model_card(config: TrainConfig, name: str) -> str:
-    """How to use the result: trigger prompt, tokens, diffusers and infer.py code, WebUI and ComfyUI."""
-    from common.tokens import expand_abstractions
-
-    model = config.pretrained_model_name_or_path
-    prompt = expand_abstractions(config.instance_prompt or "(your caption)", config.token_map)
-    tokens = [t for group in config.token_map.values() for t in group]
-    embedding_code = embedding_cli = embedding_ui = tokens_line = ""
-    if tokens:
-        tokens_line = "Tokens: " + ", ".join(f"`{a}` -> `{''.join(t)}`" for a, t in config.token_map.items()) + "\n"
-        embedding_code = f"""from safetensors.torch import load_file
-pipe.text_encoder_2.text_model.eos_token_id = 49407  # pool at the end of text, as in training (SDXL's config says 2)
-state = load_file("{config.output_dir}/{name}_emb.safetensors")
-pipe.load_textual_inversion(state["clip_l"], token={tokens!r}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-pipe.load_textual_inversion(state["clip_g"], token={tokens!r}, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-"""
-        embedding_cli = f" --embedding {config.output_dir}/{name}_emb.safetensors"
-        ui_prompt = expand_abstractions(config.instance_prompt or "", {a: [name] for a in config.token_map})
-        embedding_ui = f"""
-Embedding: copy `{name}_emb.safetensors` as `{name}.safetensors` into WebUI's `embeddings/` or ComfyUI's
-`models/embeddings/` and write its name where the tokens were: WebUI `{ui_prompt} <lora:{name}:1>`,
-ComfyUI `{expand_abstractions(config.instance_prompt or "", {a: [f"embedding:{name}"] for a in config.token_map})}`.
-"""
-    kind = {"lora": "LoCon" if config.conv_rank else "LoRA", "loha": "LoHa", "lokr": "LoKr"}[config.adapter]
-    convolutions = f", convolutions at rank {config.conv_rank}" if config.conv_rank else ""
-    load = "from_single_file" if Path(model).is_file() else "from_pretrained"  # a single file needs its configs: see the README
-    if config.adapter == "lora":
-        diffusers = f"""```python
-from diffusers import StableDiffusionXLPipeline
-pipe = StableDiffusionXLPipeline.{load}("{model}")
-pipe.load_lora_weights("{config.output_dir}")
-{embedding_code}image = pipe("{prompt}").images[0]
-```
-
-or: """
-    else:  # diffusers' SDXL loader reads no hada_/lokr_ tensors
-        diffusers = f"diffusers' SDXL LoRA loader cannot read a {kind}; use "
-    return f"""# {name}
-
-{kind} (rank {config.rank}{convolutions}{", DoRA" if config.use_dora else ""}{", with text-encoder adapters" if config.train_text_encoder else ""}) for `{model}`,
-trained with train_lora.py{" (EDM formulation)" if config.edm else ""}{", pivotal tuning" if tokens else ""}.
-
-Trigger prompt: `{prompt}`
-{tokens_line}
-## diffusers
-
-{diffusers}`python infer.py --model {model} --lora {config.output_dir}{embedding_cli} --prompt "{prompt}"`
-
-## WebUI / ComfyUI
-
-Copy `{name}.safetensors` into `models/Lora` (WebUI: prompt `<lora:{name}:1>`) or `models/loras` (ComfyUI: LoraLoader).
-{embedding_ui}"""
 
 
 if __name__ == "__main__":

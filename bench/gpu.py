@@ -4,8 +4,8 @@
     bash bench/gpu.sh              # on a lent GPU: builds full-sdxl on the device's own disk, no download
     bash bench/gpu.sh --dry-run    # anywhere: the built-in tiny model, 2 steps, the same code path and table
 
-Training is train_lora.py's own step (its functions: load_models, build_data with --cache_latents, add_lora,
-make_optimizer, BatchLoss, training_step) at 1024², bf16, LoRA rank 16, batch 1 and 4, with and without gradient
+Training is train_lora.py's own step (its functions: load_models, build_data with --cache_latents (common/training_data.py),
+add_lora, make_optimizer, BatchLoss, training_step) at 1024², bf16, LoRA rank 16, batch 1 and 4, with and without gradient
 checkpointing; sampling is infer.py's own path (common.generation.run_batch) at 1024², 30 steps, batch 1 and 4,
 with and without --compile's recipe. Each row gives seconds per step or image, torch's max_memory_allocated (the
 configuration's whole run: its start, latent caching included, and its steps), the README's estimate for the same
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_lora  # noqa: E402
 from common.cli import flags, run_app  # noqa: E402
 from common.models import quiet_libraries, speed_up_unet  # noqa: E402
+from common.training_data import build_data, make_loader  # noqa: E402
 from measure import device_label, peak_tflops, reset_peak_memory, synchronize  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -95,12 +96,12 @@ def train_row(model: str, images: Path, scratch: Path, resolution: int, batch: i
         checked = train_lora.preflight(config)
         pipe = train_lora.load_models(config, accelerator, checked.base)
         formulation = train_lora.choose_formulation(config, pipe, accelerator, checked.base, checked.formulation)
-        data = train_lora.build_data(config, checked, pipe, accelerator)
+        data = build_data(config, checked, pipe, accelerator)
         unet = train_lora.add_lora(pipe.unet, config)
-    optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances)
+    optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances, data.plans[0].batch_size)
     captions = train_lora.CaptionEncoder(pipe, config, total, data.all_captions(), accelerator)
     unet = speed_up_unet(unet, device, allow_tf32=False)  # channels-last on a GPU, as train_lora.py does
-    loader, _ = train_lora.make_loader(config, data.instances, pin_memory=device.type == "cuda")
+    loader, _ = make_loader(config, data.instances, data.plans[0].batch_size, pin_memory=device.type == "cuda")
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     batches = itertools.cycle(list(loader))
     batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=captions, formulation=formulation,

@@ -42,6 +42,7 @@ import train_lora  # noqa: E402
 from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG  # noqa: E402
 from common.cli import flags, run_app  # noqa: E402
 from common.models import quiet_libraries  # noqa: E402
+from common.training_data import vae_posterior  # noqa: E402
 from measure import report  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -147,7 +148,7 @@ def _training_steps(unet, vae, config, accelerator, resolution: int, index: torc
 
     pipe = SimpleNamespace(unet=unet, vae=vae or SimpleNamespace(config=SDXL_VAE_CONFIG), text_encoder=torch.nn.Module(),
                            text_encoder_2=torch.nn.Module())
-    optimizer, lr_scheduler, _ = train_lora.make_optimizer(config, unet, pipe, accelerator, range(len(index)))
+    optimizer, lr_scheduler, _ = train_lora.make_optimizer(config, unet, pipe, accelerator, range(len(index)), len(index))
     schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     formulation = DiscreteFormulation(schedule.alphas_cumprod)
     batch, side = len(index), resolution // 8
@@ -186,7 +187,7 @@ def measure_startup(resolution: int, images_per_call: int | None = None, unet_wa
     with mode:
         tracker.add(*[t for module in on_device for t in module_tensors(module)])
         with tracker, torch.no_grad():
-            train_lora.vae_posterior(pipe.vae, torch.rand(images_per_call, 3, resolution, resolution), torch.device("cpu"))
+            vae_posterior(pipe.vae, torch.rand(images_per_call, 3, resolution, resolution), torch.device("cpu"))
             latent_caching = tracker.peak
             if unet_waits:
                 tracker.add(*module_tensors(pipe.unet))

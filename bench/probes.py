@@ -675,7 +675,8 @@ def no_class_images(rel: str) -> Callable[[Run], Optional[tuple[str, str]]]:
 
 
 def refused_naming_cause(cause: str, images: str, after_work_ok: bool) -> Check:
-    """#88, #97: a non-zero exit naming `cause` and no PNG in `images` (a black PNG with exit 0 is SILENT-WRONG).
+    """#97 (and #88 where it overflows): a non-zero exit naming `cause` and no PNG in `images` (a black PNG with exit 0 is
+    SILENT-WRONG).
     `after_work_ok`: the cause shows only once images are made (#88), so a refusal after the load is right."""
     def check(run: Run) -> tuple[str, str]:
         written = pngs(run.path(images))
@@ -689,6 +690,68 @@ def refused_naming_cause(cause: str, images: str, after_work_ok: bool) -> Check:
         if after_work_ok and verdict == "LATE":
             return "OK", run.error()
         return verdict, note
+    return check
+
+
+def image_or_refusal(cause: str, images: str) -> Check:
+    """#88: a LoRA at a huge weight. Where the adapted weights fit the model's dtype (float32 on the CPU) the image is
+    what the arithmetic gives, and right if it holds no NaN (a NaN decodes to an all-black PNG); where they overflow it
+    (fp16) the run refuses naming the cause, as `refused_naming_cause` judges."""
+    def check(run: Run) -> tuple[str, str]:
+        import numpy as np
+        from PIL import Image
+
+        if run.rc != 0:
+            return refused_naming_cause(cause, images, after_work_ok=True)(run)
+        written = pngs(run.path(images))
+        if not written:
+            return "SILENT-WRONG", f"exit 0 and no PNG: {run.summary()}"
+        black = [p.name for p in written if not np.asarray(Image.open(p)).any()]
+        if black:
+            return "SILENT-WRONG", f"exit 0 and all-black PNG(s) {', '.join(black)}"
+        return "OK", f"ran: the weight fits float32 here, {len(written)} finite image(s) (fp16 refuses it: test_adapter_integrity)"
+    return check
+
+
+def safetensors_dtypes(path: Path) -> set[str]:
+    """The dtypes of a safetensors file's tensors, read from its header."""
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def stored_as(dtype: str, *files: str) -> Check:
+    """#79: the run finishes and every tensor of each adapter file it wrote is stored as `dtype` (safetensors' name)."""
+    def check(run: Run) -> tuple[str, str]:
+        verdict, note = ran()(run)
+        if verdict != "OK":
+            return verdict, note
+        for rel in files:
+            if not run.path(rel).is_file():
+                return "SILENT-WRONG", f"no {rel}: {note}"
+            found = safetensors_dtypes(run.path(rel))
+            if found != {dtype}:
+                return "SILENT-WRONG", f"{rel} holds {', '.join(sorted(found))}, not {dtype} only"
+        return "OK", f"every tensor of {', '.join(files)} is {dtype}"
+    return check
+
+
+def epoch_files(present: tuple[str, ...], absent: tuple[str, ...]) -> Check:
+    """#80: the run finishes with kohya's epoch files: each of `present`, and none of `absent` (the last epoch is the
+    final file, as kohya saves it)."""
+    def check(run: Run) -> tuple[str, str]:
+        verdict, note = ran()(run)
+        if verdict != "OK":
+            return verdict, note
+        missing = [rel for rel in present if not run.path(rel).is_file()]
+        extra = [rel for rel in absent if run.path(rel).exists()]
+        if missing or extra:
+            return "SILENT-WRONG", f"missing {missing}, unexpected {extra}"
+        return "OK", f"wrote {', '.join(Path(rel).name for rel in present)}; the last epoch is the final file"
     return check
 
 
@@ -1000,13 +1063,17 @@ PROBES: list[Probe] = [
     Probe(72, "`T --conv_rank 4` (no `--adapter`)", train("--conv_rank", "4"), ran(show=r"layers|locon")),
     Probe(73, "`T --use_tucker --conv_rank 4` (lora)", train("--use_tucker", "--conv_rank", "4")),
     Probe(74, "`T --adapter loha --use_dora`", train("--adapter", "loha", "--use_dora")),
-    Probe(75, "`T --network_module networks.lora`", train("--network_module", "networks.lora")),
+    # 75, 79-81 were refused when the research ran: issue 30 made them kohya's options, so the right result is a run
+    Probe(75, "`T --network_module networks.lora`", train("--network_module", "networks.lora"),
+          ran(needs=r"kohya's layers, --lora_layers attn-mlp")),
     Probe(76, "`T --network_args \"conv_dim=4\" \"algo=lokr\"`", train("--network_args", "conv_dim=4", "algo=lokr")),
     Probe(77, "`T --network_args \"conv_dim=4\"`", train("--network_args", "conv_dim=4")),
     Probe(78, "`T --optimizer_type AdamW8bit`", train("--optimizer_type", "AdamW8bit")),
-    Probe(79, "`T --save_precision fp16`", train("--save_precision", "fp16")),
-    Probe(80, "`T --save_every_n_epochs 1`", train("--save_every_n_epochs", "1")),
-    Probe(81, "`T --resolution \"64,96\"`", train("--resolution", "64,96")),
+    Probe(79, "`T --save_precision fp16`", train("--save_precision", "fp16"),
+          stored_as("F16", "out/run/pytorch_lora_weights.safetensors", "out/run/run.safetensors")),
+    Probe(80, "`T --save_every_n_epochs 1` (4 steps: 2 epochs of 2 images)", train("--save_every_n_epochs", "1", "--max_train_steps", "4"),
+          epoch_files(("out/run/run-000001.safetensors", "out/run/run.safetensors"), ("out/run/run-000002.safetensors",))),
+    Probe(81, "`T --resolution \"64,96\"`", train("--resolution", "64,96"), ran(needs=r"\(width x height\): 64x96 \(2\)")),
     Probe(82, "`T --dataset_config x.toml`", train("--dataset_config", "x.toml")),
     Probe(83, "`T --v_parameterization` (now kohya's v-prediction flag)", train("--v_parameterization"), ran()),
     Probe(84, "`T --zero_terminal_snr` (needs v-prediction)", train("--zero_terminal_snr"), refused(naming=r"v.?pred")),
@@ -1018,7 +1085,7 @@ PROBES: list[Probe] = [
     Probe(87, "`I --lora out/lokr/lokr.safetensors:-1`", infer("--lora", "{w}/out/lokr/lokr.safetensors:-1"), compared_to_base(same=False),
           steps(fixture("lokr"), fixture("base_png"))),
     Probe(88, "`I --lora …lokr…:1e9`", infer("--lora", "{w}/out/lokr/lokr.safetensors:1e9"),
-          refused_naming_cause(r"non-finite|NaN|overflow", "out/img", after_work_ok=True), fixture("lokr"), output="out/img"),
+          image_or_refusal(r"non-finite|NaN|overflow", "out/img"), fixture("lokr"), output="out/img"),
     Probe(89, "`I --prompt \"a photo of (dog:1.5), [cat]\"`", infer("--prompt", "a photo of (dog:1.5), [cat]"), weighting_note),
     Probe(90, "`I --prompt <300 tokens> --max_token_length 75`", infer("--prompt", LONG_TEXT, "--max_token_length", "75"),
           ran(needs=r"longer than")),

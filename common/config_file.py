@@ -14,12 +14,15 @@ that a re-run reads it with this toolkit's meanings where kohya's differ (`clip_
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from common.cli import UserError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIX = ".toml"
 OWN_SECTION = "train_lora"  # the table a run's own configuration is written under
@@ -160,3 +163,45 @@ def toml_text(values: dict[str, Any], section: str = OWN_SECTION, header: str = 
     lines = [f"# {line}" for line in header.splitlines()] + [f"[{section}]"]
     lines += [f"{name} = {literal(value)}" for name, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def with_config_file(options: dict) -> dict:
+    """train_lora.py's options with --config_file's values beneath its command line (`layer_config_file`). kohya's
+    clip_skip, which kohya ignores on SDXL (its text encoders' penultimate layer is always read), is ignored with a
+    warning: ours skips layers beyond that one."""
+    from typer.main import get_current_context  # typer's own click
+
+    if not options["config_file"] or options["output_config"]:
+        return options
+    layered, own = layer_config_file(options, config_path(options["config_file"]), get_current_context(),
+                                     winning_aliases=frozenset({"unet_lr"}))
+    if layered["clip_skip"] != options["clip_skip"] and "clip_skip" not in own:
+        logger.warning(f"--config_file: clip_skip = {layered['clip_skip']} is kohya's, which kohya ignores on SDXL (the penultimate "
+                       "layer is always read, as here); ignored. --clip_skip N skips N layers beyond that one")
+        layered["clip_skip"] = options["clip_skip"]
+    return layered
+
+
+def configuration_text(options: dict) -> str:
+    """A train_lora.py run's options that differ from their defaults as a TOML table that --config_file reads back."""
+    from typer.main import get_current_context
+
+    values = non_default_options(options, get_current_context())
+    return toml_text(values, header="train_lora.py's options for this run: re-run it with\n"
+                                    "  python train_lora.py --config_file config.toml --output_dir ANOTHER_FOLDER")
+
+
+def write_output_config(config_file: str | None, text: str) -> None:
+    """kohya's --output_config: the configuration written to --config_file's path, never over an existing file."""
+    import typer
+
+    from common.files import atomic_path
+
+    if not config_file:
+        raise UserError("--output_config writes the options to --config_file FILE.toml; give that too")
+    path = config_path(config_file)
+    if path.exists():
+        raise UserError(f"--output_config: {str(path)!r} exists; it is never replaced, give another --config_file")
+    with atomic_path(path) as partial:
+        partial.write_text(text)
+    typer.echo(f"wrote the options to {path}")

@@ -170,11 +170,17 @@ def check_generation_prompts(config: GenerationOptions, prompts: list[str]) -> N
 
 def read_generation_model(config: GenerationOptions):
     """The model read before anything loads or is created (`common.models.read_model`): a file that is no SDXL base,
-    flavour options it cannot take, or a --clip_skip deeper than its text encoders, are refused here."""
+    flavour options it cannot take, or a --clip_skip deeper than its text encoders, are refused here, and so are
+    LoRA and embedding files that cannot be read or hold non-finite values."""
+    from common.lora_formats import check_lora_files
     from common.models import check_clip_skip
+    from common.tokens import read_embedding
 
     reading = read_model(config.model, config.flavour_options)
     check_clip_skip(config.clip_skip, reading and reading.text_encoder_layers, config.model)
+    check_lora_files(config.loras)
+    for embedding in config.embeddings:
+        read_embedding(embedding.path)
     return reading
 
 

@@ -14,9 +14,13 @@ it and what is accepted, never dropped.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import logging
 from typing import Any
 
 from common.cli import UserError
+
+logger = logging.getLogger(__name__)
 
 # --optimizer_type (lower-cased, as kohya compares it) -> (--optimizer, --use_8bit_adam)
 OPTIMIZER_TYPES = {"adamw": ("adamw", False), "adamw8bit": ("adamw", True), "prodigy": ("prodigy", False),
@@ -136,3 +140,34 @@ def kohya_network(network_module: str | None, network_args) -> dict[str, Any]:
         value = literal(text)
         options[NETWORK_ARGS[key]] = str(value) if key.endswith("_lr_weight") else value
     return options
+
+
+def with_kohya_options(options: dict, config_class) -> dict:
+    """kohya's --network_module/--network_args and --optimizer_type/--optimizer_args read into the options they mean
+    here (`kohya_optimizer`, `kohya_network`); one of those options also given otherwise (not at its default in
+    `config_class`, the script's options dataclass), with another value, is refused."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    read = kohya_optimizer(options["optimizer_type"], options["optimizer_args"], options["optimizer"])
+    read |= kohya_network(options["network_module"], options["network_args"])
+    for name, value in read.items():
+        if name not in defaults:
+            raise UserError(f"kohya's setting for --{name} ({value}) has no option here")
+        given = options.get(name, defaults.get(name))
+        if given != defaults.get(name) and str(given).lower() != str(value).lower():
+            raise UserError(f"--{name} {given} and kohya's --network_args/--optimizer_args/--optimizer_type ({value}) disagree; "
+                            "give it once")
+    return options | read
+
+
+def choose_lora_layers(config, options: dict) -> None:
+    """`config.lora_layers` (train_lora.py's TrainConfig): --lora_layers, or the default of the flags used: kohya's
+    network module or --network_dim train kohya's layer set (common.lora_layers), said in one line; the diffusers flags
+    the attention projections."""
+    import sys
+
+    from common.lora_layers import choose_layer_set
+
+    kohya_flags = options.get("network_module") is not None or any(a.split("=")[0] == "--network_dim" for a in sys.argv[1:])
+    config.lora_layers, message = choose_layer_set(config.lora_layers, kohya_flags=kohya_flags)
+    if message:
+        logger.warning(message)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # imported where used: the scripts parse options and answer --help without torch
     import torch
 
-from common.checkpoints import SDXL_UP_LEVELS_WITH_ATTENTION, unet_module_to_sgm
+from common.checkpoints import unet_module_to_sgm
 from common.cli import UserError
 
 # B-LoRA (Frenkel et al. 2024, "Implicit Style-Content Separation using B-LoRA"), Sec. 4: in SDXL
@@ -237,6 +237,17 @@ def keep_blocks(state_dict: dict, network_alphas: dict | None, blocks: tuple[str
     if network_alphas:
         network_alphas = {k: v for k, v in network_alphas.items() if any(k.startswith(p + ".") for p in prefixes)}
     return kept, network_alphas
+
+
+def check_lora_files(specs: list[LoraSpec]) -> None:
+    """Before any model loads: each --lora file is readable, and one to be applied holds only finite values (a
+    diverged run's file would make every image black), refused in one line naming the file and its first bad tensor."""
+    for spec in specs:
+        file = lora_file(spec.path)
+        if spec.weight == 0:
+            safetensors_keys(file, "LoRA")  # not applied (`load_loras`): readable is enough
+        else:
+            read_finite_safetensors(file, "LoRA")
 
 
 def load_loras(pipe, specs: list[LoraSpec]) -> list[str]:

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from common.progress import Progress
+    from common.training_data import TrainingData
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -56,3 +61,33 @@ def validation_loss(loss_of_batch, items: list[dict], collate, seed: int, models
         for model, training in zip(models, was_training):
             model.train(training)
     return sum(losses) / len(losses)
+
+
+@dataclass
+class HeldOut:
+    """train_lora.py's validation loss of the held-out images (`validation_loss`), when it is due; nothing without them."""
+
+    data: TrainingData
+    batch_loss: object  # train_lora.py's BatchLoss: (batch, class batch, step) -> the batch's loss
+    models: list
+    config: object  # train_lora.py's TrainConfig
+    progress: Progress
+
+    def __post_init__(self):
+        self.schedule = ValidationSchedule(self.config.validate_every_n_steps, self.config.validate_every_n_epochs)
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.data.held_out) and self.schedule.due_at_step(step)
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        return bool(self.data.held_out) and self.schedule.due_after_epoch(epoch)
+
+    def __call__(self, step: int) -> float | None:
+        from common.data import collate
+
+        if not self.data.held_out:
+            return None
+        loss = validation_loss(lambda batch: self.batch_loss(batch, None, step), self.data.held_out, collate,
+                               self.config.seed, self.models)
+        self.progress.validation(loss)
+        return loss

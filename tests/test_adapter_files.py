@@ -24,6 +24,7 @@ def base_weights(pipe) -> dict:
 
 
 @pytest.mark.parametrize("name", LYCORIS_FILES)
+@pytest.mark.heavy
 def test_a_lycoris_written_file_loads_as_comfyui_and_webui_patch_it(tiny_sdxl_path, tmp_path, name):
     path = lycoris_file(tiny_sdxl_path, tmp_path, name)
     layers = file_layers(load_file(path))
@@ -105,6 +106,7 @@ def test_sgm_names_of_every_sdxl_unet_layer_are_kohyas():
     assert checked > 700, checked
 
 
+@pytest.mark.heavy
 def test_kohya_named_loha_and_lokr_files_load_the_same_weights_as_lycoris_named_ones(tiny_sdxl_path, tmp_path):
     dotted = {m.replace(".", "_"): m for m, _ in load_pipe(tiny_sdxl_path).unet.named_modules()}
     for name in ("loha", "lokr"):
@@ -123,6 +125,7 @@ def test_kohya_named_loha_and_lokr_files_load_the_same_weights_as_lycoris_named_
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
 
 
+@pytest.mark.heavy
 def test_weights_and_blocks_work_for_every_type(tiny_sdxl_path, tmp_path):
     path = lycoris_file(tiny_sdxl_path, tmp_path, "loha", seed=2)
     block = "unet.up_blocks.0.attentions.1"

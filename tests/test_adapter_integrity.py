@@ -268,6 +268,34 @@ def test_a_non_finite_adapter_file_is_refused_by_every_reader_naming_the_tensor(
         assert "loads as the file means it" not in out
 
 
+@pytest.mark.parametrize("kind", ["diffusers LoRA", "LyCORIS lokr", "embedding"])
+def test_a_non_finite_adapter_given_to_a_sampling_script_is_refused_before_the_model_loads(kind, sound_files, tiny_sdxl_path,
+                                                                                          tmp_path, capsys, monkeypatch):
+    """infer.py, gen_class_images.py and mjhq_fid.py read their LoRA and embedding files before the model
+    (`read_generation_model`): a diverged run's file is refused there, not after the load."""
+    import common.models
+
+    monkeypatch.setattr(common.models, "load_sdxl_pipeline", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    if kind == "embedding":
+        file = tmp_path / "spoiled" / "emb.safetensors"
+        file.parent.mkdir()
+        save_file({"clip_l": torch.full((1, 32), float("nan")), "clip_g": torch.randn(1, 64)}, file)
+        option, what, key = "--embedding", "embedding", "clip_l"
+    else:
+        file, key = spoil(sound_files[kind], "lora_B.weight" if kind == "diffusers LoRA" else "lokr_w1", float("nan"),
+                          tmp_path / "spoiled")
+        option, what = "--lora", "LoRA"
+    code, _, err = run_cli(infer.app, ["-m", tiny_sdxl_path, "--prompt", "a dog", option, file, "--output_dir", tmp_path / "img"],
+                           capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{what} {str(file)!r} holds non-finite values (nan) in {key}" in err, err
+    assert not (tmp_path / "img").exists()
+    if kind != "embedding":  # at weight 0 a LoRA is not applied (`load_loras`): readable is enough, the run goes on
+        from common.lora_formats import check_lora_files
+
+        check_lora_files([LoraSpec(file, 0.0)])
+
+
 def test_a_non_finite_lora_is_refused_before_it_is_baked_into_a_checkpoint(sound_files, tiny_sdxl_path, tmp_path, capsys):
     file, key = spoil(sound_files["kohya LoRA"], "lora_down.weight", float("nan"), tmp_path / "spoiled")
     code, _, err = run_cli(merge_lora.app, ["-m", tiny_sdxl_path, "--lora", file, "--into_checkpoint", tmp_path / "baked.safetensors"],

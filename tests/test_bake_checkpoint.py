@@ -56,6 +56,7 @@ def adapter(kind: str, base: str, folder):
 
 
 @pytest.mark.parametrize("kind", ["lora", "lokr", "dora"])
+@pytest.mark.heavy
 def test_a_baked_checkpoint_draws_the_image_of_the_base_with_the_adapter(kind, tiny_sdxl_path, work, base_image, capsys):
     folder = work / kind
     folder.mkdir()

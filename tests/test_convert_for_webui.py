@@ -159,6 +159,7 @@ def test_round_trip_diffusers_kohya_diffusers_is_bit_identical(trained, tiny_sdx
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6, "alphas survive the round trip"
 
 
+@pytest.mark.heavy
 def test_a_dora_is_baked_into_a_plain_lora_equal_to_the_dora_adapted_weights(tiny_sdxl_path, tmp_path, capsys):
     make_dora_lora(tiny_sdxl_path, tmp_path / "dora", rank=4, alpha=8, seed=0)
     code, _, err = run_convert(capsys, tmp_path / "dora", "--out", tmp_path / "x")
@@ -235,6 +236,7 @@ def native_comfyui_export(capsys, tiny_sdxl_path: str, tmp_path: Path, *, alpha:
     return load_file(tmp_path / "k" / "native.safetensors")
 
 
+@pytest.mark.heavy
 def test_native_comfyui_dora_gives_peft_weights_through_comfyuis_arithmetic(tiny_sdxl_path, tmp_path, capsys):
     kohya = native_comfyui_export(capsys, tiny_sdxl_path, tmp_path, alpha=8)
     peft_pipe, base = load_pipe(tiny_sdxl_path), load_pipe(tiny_sdxl_path)
@@ -368,6 +370,7 @@ def test_default_dora_bake_is_sized_by_error_up_to_twice_its_rank_in_fp16(tiny_s
     assert (f"note: {capped} of {len(errors)} layers stopped at twice the DoRA's rank" in out) == (capped > 0), out
 
 
+@pytest.mark.heavy
 def test_an_error_target_dora_bake_meets_it_on_every_layer_at_the_smallest_rank(tiny_sdxl_path, tmp_path, capsys):
     """--rank 1% with room (--max_rank 64): every layer within 1%, and one rank less would miss it (checked against the
     layer's own spectrum)."""

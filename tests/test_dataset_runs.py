@@ -111,15 +111,14 @@ def test_reg_data_dir_folders_train_in_the_instance_batches_at_the_prior_loss_we
 def test_the_validation_loss_is_deterministic_held_out_and_in_tensorboard(tiny_sdxl_path, tmp_path, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import train_lora
     from common.data import collate
-    from common.validation import validation_loss
+    from common.validation import HeldOut, validation_loss
 
     names = [f"sks dog number {i}" for i in range(10)]
     images = captioned(tmp_path / "img", names)
     seen = record_training_captions(monkeypatch)
     values = []
-    original = train_lora.HeldOut.__call__
+    original = HeldOut.__call__
 
     def call(self, step):
         loss = original(self, step)
@@ -128,7 +127,7 @@ def test_the_validation_loss_is_deterministic_held_out_and_in_tensorboard(tiny_s
         values.append((loss, again, sorted(item["caption"] for item in self.data.held_out)))
         return loss
 
-    monkeypatch.setattr(train_lora.HeldOut, "__call__", call)
+    monkeypatch.setattr(HeldOut, "__call__", call)
     out = tmp_path / "out"
     code, stdout, err = train_cli(capsys, "-m", tiny_sdxl_path, "--train_data_dir", images, "--resolution", 64, "--train_batch_size", 2,
                                   "--max_train_steps", 8, "--validation_split", 0.3, "--validate_every_n_steps", 4,

@@ -75,7 +75,7 @@ def test_a_kohya_users_command_trains_on_every_caption_as_often_as_its_folder_sa
                                "--min_snr_gamma", 5, "--save_every_n_steps", 100, "--seed", 0, "--output_dir", tmp_path / "out")
     assert code == 0, err
     assert ("5 images, captions 3 from caption files, 1 from --instance_prompt, 1 from folder names (5 distinct); "
-            "repeats 3 x1, 2 x3: 9 examples an epoch; 1 bucket(s): 64x64 (9)") in out, out
+            "repeats 3 x1, 2 x3: 9 examples an epoch; 1 bucket(s) (width x height): 64x64 (9)") in out, out
     assert Counter(seen) == Counter({"a photo of sks dog, on grass": 1, "a photo of sks dog, indoors": 1, "a photo of sks dog": 1,
                                      "sks dog": 3, "sks dog, sleeping": 3})
     args = json.loads((tmp_path / "out" / "training_args.json").read_text())
@@ -146,6 +146,7 @@ def test_each_step_sees_the_captions_its_examples_drew_and_dropped_ones_are_unco
     assert all(is_empty == is_zero for is_empty, is_zero in zero_rows), zero_rows
 
 
+@pytest.mark.heavy
 def test_resume_is_bit_exact_with_caption_shuffling_and_dropout(tiny_sdxl_path, tmp_path, capsys):
     import shutil
 

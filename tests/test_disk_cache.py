@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ def test_module_digest_sees_one_changed_weight_and_content_keys_every_part():
     assert content_key(a=1, b="x") == content_key(b="x", a=1) != content_key(a=1, b="y")
 
 
+@pytest.mark.heavy
 def test_a_second_run_reads_every_latent_back_a_changed_image_is_encoded_again(tiny_sdxl_path, tmp_path, capsys):
     images = write_images(tmp_path / "img", 3)
     cache = tmp_path / "cache"
@@ -74,6 +76,7 @@ def test_caption_embeddings_are_cached_on_disk_and_reused(tiny_sdxl_path, tmp_pa
     assert code != 0 and "--cache_text_encoder_outputs_to_disk keeps fixed captions" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.heavy
 def test_resume_is_bit_exact_with_shuffle_dropout_ema_and_disk_caches(tiny_sdxl_path, tmp_path, capsys):
     images = write_images(tmp_path / "img", 3)
     for k in range(3):

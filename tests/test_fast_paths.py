@@ -68,10 +68,11 @@ class _Sized(torch.utils.data.Dataset):
 
 def test_batches_are_pinned_only_for_a_gpu():
     import train_lora
+    from common.training_data import make_loader
 
     config = train_lora.TrainConfig(pretrained_model_name_or_path="x", instance_data_dir="x", instance_prompt="x")
     for pin in (False, True):
-        loader, _ = train_lora.make_loader(config, _Sized(), 2, pin_memory=pin)
+        loader, _ = make_loader(config, _Sized(), 2, pin_memory=pin)
         assert loader.pin_memory is pin
 
 

@@ -44,6 +44,7 @@ class HostReads(TorchDispatchMode):
 @pytest.mark.parametrize("formulation", ["ddpm", pytest.param("edm", marks=pytest.mark.heavy)])  # the mode slows every op
 def test_steps_that_do_not_log_checkpoint_or_sample_read_nothing_back(tiny_sdxl_path, tmp_path, capsys, monkeypatch, formulation):
     import train_lora
+    from common.progress import CtrlC, Progress
 
     made = {}
     make_optimizer = train_lora.make_optimizer
@@ -60,7 +61,7 @@ def test_steps_that_do_not_log_checkpoint_or_sample_read_nothing_back(tiny_sdxl_
         return {state["step"].data_ptr() for state in optimizer.state.values() if torch.is_tensor(state.get("step"))}
 
     mode = HostReads(step_counters)
-    enter, leave, update = train_lora.CtrlC.__enter__, train_lora.CtrlC.__exit__, train_lora.Progress.update
+    enter, leave, update = CtrlC.__enter__, CtrlC.__exit__, Progress.update
 
     def enter_loop(self):  # the loop runs inside CtrlC's block: count there, and only there
         mode.__enter__()
@@ -74,9 +75,9 @@ def test_steps_that_do_not_log_checkpoint_or_sample_read_nothing_back(tiny_sdxl_
         update(self, *args)
         mode.step += 1  # what follows belongs to the next step
 
-    monkeypatch.setattr(train_lora.CtrlC, "__enter__", enter_loop)
-    monkeypatch.setattr(train_lora.CtrlC, "__exit__", leave_loop)
-    monkeypatch.setattr(train_lora.Progress, "update", next_step)
+    monkeypatch.setattr(CtrlC, "__enter__", enter_loop)
+    monkeypatch.setattr(CtrlC, "__exit__", leave_loop)
+    monkeypatch.setattr(Progress, "update", next_step)
     extra = ["--edm", "--min_timestep", 100] if formulation == "edm" else ["--snr_gamma", 5]
     code, _, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", write_images(tmp_path / "img", 2),
                              "--instance_prompt", "a sks dog", "--resolution", 64, "--train_batch_size", 1, "--cache_latents",

@@ -105,6 +105,7 @@ save_precision = "bf16"
     assert float(alpha) == 4.0, "the file's network_alpha is taken where the command line gives none"
 
 
+@pytest.mark.heavy
 def test_output_config_then_config_file_and_the_runs_own_config_give_the_same_lora_bit_for_bit(tiny_sdxl_path, tmp_path, capsys):
     images = kohya_images(tmp_path)
     options = ["-m", tiny_sdxl_path, "--train_data_dir", images, "--resolution", 64, "--train_batch_size", 1, "--max_train_steps", 2,

@@ -209,6 +209,7 @@ def test_a_block_the_lora_does_not_have_is_refused(tiny_sdxl_path, peft_lora, tm
             load_loras(load_pipe(tiny_sdxl_path), [LoraSpec(file, 1.0, ("up_blocks.9",))])
 
 
+@pytest.mark.heavy
 def test_layers_that_the_model_lacks_are_refused_not_skipped(tiny_sdxl_path, peft_lora, tmp_path):
     state = load_file(peft_lora)
     state["unet.mid_block.attentions.0.transformer_blocks.0.attn3.to_q.lora_A.weight"] = torch.randn(4, 64)

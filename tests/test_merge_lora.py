@@ -544,6 +544,7 @@ def file_delta_by_module(path: Path, pipe) -> dict[str, torch.Tensor]:
     return deltas
 
 
+@pytest.mark.heavy
 def test_a_loha_and_a_lokr_merge_with_a_lora_within_the_error_target(two_loras, tiny_sdxl_path, tmp_path, capsys):
     from adapter_helpers import lycoris_file
 

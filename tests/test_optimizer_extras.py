@@ -157,6 +157,7 @@ def ema_reference(raw_by_step: list[dict], decay: float) -> dict:
     return ema
 
 
+@pytest.mark.heavy
 def test_ema_weights_follow_their_recursion_are_saved_beside_the_raw_ones_and_resume_exactly(tiny_sdxl_path, tmp_path, capsys):
     images = write_images(tmp_path / "img", 2)
     common = ["-m", tiny_sdxl_path, "--instance_data_dir", images, "--instance_prompt", "a sks dog", "--resolution", 64,

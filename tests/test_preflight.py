@@ -283,6 +283,7 @@ def test_kohya_folders_kohya_skips_are_named_with_the_rule_and_the_run_says_so(t
 # ---------------------------------------------------------------- non-finite values stop the work
 
 
+@pytest.mark.heavy
 def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_resumes_at_a_lower_rate(tmp_path, tiny_sdxl_path, capsys, caplog):
     data, out = write_images(tmp_path / "img", count=2), tmp_path / "run"
     base = tiny_run(tiny_sdxl_path, data, out, "--checkpointing_steps", 2, "--logging_steps", 1)
@@ -303,7 +304,7 @@ def test_a_diverged_run_stops_keeps_its_last_finite_checkpoint_and_resumes_at_a_
 
 
 def test_continuing_at_a_new_rate_sets_the_schedules_base_to_it():
-    import train_lora
+    from common.checkpointing import continue_at_rates
 
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=0.5)
@@ -313,7 +314,7 @@ def test_continuing_at_a_new_rate_sets_the_schedules_base_to_it():
     for _ in range(4):
         optimizer.step()
         schedule.step()
-    train_lora.continue_at_rates(optimizer, schedule, [0.1])
+    continue_at_rates(optimizer, schedule, [0.1])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 6 / 10) and schedule.get_last_lr() == [optimizer.param_groups[0]["lr"]]
     optimizer.step()
     schedule.step()

@@ -245,6 +245,7 @@ def test_merge_never_replaces_an_existing_result_or_an_input(tiny_sdxl_path, tmp
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("merged/")} == before
 
 
+@pytest.mark.heavy
 def test_a_cpu_launch_that_loses_processes_is_named_with_what_works(tmp_path):
     import subprocess
     import sys

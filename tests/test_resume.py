@@ -186,6 +186,8 @@ UNUSABLE_CHECKPOINTS = {
     "text encoders trained now, not then": (lambda checkpoint: None, ["--train_text_encoder"],
                                             "was written by a run with no --train_text_encoder, this one has --train_text_encoder"),
     "EMA now, not then": (lambda checkpoint: None, ["--use_ema"], "was written by a run with no --use_ema, this one has --use_ema"),
+    "another layer set": (lambda checkpoint: None, ["--lora_layers", "attn-mlp"],
+                          "was written by a run with --lora_layers attn, this one has --lora_layers attn-mlp"),
     "another rank, an older record": (older_record, ["--rank", 8], "does not fit this run: lora.safetensors has "),
     "EMA now, not then, an older record": (older_record, ["--use_ema"], "was written by a run with no --use_ema"),
     "a truncated LoRA file": (lambda checkpoint: truncate(checkpoint / "lora.safetensors"), [],
@@ -223,7 +225,7 @@ def config(**changes):
     ({"train_text_encoder_ti": True, "train_text_encoder_ti_frac": 1.0}, False),
 ])
 def test_continuing_to_more_steps_is_flagged_where_a_setting_follows_the_runs_length(changes, differs):
-    from train_lora import resume_differences
+    from common.checkpointing import resume_differences
 
     warnings = resume_differences(config(**changes), {"step": 6, "total_steps": 6, "processes": 1}, 6, 10, 1)
     assert bool(warnings) == differs, warnings

@@ -52,6 +52,7 @@ def test_the_grid_puts_each_prompts_images_in_a_row():
     assert grid.getpixel((1, 7)) == (0, 128, 0) and grid.getpixel((9, 7)) == (255, 255, 255)
 
 
+@pytest.mark.heavy
 def test_training_samples_several_prompts_every_n_steps_into_a_gallery_and_tensorboard(tiny_sdxl_path, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

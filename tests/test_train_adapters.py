@@ -60,6 +60,7 @@ def trained_model(tiny_sdxl_path: str, out: Path, step: int):
 
 
 @pytest.mark.parametrize("run", ADAPTER_RUNS)
+@pytest.mark.heavy
 def test_each_adapter_trains_and_its_file_gives_the_trained_weights_in_both_uis(run, tiny_sdxl_path, images, tmp_path, capsys):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -116,6 +117,7 @@ def test_conv_layers_get_conv_rank_and_alpha_and_attention_the_rest(tiny_sdxl_pa
     assert any(n.endswith("_2_conv") for n in conv), "the upsamplers after a transformer"
 
 
+@pytest.mark.heavy
 def test_loha_resumes_bit_for_bit(tiny_sdxl_path, images, tmp_path, capsys):
     extra = ["--adapter", "loha", "--conv_rank", 2, "--random_flip"]
     code, _, err = train_cli(capsys, *run_args(tiny_sdxl_path, images, tmp_path / "straight", 4, *extra))

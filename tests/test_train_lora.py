@@ -57,6 +57,7 @@ def test_edm_lora_lowers_the_loss_on_tiny_edm_at_low_sigmas_too(tiny_edm_path, i
     assert sum(ratios) / len(ratios) < 0.9, message
 
 
+@pytest.mark.heavy
 def test_outputs_load_through_diffusers_and_kohya_alike(tiny_sdxl_path, images, tmp_path, capsys):
     out = tmp_path / "my_dog"
     code, _, err = train_cli(capsys, *base_args(tiny_sdxl_path, images, out, 30, "--rank", 4, "--lora_alpha", 8,

@@ -38,6 +38,7 @@ def test_a_prompt_without_weights_gives_the_plain_image_bit_for_bit(syntax, tmp_
     assert parameters["Prompt syntax"] == syntax
 
 
+@pytest.mark.heavy
 def test_weights_change_the_image_and_the_two_uis_read_nesting_differently(tmp_path, capsys):
     common = ("--negative_prompt", "blurry")
     plain, _ = image(capsys, tmp_path / "plain", "--prompt", "a photo of a dog", *common)
@@ -162,6 +163,7 @@ def test_webuis_per_step_constructs_are_refused_before_any_model_loads(prompt, c
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.heavy
 def test_embeddings_are_named_as_each_ui_names_them(tmp_path, capsys, monkeypatch):
     from common.tokens import save_embedding
 
