@@ -802,11 +802,11 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
     unet = add_lora(pipe.unet, config)
     if config.init_lora:
         start_from_lora(unet, config)
-    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, data.instances, data.plans[0].batch_size)
+    loader, batch_order = make_loader(config, data.instances, data.plans[0].batch_size, pin_memory=accelerator.device.type == "cuda")
+    optimizer, lr_scheduler, total_steps = make_optimizer(config, unet, pipe, accelerator, len(batch_order), data.plans[0].batch_size)
     caption_encoder = CaptionEncoder(pipe, config, total_steps, data.all_captions(), accelerator, data.captions_vary)
     # infer.py --compile's recipe: channels-last on a GPU (TF32 only with --allow_tf32), compiled with --torch_compile
     unet = speed_up_unet(unet, accelerator.device, compile_unet=config.torch_compile, allow_tf32=config.allow_tf32)
-    loader, batch_order = make_loader(config, data.instances, data.plans[0].batch_size, pin_memory=accelerator.device.type == "cuda")
     unet, *encoders, optimizer, lr_scheduler = accelerator.prepare(
         unet, *caption_encoder.trainable_encoders(), optimizer, lr_scheduler
     )
@@ -1613,9 +1613,10 @@ def copy_file_layers(unet, file: Path, config: TrainConfig) -> None:
                 own[name].copy_(value.to(own[name].dtype))
 
 
-def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset, batch_size: int):
+def make_optimizer(config: TrainConfig, unet, pipe, accelerator, batches_per_epoch: int, batch_size: int):
     """Optimizer over the trained parameters (UNet LoRA; text LoRA and pivotal rows at --text_encoder_lr),
-    its learning-rate schedule, and the number of optimizer steps."""
+    its learning-rate schedule, and the number of optimizer steps. `batches_per_epoch`: the batch order's count over
+    all processes (each bucket's last batch may be short, so it is not the examples over the batch size)."""
     import torch
     from diffusers.optimization import get_scheduler
 
@@ -1627,11 +1628,8 @@ def make_optimizer(config: TrainConfig, unet, pipe, accelerator, dataset, batch_
         else config.adam_weight_decay_text_encoder
     )
     text_parameters = [(n, p) for e in (pipe.text_encoder, pipe.text_encoder_2) for n, p in e.named_parameters() if p.requires_grad]
-    from common.data import DatasetGroup
-
-    parts = dataset.parts() if isinstance(dataset, DatasetGroup) else [(0, len(dataset), batch_size)]
-    batches_per_epoch = math.ceil(sum(length / size for _, length, size in parts) / accelerator.num_processes)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
+    batches_per_process = math.ceil(batches_per_epoch / accelerator.num_processes)  # as accelerate shards the batches
+    steps_per_epoch = max(1, math.ceil(batches_per_process / config.gradient_accumulation_steps))
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     learning_rate = config.learning_rate
     if config.scale_lr:

@@ -98,10 +98,11 @@ def train_row(model: str, images: Path, scratch: Path, resolution: int, batch: i
         formulation = train_lora.choose_formulation(config, pipe, accelerator, checked.base, checked.formulation)
         data = build_data(config, checked, pipe, accelerator)
         unet = train_lora.add_lora(pipe.unet, config)
-    optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, data.instances, data.plans[0].batch_size)
+    loader, batch_order = make_loader(config, data.instances, data.plans[0].batch_size, pin_memory=device.type == "cuda")
+    optimizer, lr_scheduler, total = train_lora.make_optimizer(config, unet, pipe, accelerator, len(batch_order),
+                                                               data.plans[0].batch_size)
     captions = train_lora.CaptionEncoder(pipe, config, total, data.all_captions(), accelerator)
     unet = speed_up_unet(unet, device, allow_tf32=False)  # channels-last on a GPU, as train_lora.py does
-    loader, _ = make_loader(config, data.instances, data.plans[0].batch_size, pin_memory=device.type == "cuda")
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     batches = itertools.cycle(list(loader))
     batch_loss = train_lora.BatchLoss(pipe=pipe, unet=unet, caption_encoder=captions, formulation=formulation,

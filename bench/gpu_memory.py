@@ -148,7 +148,7 @@ def _training_steps(unet, vae, config, accelerator, resolution: int, index: torc
 
     pipe = SimpleNamespace(unet=unet, vae=vae or SimpleNamespace(config=SDXL_VAE_CONFIG), text_encoder=torch.nn.Module(),
                            text_encoder_2=torch.nn.Module())
-    optimizer, lr_scheduler, _ = train_lora.make_optimizer(config, unet, pipe, accelerator, range(len(index)), len(index))
+    optimizer, lr_scheduler, _ = train_lora.make_optimizer(config, unet, pipe, accelerator, 1, len(index))  # one batch of len(index)
     schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     formulation = DiscreteFormulation(schedule.alphas_cumprod)
     batch, side = len(index), resolution // 8

@@ -52,7 +52,7 @@ def test_adamw_is_fused_for_parameters_on_a_gpu_and_left_as_it_is_on_the_cpu(dev
     pipe = types.SimpleNamespace(text_encoder=torch.nn.Linear(1, 1).requires_grad_(False),
                                  text_encoder_2=torch.nn.Linear(1, 1).requires_grad_(False))
     config = train_lora.TrainConfig(pretrained_model_name_or_path="x", instance_data_dir="x", instance_prompt="x")
-    optimizer, _, _ = train_lora.make_optimizer(config, unet, pipe, fake_accelerator(device), list(range(4)), 4)
+    optimizer, _, _ = train_lora.make_optimizer(config, unet, pipe, fake_accelerator(device), 1, 4)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused
 
 

@@ -97,6 +97,27 @@ def test_resolution_width_comma_height_trains_at_that_width_and_height_and_every
     assert metadata["ss_resolution"] == "(64, 96)" and metadata["modelspec.resolution"] == "64x96", metadata
 
 
+
+def test_an_epoch_is_every_batch_of_every_bucket_however_short_its_last(tiny_sdxl_path, tmp_path, capsys):
+    """3 square and 3 wide images at batch size 2 make 2 + 2 batches an epoch (each bucket's last one short), not
+    ceil(6 / 2) = 3: --max_train_epochs 2 trains 8 steps, and the epoch file comes after the first 4."""
+    folder = tmp_path / "img"
+    write_images(folder / "square", count=3, size=(96, 96))
+    write_images(folder / "wide", count=3, size=(64, 128))  # (height, width)
+    for image in folder.rglob("*.png"):
+        image.rename(folder / f"{image.parent.name}_{image.name}")
+    out = tmp_path / "out"
+    code, stdout, err = train_cli(capsys, "-m", tiny_sdxl_path, "--instance_data_dir", folder, "--instance_prompt", "sks dog",
+                                  "--resolution", 96, "--enable_bucket", "--min_bucket_reso", 32, "--bucket_reso_steps", 32,
+                                  "--train_batch_size", 2, "--max_train_epochs", 2, "--save_every_n_epochs", 1,
+                                  "--checkpointing_steps", 4, "--output_dir", out, "--output_name", "ep")
+    assert code == 0, err
+    said = stdout + err
+    assert "2 bucket(s) (width x height): 128x64 (3), 96x96 (3)" in said and "4 batches each per epoch, 8 steps" in said, said
+    assert (out / "ep-000001.safetensors").is_file() and not (out / "ep-000002.safetensors").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
 REFUSED = {
     "--validation_split 1.5": (["--validation_split", "1.5"], "--validation_split must be in [0, 1), got 1.5"),
     "--validation_split nan": (["--validation_split", "nan"], "--validation_split must be in [0, 1), got nan"),
