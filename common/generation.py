@@ -48,7 +48,7 @@ class SamplingSettings:
     prompt_syntax: str = "plain"  # common.prompt_syntax: plain, webui, comfyui
     emphasis: str = "original"  # WebUI's emphasis mode, with prompt_syntax webui
     clip_skip: int | None = None  # diffusers' numbering
-    embedding_names: dict[str, str] = field(default_factory=dict)  # a loaded embedding's file stem -> its tokens
+    embedding_names: dict[str, str] = field(default_factory=dict)  # each name of a loaded embedding -> its tokens
 
 
 def plan_jobs(

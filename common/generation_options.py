@@ -161,9 +161,10 @@ def check_generation_prompts(config: GenerationOptions, prompts: list[str]) -> N
     and ComfyUI embedding names no --embedding file has refused by name; with plain text, one warning line when a
     prompt holds weighting syntax."""
     from common.prompt_syntax import check_prompts
+    from common.tokens import embedding_names
 
     weighted = check_prompts([*prompts, *([config.negative_prompt] if config.negative_prompt else [])], config.prompt_syntax or "plain",
-                             [spec.path.stem for spec in config.embeddings])
+                             [name for spec in config.embeddings for name in embedding_names(spec.path)])
     if weighted:
         typer.echo(f"warning: {weighted}", err=True)
 
@@ -233,7 +234,7 @@ def sampling_settings(pipe, options: GenerationOptions) -> SamplingSettings:
     )
 
 
-EMBEDDING_NAMES = "_embedding_names"  # on a pipeline: each loaded embedding's file stem -> its tokens
+EMBEDDING_NAMES = "_embedding_names"  # on a pipeline: each name of a loaded embedding (`embedding_names`) -> its tokens
 
 
 def default_guidance_rescale(scheduler_config) -> float:
@@ -255,12 +256,12 @@ def resolve_device_and_dtype(config: GenerationOptions, device_name: str | None 
 
 def load_adapters(pipe, config: GenerationOptions) -> None:
     from common.lora_formats import load_loras
-    from common.tokens import load_embedding
+    from common.tokens import embedding_names, load_embedding
 
     names = pipe.__dict__.setdefault(EMBEDDING_NAMES, {})
     for spec in config.embeddings:
         tokens = load_embedding(pipe, spec)
-        names[spec.path.name.removesuffix(".safetensors").removesuffix("_emb")] = "".join(tokens)
+        names |= dict.fromkeys(embedding_names(spec.path), "".join(tokens))
         typer.echo(f"embedding {spec.path.name}: write {''.join(tokens)} in the prompt (or its name, as the UIs do, with "
                    "--prompt_syntax webui or embedding:NAME with comfyui)")
     load_loras(pipe, config.loras)

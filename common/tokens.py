@@ -56,6 +56,14 @@ class EmbeddingSpec:
     tokens: tuple[str, ...] | None = None  # None: <s0>, <s1>, ... as many as the file has rows
 
 
+def embedding_names(path: Path) -> tuple[str, ...]:
+    """The names a prompt calls an embedding file by: its file stem, as WebUI and ComfyUI name it, and for a file this
+    toolkit trained (NAME_emb.safetensors) also NAME, the name convert_for_webui.py exports it under."""
+    stem = path.name.removesuffix(".safetensors")
+    short = stem.removesuffix("_emb")
+    return (stem, short) if short and short != stem else (stem,)
+
+
 def parse_embedding_spec(spec: str) -> EmbeddingSpec:
     """`PATH` or `PATH:TOKEN,TOKEN,...` (an existing path is always taken whole)."""
     if Path(spec).expanduser().exists():

@@ -186,6 +186,21 @@ def test_embeddings_are_named_as_each_ui_names_them(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "never").exists()
 
 
+def test_a_trained_embedding_file_is_called_by_its_file_stem_or_by_its_run_name_alike(tmp_path, capsys):
+    """train_lora.py writes NAME_emb.safetensors, which the UIs call by its stem and convert_for_webui.py exports as NAME:
+    both names reach the same tokens, in the check before the model loads and in the prompt."""
+    from common.tokens import embedding_names, save_embedding
+
+    assert embedding_names(tmp_path / "y2k_emb.safetensors") == ("y2k_emb", "y2k")
+    assert embedding_names(tmp_path / "y2k.safetensors") == ("y2k",) and embedding_names(tmp_path / "_emb.safetensors") == ("_emb",)
+    save_embedding(tmp_path / "y2k_emb.safetensors", torch.randn(2, 32), torch.randn(2, 64), ["<s0>", "<s1>"])
+    common = ("--embedding", tmp_path / "y2k_emb.safetensors", "--prompt_syntax", "comfyui")
+    tokens, _ = image(capsys, tmp_path / "tokens", "--prompt", "a (<s0><s1>:1.2) style dog", *common)
+    by_stem, _ = image(capsys, tmp_path / "stem", "--prompt", "a (embedding:y2k_emb:1.2) style dog", *common)
+    by_run, _ = image(capsys, tmp_path / "run", "--prompt", "a (embedding:y2k:1.2) style dog", *common)
+    assert np.array_equal(tokens, by_stem) and np.array_equal(tokens, by_run)
+
+
 def test_the_training_gallery_samples_as_the_syntax_says_and_weighted_captions_are_refused(tiny_sdxl_path, tmp_path, capsys):
     images = write_images(tmp_path / "img", count=1)
     common = ["-m", tiny_sdxl_path, "--instance_data_dir", images, "--instance_prompt", PROMPT, "--resolution", 64,
