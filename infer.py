@@ -70,7 +70,7 @@ def run(config: InferConfig, reading=None) -> list[Path]:
     from common.generation import generate_images, next_free_index, plan_jobs
     from common.generation_options import prepare_pipeline
 
-    pipe, settings = prepare_pipeline(config.generation, reading=reading)
+    pipe, settings = prepare_pipeline(config.generation, None, reading)
     jobs = plan_jobs(config.prompts, negative_prompt=config.generation.negative_prompt, num_images=config.num_images,
                      seeds=config.seeds, first_index=next_free_index(config.output_dir))
     return generate_images(pipe, jobs, settings, output_dir=config.output_dir, batch_size=config.generation.batch_size)

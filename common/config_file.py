@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,11 @@ def config_path(value: str) -> Path:
 def read_config_file(path: Path) -> tuple[dict[str, Any], set[str]]:
     """A config file's keys with every section flattened, kohya's way; (values, the keys of our own `[train_lora]`
     table). A key set twice (in two sections), a table nested in a section, a file that is not TOML are refused."""
-    from common.files import read_text_file
+    from common.files import parse_toml, read_text_file
 
     if not path.is_file():
         raise UserError(f"--config_file {str(path)!r} not found (a TOML file of options; '.toml' is added to a name without it)")
-    try:
-        document = tomllib.loads(read_text_file(path, "--config_file"))
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"--config_file {str(path)!r} is not TOML: {error}") from None
+    document = parse_toml(read_text_file(path, "--config_file"), f"--config_file {str(path)!r}")
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
     own: set[str] = set()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.cli import UserError
-from common.files import IMAGE_SUFFIXES, read_text_file
+from common.files import IMAGE_SUFFIXES, parse_toml, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _load(path: Path, source: str) -> dict:
         except ValueError as error:
             raise UserError(f"{source} is not JSON: {error}") from None
     else:
-        config = _parse_toml(text, source)
+        config = parse_toml(text, source, alternative="; or give the same tables as .json")
     if not isinstance(config, dict):
         raise UserError(f"{source} is not a table of [general] and [[datasets]] but a {type(config).__name__}")
     return config
@@ -305,24 +305,6 @@ def _load(path: Path, source: str) -> dict:
 
 def _refuse_json_constant(name: str):
     raise ValueError(f"{name} is not a number a dataset option takes")
-
-
-def _parse_toml(text: str, source: str) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UserError(f"{source}: reading TOML needs Python 3.11+ or the tomli package (pip install tomli); "
-                            "or give the same tables as .json") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        hint = ""
-        if "\\" in text and ("escape" in str(error).lower() or "'\\'" in str(error) or "hex" in str(error).lower()):
-            hint = "; a Windows path in double quotes? write it in single quotes: image_dir = 'C:\\images'"
-        raise UserError(f"{source} is not TOML: {error}{hint}") from None
 
 
 def _datasets(config: dict, defaults: Mapping[str, Any], source: str) -> list[DatasetSpec]:

@@ -226,3 +226,24 @@ class FolderLock:
 def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
     """Hold an exclusive lock on `folder` while the returned lock lives; a second run is refused in one line."""
     return FolderLock(Path(folder), option)
+
+
+def parse_toml(text: str, source: str, alternative: str = "") -> dict:
+    """A TOML document (`source` names it in the refusal, `alternative` says what else would do): Python 3.11's tomllib,
+    or the tomli package on 3.10."""
+    from common.cli import UserError
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UserError(f"{source}: reading TOML needs Python 3.11+ or the tomli package (pip install tomli){alternative}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        hint = ""
+        if "\\" in text and ("escape" in str(error).lower() or "'\\'" in str(error) or "hex" in str(error).lower()):
+            hint = "; a Windows path in double quotes? write it in single quotes: image_dir = 'C:\\images'"
+        raise UserError(f"{source} is not TOML: {error}{hint}") from None

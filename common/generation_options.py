@@ -185,15 +185,14 @@ def read_generation_model(config: GenerationOptions):
     return reading
 
 
-def prepare_pipeline(config: GenerationOptions, device_name: str | None = None, reading=None):
+def prepare_pipeline(config: GenerationOptions, device_name: str | None, reading):
     """Load the model with its scheduler and adapters on its device; (pipeline, sampling settings).
-    `device_name` overrides config.device (a distributed launch gives each process its own); `reading` is the
-    model's `read_generation_model`, when already made."""
+    `device_name` overrides config.device (a distributed launch gives each process its own); `reading` is what
+    `read_generation_model` made before anything loaded (None for a hub id), so its checks are not made twice."""
     from common.models import check_clip_skip, decide_base_formulation, load_sdxl_pipeline, load_vae
     from common.schedulers import make_scheduler
 
     device, dtype = resolve_device_and_dtype(config, device_name)
-    reading = reading or read_generation_model(config)
     pipe = load_sdxl_pipeline(config.model, dtype, flavour=reading or config.flavour_options, say=typer.echo)
     check_clip_skip(config.clip_skip, (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers),
                     config.model)  # a hub model's depths are known only now

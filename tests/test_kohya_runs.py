@@ -232,3 +232,20 @@ def test_kohyas_optimizer_options_read_as_ours(kind, args, expected):
 def test_kohya_settings_that_mean_nothing_here_are_refused_naming_them(call, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         call()
+
+
+def test_without_tomllib_as_on_python_3_10_the_scripts_import_and_a_toml_file_names_what_it_needs():
+    """Python 3.10 has no tomllib: train_lora.py must still start, and a config or dataset file asks for tomli."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['tomllib'] = sys.modules['tomli'] = None\n"
+            "import train_lora\n"
+            "from common.cli import UserError\n"
+            "from common.files import parse_toml\n"
+            "try:\n    parse_toml('a = 1', '--config_file x.toml')\nexcept UserError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "--config_file x.toml: reading TOML needs Python 3.11+ or the tomli package (pip install tomli)", done.stdout
