@@ -31,7 +31,7 @@ from common.config_file import configuration_text, with_config_file, write_outpu
 from common.gallery import Sampling, check_sample_prompts
 from common.kohya_options import choose_lora_layers, with_kohya_options
 from common.lora_layers import LORA_LAYERS_HELP
-from common.lora_outputs import lora_facts, make_ema, recorded, save_outputs, save_schedule, save_snapshot
+from common.lora_outputs import facts_at, lora_facts, make_ema, recorded, save_outputs, save_schedule, save_snapshot
 from common.progress import CtrlC, Progress, divergence_error
 from common.training_data import ClassBatches, build_data, check_data_sources, disk_cache_folder, make_loader, plan_data
 
@@ -835,7 +835,7 @@ def run_training(config: TrainConfig, checked: Preflight, accelerator) -> None:
     steps_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     schedule = save_schedule(config)
     started, first_step, saved_step = time.time(), step, step
-    describe = partial(lora_facts, config, data, formulation, started)  # (step, epoch) -> the adapter files' metadata facts
+    describe = partial(facts_at, lora_facts(config, data, formulation, started))  # (step, epoch) -> an adapter file's facts
     validate = HeldOut(data, batch_loss, models, config, progress)
     with CtrlC(accelerator, config.logging_steps) as ctrl_c:
         while step < total_steps:

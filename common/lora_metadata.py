@@ -285,12 +285,9 @@ def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Mappi
 def add_file_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     """A written adapter file again with these metadata added to its own and fresh hashes: diffusers' save_lora_weights,
     which writes the diffusers file, takes no metadata but its adapter configs."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as handle:
-        own = handle.metadata() or {}
-    save_lora_file(path, load_file(str(path)), own | dict(metadata))
+    save_lora_file(path, load_file(str(path)), file_metadata(path) | dict(metadata))
 
 
 # ---------------------------------------------------------------- metadata of files we read

@@ -51,9 +51,7 @@ def save_outputs(unet, pipe, caption_encoder, config, facts, ema=None) -> None:
     from common.tokens import save_embedding
 
     output, name = Path(config.output_dir), output_name(config)
-    models = {"unet": unet}
-    if config.train_text_encoder:
-        models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    models = trained_models(unet, pipe, config)
     save_adapter_files(models, output, name, config, pipe.unet.config.layers_per_block, facts=facts)
     if ema is not None:
         with ema_weights(ema, unet):
@@ -91,6 +89,7 @@ def save_adapter_files(models: dict, output: Path, name: str, config, layers_per
     from common.save_schedule import cast_for_saving
 
     output.mkdir(parents=True, exist_ok=True)
+    metadata = lora_metadata(facts, minimal=config.no_metadata)
     if config.adapter == "lora" and (config.use_dora or not snapshot):
         states = {
             component: cast_for_saving({k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
@@ -99,18 +98,19 @@ def save_adapter_files(models: dict, output: Path, name: str, config, layers_per
         }
         written = save_diffusers_lora(output, states, {c: model.peft_config["default"].to_dict() for c, model in models.items()},
                                       file_name=f"{name}.safetensors" if snapshot else None)
-        add_file_metadata(written, lora_metadata(facts, minimal=config.no_metadata))
+        add_file_metadata(written, metadata)
     if config.use_dora:
         if not snapshot:
             logger.warning("DoRA: no kohya copy written (WebUI and ComfyUI read DoRA differently); use the diffusers file")
         return
     state = cast_for_saving(trained_adapter_file(models, layers_per_block=layers_per_block), config.save_precision)
-    save_lora_file(output / f"{name}.safetensors", state, lora_metadata(facts, minimal=config.no_metadata))
+    save_lora_file(output / f"{name}.safetensors", state, metadata)
 
 
-def lora_facts(config, data: TrainingData, formulation, started_at: float, step: int, epoch: int):
+def lora_facts(config, data: TrainingData, formulation, started_at: float):
     """What an adapter file's metadata records of this run (common.lora_metadata): the network, the dataset's
-    folders with their tags, repeats and image counts, the buckets, the training size, the rates and times."""
+    folders with their tags, repeats and image counts, the buckets, the training size, the rates and the start; made
+    once a run, each file's own step, epoch and time added by `facts_at`."""
     from collections import Counter, defaultdict
 
     from common.adapters import ADAPTERS
@@ -139,7 +139,7 @@ def lora_facts(config, data: TrainingData, formulation, started_at: float, step:
         network_module=ADAPTERS[config.adapter].network_module, dim=config.rank, alpha=config.lora_alpha or config.rank,
         output_name=output_name(config), network_args=network_args, base_model=config.pretrained_model_name_or_path,
         folders=tuple(folders), buckets={(w, h): n for (h, w), n in buckets.items()}, resolution=(width, height),
-        clip_skip=config.clip_skip, started_at=started_at, finished_at=time.time(), steps=step, epoch=epoch, seed=config.seed,
+        clip_skip=config.clip_skip, started_at=started_at, seed=config.seed,
         learning_rate=config.learning_rate, unet_lr=config.learning_rate,
         text_encoder_lr=config.text_encoder_lr if config.train_text_encoder or config.token_map else None,
         prediction_type=prediction if prediction in ("epsilon", "v_prediction") else None,
@@ -147,15 +147,24 @@ def lora_facts(config, data: TrainingData, formulation, started_at: float, step:
     )
 
 
+def facts_at(facts, step: int, epoch: int):
+    """The run's `lora_facts` for a file written now, after `step` steps in `epoch` epochs."""
+    return dataclasses.replace(facts, steps=step, epoch=epoch, finished_at=time.time())
+
+
+def trained_models(unet, pipe, config) -> dict:
+    """The models whose adapters a run trains, by the component names of the adapter files."""
+    if config.train_text_encoder:
+        return {"unet": unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    return {"unet": unet}
+
+
 def save_snapshot(unet, pipe, config, schedule, file_name: str, facts) -> None:
     """A --save_every_n_epochs/--save_every_n_steps file of the adapter as it is now, then the file kohya's
     --save_last_n_* retire (common.save_schedule); the main process's work."""
-    models = {"unet": unet}
-    if config.train_text_encoder:
-        models |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     output = Path(config.output_dir)
-    save_adapter_files(models, output, file_name.removesuffix(".safetensors"), config, pipe.unet.config.layers_per_block,
-                       snapshot=True, facts=dataclasses.replace(facts, output_name=output_name(config)))
+    save_adapter_files(trained_models(unet, pipe, config), output, file_name.removesuffix(".safetensors"), config,
+                       pipe.unet.config.layers_per_block, snapshot=True, facts=facts)
     for removed in schedule.remove_expired(output, file_name):
         logger.info(f"removed {removed.name} (--save_last_n_*)")
 
