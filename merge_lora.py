@@ -855,7 +855,7 @@ def bake(model: str, specs: list[tuple[Path, float]], target: Path, *, method: s
     input's block), written as a single-file checkpoint in the SGM layout with the base's flavour markers and ModelSpec
     metadata; the inputs' pivotal-tuning embeddings, which no checkpoint holds, written beside it."""
     from common.checkpoints import checkpoint_tensors, modelspec_metadata, save_checkpoint_file, stored_size
-    from common.cli import DTYPES, parse_dtype
+    from common.cli import DTYPE_NAMES, DTYPES, parse_dtype
     from common.files import writable_folder
     from common.lora_formats import LoraSpec, load_loras, lora_file
     from common.models import pipeline_flavour, read_model
@@ -880,7 +880,7 @@ def bake(model: str, specs: list[tuple[Path, float]], target: Path, *, method: s
                       zip(lora_specs, (content_alpha, style_alpha), blora_blocks(blocks, len(specs)))]
     reading = read_model(model, flavour)
     base_dtype = reading.weights_dtype if reading is not None else None  # a hub model: fp16, as SDXL is published
-    precision = save_precision or {value: key for key, value in DTYPES.items()}.get(base_dtype, "fp16")
+    precision = save_precision or DTYPE_NAMES.get(base_dtype, "fp16")
     pipe = load_base(model, flavour=reading or flavour)
     names = load_loras(pipe, lora_specs)  # kohya/LyCORIS files are added to the weights here, as the UIs add them
     if names:  # diffusers/peft adapters (LoRA, DoRA) merged into the weights by peft's own merge

@@ -375,8 +375,9 @@ def patch_weights(pipe, layers: dict[str, Tensors], targets: dict[str, tuple[str
         for component, module_path, module, adapter, factors, dora_scale in planned:
             weight = module.weight
             key = (component, module_path)
-            undo.append((module, weight.detach().to("cpu", copy=True) if key in originals else None, key))
-            originals.setdefault(key, weight.detach().to("cpu", copy=True))
+            before = weight.detach().to("cpu", copy=True)
+            undo.append((module, before if key in originals else None, key))
+            originals.setdefault(key, before)
             current = weight.detach().float()
             patched = current + strength * _patch_change(adapter, factors, dora_scale, current)
             if not fits_dtype(patched, weight.dtype):

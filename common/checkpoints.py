@@ -41,7 +41,7 @@ COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CL
 COMPONENT_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP-L text encoder", "text_encoder_2": "OpenCLIP-bigG text encoder"}
 CLIP_L_POSITION_IDS = CLIP_L_PREFIX + "text_model.embeddings.position_ids"
 CLIP_G_LOGIT_SCALE = CLIP_G_PREFIX + "logit_scale"
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read with torch's weights_only unpickler
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 
 # ---------------------------------------------------------------- SGM names of the UNet (kohya's LoRA names use them too)
@@ -279,7 +279,7 @@ def read_checkpoint_header(path: Path, what: str = "--model") -> CheckpointHeade
     path = Path(path).expanduser()
     if path.suffix.lower() == ".safetensors":
         return _safetensors_header(path, what)
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return _pickle_header(path, what)
     raise UserError(f"{what} {str(path)!r} is a file but not a checkpoint: give a .safetensors (or .ckpt) single file, a "
                     f"diffusers folder, a hub id or a built-in name")
@@ -530,7 +530,3 @@ def save_checkpoint_file(path: Path, tensors: dict, metadata: dict[str, str]) ->
 
     with atomic_path(path) as partial:
         save_file(tensors, str(partial), metadata=metadata)
-
-
-def keys_without_markers(keys) -> list[str]:
-    return sorted(k for k in keys if k not in MARKER_KEYS)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch is imported where used: the scripts answer --help wit
 
 # The precisions by their command-line names, as torch's attribute names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_NAMES = {name: short for short, name in DTYPES.items()}  # "bfloat16" -> "bf16"
 
 
 class UserError(Exception):

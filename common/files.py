@@ -80,8 +80,6 @@ def process_is_alive(pid: int) -> bool:
 def writable_folder(path: str | os.PathLike, option: str) -> Path:
     """`path` as a folder this process can write into, made if missing; checked before any work starts, so a
     wrong path costs seconds, not a run. Refused in one line naming the option and the path."""
-    import tempfile
-
     from common.cli import UserError
 
     path = Path(path)
@@ -89,11 +87,9 @@ def writable_folder(path: str | os.PathLike, option: str) -> Path:
         raise UserError(f"{option} {str(path)!r} is a file; give a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
     except OSError as error:
         raise UserError(f"{option} {str(path)!r} cannot be written: {error.strerror or error}") from None
-    return path
+    return check_writable_folder(path, option)
 
 
 def check_writable_folder(path: str | os.PathLike, option: str) -> Path:

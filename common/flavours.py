@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from common.architectures import PLAYGROUND_V25_LATENTS_MEAN, PLAYGROUND_V25_LATENTS_STD
+from common.architectures import PLAYGROUND_V25_LATENTS_MEAN, PLAYGROUND_V25_LATENTS_STD, PLAYGROUND_V25_VAE_CHANGES
 from common.cli import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -213,8 +213,7 @@ def vae_config_changes(flavour: Flavour) -> dict:
     """What a Playground-v2.5-style flavour changes in the VAE's config: scaling 0.5 and the latent statistics."""
     if not (flavour.edm and flavour.latents_mean and flavour.latents_std):
         return {}
-    return {"scaling_factor": 0.5, "latents_mean": list(flavour.latents_mean), "latents_std": list(flavour.latents_std),
-            "force_upcast": False}
+    return PLAYGROUND_V25_VAE_CHANGES | {"latents_mean": list(flavour.latents_mean), "latents_std": list(flavour.latents_std)}
 
 
 def _differ(values, published, tolerance: float = 1e-4) -> bool:

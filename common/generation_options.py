@@ -19,7 +19,7 @@ from common.long_prompts import CLIP_WINDOW, check_max_token_length
 from common.lora_formats import BLORA_CONTENT_BLOCK, BLORA_STYLE_BLOCK, LoraSpec, parse_blocks, parse_weighted_path
 from common.flavours import PREDICTION_TYPES
 from common.prompt_syntax import check_prompt_syntax
-from common.models import BASE_FORMULATIONS, FlavourOptions, read_model
+from common.models import FlavourOptions, check_base_formulation, read_model
 from common.schedulers import SCHEDULER_NAMES, check_scheduler_name
 
 if TYPE_CHECKING:  # common.tokens needs torch, which option parsing and --help go without
@@ -113,8 +113,7 @@ class GenerationOptions:
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         check_max_token_length(self.max_token_length)
-        if self.base_formulation not in BASE_FORMULATIONS:
-            raise UserError(f"--base_formulation {self.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
+        check_base_formulation(self.base_formulation)
         object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
         self.loras, self.embeddings  # parsed now: a bad spec is reported before any model loads
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # imported where used: the scripts parse options and answer -
 from common.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG
 from common.builtin_models import BUILTIN_MODELS, builtin_model_path
 from common.checkpoints import CheckpointInfo
-from common.cli import UserError, parse_dtype
+from common.cli import DTYPE_NAMES, UserError, parse_dtype
 from common.flavours import (
     Flavour, FlavourReading, flavour_from_scheduler_config, scheduler_config_for, vae_config_changes, with_overrides,
 )
@@ -56,6 +56,11 @@ BASE_FORMULATIONS = ("auto", "edm-native", "discrete")
 BETA_SCHEDULE_KEYS = ("trained_betas", "beta_schedule", "beta_start", "beta_end")
 
 
+def check_base_formulation(choice: str) -> None:
+    if choice not in BASE_FORMULATIONS:
+        raise UserError(f"--base_formulation {choice!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
+
+
 def decide_base_formulation(scheduler_config, choice: str = "auto") -> tuple[bool, str]:
     """(edm_native, note): whether a base was trained with the EDM formulation, from its scheduler config.
 
@@ -66,8 +71,7 @@ def decide_base_formulation(scheduler_config, choice: str = "auto") -> tuple[boo
     `note` says so in one line. `choice` ("edm-native", "discrete") overrides the reading; a choice the
     config cannot support (no sigma_data, no betas) is refused.
     """
-    if choice not in BASE_FORMULATIONS:
-        raise UserError(f"--base_formulation {choice!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
+    check_base_formulation(choice)
     class_name = scheduler_config.get("_class_name") or "scheduler"
     edm_scheduler = class_name.startswith("EDM") or "sigma_data" in scheduler_config
     betas = [key for key in BETA_SCHEDULE_KEYS if scheduler_config.get(key) is not None]
@@ -141,9 +145,6 @@ class ModelReading:
         if self.flavour != self.base.flavour:
             line += f"; used as {self.flavour.name}, as the options say"
         return line
-
-
-DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def read_model(name_or_path: str, options: FlavourOptions = FlavourOptions(), what: str = "--model") -> ModelReading | None:
@@ -222,8 +223,7 @@ def _override_single_file(flavour: Flavour, options: FlavourOptions) -> Flavour:
     from common.architectures import PLAYGROUND_V25_LATENTS_MEAN, PLAYGROUND_V25_LATENTS_STD
     from common.flavours import PLAYGROUND_SIGMAS
 
-    if options.base_formulation not in BASE_FORMULATIONS:
-        raise UserError(f"--base_formulation {options.base_formulation!r}; choose one of {', '.join(BASE_FORMULATIONS)}")
+    check_base_formulation(options.base_formulation)
     if options.base_formulation == "edm-native" and not flavour.edm:
         flavour = Flavour(prediction_type=flavour.prediction_type, edm=True, **PLAYGROUND_SIGMAS,
                           latents_mean=tuple(PLAYGROUND_V25_LATENTS_MEAN), latents_std=tuple(PLAYGROUND_V25_LATENTS_STD))
