@@ -286,7 +286,7 @@ def main(
     from common.models import FlavourOptions, device_and_dtype, model_modules_on_meta
 
     specs = [parse_weighted_path(spec) for spec in lora]
-    flavour = FlavourOptions(prediction_type, True if zero_terminal_snr else None)
+    flavour = FlavourOptions.of_flags(prediction_type, zero_terminal_snr)
     if into_checkpoint is not None:
         if no_metadata:
             raise UserError("--no_metadata applies to merged LoRA files (--out); a checkpoint (--into_checkpoint) carries "

@@ -615,7 +615,6 @@ def make_config(options: dict) -> TrainConfig:
             f"--num_new_tokens_per_abstraction must be >= 1, got {config.num_new_tokens_per_abstraction}",
         ),
         (config.clip_skip is None or config.clip_skip >= 0, f"--clip_skip must be >= 0, got {config.clip_skip}"),
-        (config.text_encoder_lr > 0, f"--text_encoder_lr must be > 0, got {config.text_encoder_lr}"),
         (
             not config.with_prior_preservation or (config.class_data_dir and config.class_prompt),
             "--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt TEXT (e.g. 'a photo of a dog')",
@@ -1075,7 +1074,7 @@ def weight_dtype(accelerator):
 def flavour_options(config: TrainConfig):
     from common.models import FlavourOptions
 
-    return FlavourOptions(config.prediction_type, True if config.zero_terminal_snr else None, config.base_formulation)
+    return FlavourOptions.of_flags(config.prediction_type, config.zero_terminal_snr, config.base_formulation)
 
 
 def read_base_model(config: TrainConfig):
@@ -1092,7 +1091,7 @@ def load_models(config: TrainConfig, accelerator, base=None):
     """The pipeline's frozen parts, in the compute dtype; the VAE in fp32 unless a fp16-safe one is named."""
     import torch
 
-    from common.models import check_clip_skip, load_sdxl_pipeline, load_vae, quiet_libraries
+    from common.models import check_clip_skip, load_sdxl_pipeline, load_vae, quiet_libraries, text_encoder_layers
 
     hub_options = {"revision": config.revision, "variant": config.variant, "cache_dir": config.cache_dir}
     hub_options = {k: v for k, v in hub_options.items() if v is not None}
@@ -1104,8 +1103,7 @@ def load_models(config: TrainConfig, accelerator, base=None):
     )
     if config.pretrained_vae_model_name_or_path:
         pipe.vae = load_vae(config.pretrained_vae_model_name_or_path, base, torch.float32)
-    check_clip_skip(config.clip_skip, (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers),
-                    config.pretrained_model_name_or_path)  # a hub model's depths are known only now
+    check_clip_skip(config.clip_skip, text_encoder_layers(pipe), config.pretrained_model_name_or_path)  # a hub model's, known now
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     with quiet_libraries():

@@ -119,7 +119,7 @@ class GenerationOptions:
 
     @property
     def flavour_options(self) -> FlavourOptions:
-        return FlavourOptions(self.prediction_type, True if self.zero_terminal_snr else None, self.base_formulation)
+        return FlavourOptions.of_flags(self.prediction_type, self.zero_terminal_snr, self.base_formulation)
 
     @cached_property
     def loras(self) -> list[LoraSpec]:
@@ -188,13 +188,12 @@ def prepare_pipeline(config: GenerationOptions, device_name: str | None, reading
     """Load the model with its scheduler and adapters on its device; (pipeline, sampling settings).
     `device_name` overrides config.device (a distributed launch gives each process its own); `reading` is what
     `read_generation_model` made before anything loaded (None for a hub id), so its checks are not made twice."""
-    from common.models import check_clip_skip, decide_base_formulation, load_sdxl_pipeline, load_vae
+    from common.models import check_clip_skip, decide_base_formulation, load_sdxl_pipeline, load_vae, text_encoder_layers
     from common.schedulers import make_scheduler
 
     device, dtype = resolve_device_and_dtype(config, device_name)
     pipe = load_sdxl_pipeline(config.model, dtype, flavour=reading or config.flavour_options, say=typer.echo)
-    check_clip_skip(config.clip_skip, (pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers),
-                    config.model)  # a hub model's depths are known only now
+    check_clip_skip(config.clip_skip, text_encoder_layers(pipe), config.model)  # a hub model's depths are known only now
     if config.vae:
         pipe.vae = load_vae(config.vae, reading, dtype)
     edm, _ = decide_base_formulation(pipe.scheduler.config, config.base_formulation)  # the load said how it read it

@@ -121,6 +121,11 @@ class FlavourOptions:
     zero_terminal_snr: bool | None = None
     base_formulation: str = "auto"
 
+    @classmethod
+    def of_flags(cls, prediction_type: str | None, zero_terminal_snr: bool, base_formulation: str = "auto") -> FlavourOptions:
+        """From a command line, where --zero_terminal_snr left out means "as the model says", not "no"."""
+        return cls(prediction_type, True if zero_terminal_snr else None, base_formulation)
+
 
 @dataclass(frozen=True)
 class ModelReading:
@@ -189,6 +194,11 @@ def check_clip_skip(clip_skip: int | None, layers: tuple[int, ...] | None, model
     if clip_skip > deepest:
         raise UserError(f"--clip_skip {clip_skip} (WebUI's Clip skip {clip_skip + 2}): the text encoders of {model!r} have {' and '.join(map(str, layers))} layers, "
                         f"so at most {deepest} can be skipped before the penultimate (WebUI's Clip skip {deepest + 2})")
+
+
+def text_encoder_layers(pipe) -> tuple[int, int]:
+    """The depths of a loaded pipeline's two text encoders (`check_clip_skip`'s `layers`)."""
+    return pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers
 
 
 def _stored_dtype(folder: Path) -> str | None:
