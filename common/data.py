@@ -18,7 +18,7 @@ import torch
 
 from common.captions import CaptionOptions, processed_caption
 from common.cli import UserError
-from common.files import IMAGE_SUFFIXES
+from common.files import IMAGE_SUFFIXES, has_images
 from common.losses import latent_grid_mask
 
 logger = logging.getLogger(__name__)
@@ -174,9 +174,6 @@ def skipped_folders(folder: Path) -> list[str]:
     """One line per rule under which folders holding images are not trained on, naming them, as kohya reports (or
     silently applies) its rules: subfolders without a repeat count (kohya: "ignore directory without repeats"), with 0
     repeats (kohya skips them without a word), and folders inside an N_prompt folder (kohya reads one level)."""
-    def has_images(path: Path) -> bool:
-        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
-
     subfolders = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
     no_count = [sub.name for sub in subfolders if not REPEATS_FOLDER.match(sub.name) and has_images(sub)]
     zero = [sub.name for sub in subfolders if (m := REPEATS_FOLDER.match(sub.name)) and int(m[1]) == 0 and has_images(sub)]

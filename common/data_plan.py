@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import UserError
 from common.captions import CaptionOptions
 from common.data import ALPHA, Augment, Example, check_images, check_masks, image_caption, with_masks
-from common.dataset_config import DatasetSpec, SubsetSpec, reg_repeats
+from common.dataset_config import DatasetSpec, SubsetSpec, reg_repeats, split_for_validation
 from common.files import IMAGE_SUFFIXES
 
 
@@ -131,10 +130,8 @@ def held_out(count: int, split: float, seed: int) -> tuple[list[int], list[int]]
     shuffles them, the last round(count x split) validating and only the others training. kohya trains on the first
     ceil(count x (1 - split)) of the same order, which by float rounding can include a validation image (10 at 0.7);
     here the two never share one."""
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    validating = round(count * split)
-    return sorted(order[: count - validating]), sorted(order[count - validating :])
+    _, validating = split_for_validation(count, split, seed)
+    return sorted(set(range(count)) - set(validating)), sorted(validating)
 
 
 def plan_dataset(dataset: DatasetSpec, run: RunData, *, first_examples: list[Example] | None = None,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.cli import UserError
-from common.files import IMAGE_SUFFIXES, parse_toml, read_text_file
+from common.files import has_images, parse_toml, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def datasets_from_folders(train_data_dir: str | Path, reg_data_dir: str | Path |
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"{'--reg_data_dir' if is_reg else '--train_data_dir'} {str(folder)!r} is not a folder")
-        found = [(folder, 1, defaults.get(prompt_option))] if _has_images(folder) else []
+        found = [(folder, 1, defaults.get(prompt_option))] if has_images(folder) else []
         for sub, count, name in found + repeat_folders(folder):
             subsets.append({"image_dir": str(sub), "num_repeats": count * repeats, "is_reg": is_reg}
                            | ({"class_tokens": name} if name else {}))
@@ -274,10 +274,6 @@ def datasets_from_folders(train_data_dir: str | Path, reg_data_dir: str | Path |
     if not any(not s["is_reg"] for s in subsets):
         raise UserError(f"{source} has no images, in itself or in N_name folders (e.g. 10_sks dog)")
     return _datasets({"datasets": [{"subsets": subsets}]}, defaults, source)
-
-
-def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
 
 
 def _load(path: Path, source: str) -> dict:

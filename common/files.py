@@ -13,6 +13,11 @@ LARGE_FILE_BYTES = 2**30  # an output above this is announced, with what makes i
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
+def has_images(folder: Path) -> bool:
+    """Whether `folder` itself (not its subfolders) holds a file of an image suffix."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; it replaces `path` only when the block finishes without error,

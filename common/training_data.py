@@ -153,9 +153,9 @@ def command_line_dataset(config):
         folder = Path(config.reg_data_dir)
         if not folder.is_dir():
             raise UserError(f"--reg_data_dir {str(folder)!r} is not a folder")
-        from common.files import IMAGE_SUFFIXES
+        from common.files import has_images
 
-        direct = [(folder, 1, config.class_prompt)] if any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()) else []
+        direct = [(folder, 1, config.class_prompt)] if has_images(folder) else []
         for sub, count, name in direct + repeat_folders(folder):
             subsets.append(SubsetSpec(image_dir=sub, num_repeats=count * config.repeats, class_tokens=name or None, is_reg=True,
                                       caption_extension=config.caption_extension, shuffle_caption=config.shuffle_caption,
@@ -165,9 +165,7 @@ def command_line_dataset(config):
                                       caption_prefix=config.caption_prefix, caption_suffix=config.caption_suffix,
                                       caption_separator=config.caption_separator,
                                       keep_tokens_separator=config.keep_tokens_separator or "",
-                                      secondary_separator=config.secondary_separator, enable_wildcard=config.enable_wildcard,
-                                      flip_aug=config.random_flip,
-                                      random_crop=not config.center_crop, alpha_mask=config.masked_loss and not config.mask_dir))
+                                      secondary_separator=config.secondary_separator, enable_wildcard=config.enable_wildcard))
         if not subsets:
             raise UserError(f"--reg_data_dir {str(folder)!r} has no images, in itself or in N_class folders (e.g. 1_dog)")
     return DatasetSpec(resolution=(width, height), subsets=tuple(subsets), batch_size=config.train_batch_size,
@@ -200,12 +198,10 @@ def shown_captions(examples: list, options: list) -> tuple[list[str], bool]:
 
     from common.captions import processed_caption
 
-    def varies(o) -> bool:
-        return o.shuffle or o.tag_dropout > 0 or o.enable_wildcard or o.dropout_every_n_epochs > 0
-
-    if any(varies(options[e.subset]) for e in examples):
+    undropped = [dataclasses.replace(o, dropout=0.0) for o in options]  # a dropped caption is the empty one, listed
+    if any(undropped[e.subset].changes_per_draw for e in examples):
         return [e.caption for e in examples], True
-    fixed = [processed_caption(e.caption, dataclasses.replace(options[e.subset], dropout=0.0), random.Random(0), 1) for e in examples]
+    fixed = [processed_caption(e.caption, undropped[e.subset], random.Random(0), 1) for e in examples]
     return fixed + ([""] if any(options[e.subset].dropout > 0 for e in examples) else []), False
 
 
