@@ -109,12 +109,10 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, generation: Gener
     return prompts, generation
 
 
-EMPHASIS_NAMES = {"Original": "original", "No norm": "no_norm"}  # WebUI's infotext names of our --emphasis values
-
-
 def read_parameter_options(fields: dict[str, str], prompt_file: Path) -> tuple[str | None, str | None, int | None]:
     """--prompt_syntax, --emphasis and --clip_skip (diffusers' numbering) from an image's WebUI parameters, each None
     where the file says nothing; a value this toolkit cannot reproduce is refused naming the file and the field."""
+    from common.generation import EMPHASIS_NAMES
     from common.prompt_syntax import SYNTAXES
 
     def refuse(field: str, accepted: str):

@@ -74,6 +74,11 @@ def plan_jobs(
     ]
 
 
+# WebUI's infotext names of our --emphasis values, and back
+EMPHASIS_NAMES = {"Original": "original", "No norm": "no_norm"}
+EMPHASIS_LABELS = {value: name for name, value in EMPHASIS_NAMES.items()}
+
+
 def webui_parameters(job: ImageJob, settings: SamplingSettings) -> str:
     """The PNG `parameters` text in Stable Diffusion WebUI's layout, which WebUI's 'PNG Info' reads back."""
     fields = {
@@ -96,7 +101,7 @@ def webui_parameters(job: ImageJob, settings: SamplingSettings) -> str:
         "Clip skip": settings.clip_skip + 2 if settings.clip_skip is not None else "",
         "Prompt syntax": settings.prompt_syntax if settings.prompt_syntax != "plain" else "",
         # WebUI writes its emphasis mode where it is not the default
-        "Emphasis": "No norm" if settings.prompt_syntax == "webui" and settings.emphasis == "no_norm" else "",
+        "Emphasis": EMPHASIS_LABELS[settings.emphasis] if settings.prompt_syntax == "webui" and settings.emphasis != "original" else "",
         **settings.adapters,
     }
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value != "")
