@@ -136,6 +136,7 @@ def test_a_tensor_that_does_not_arrive_is_refused_naming_its_layer_and_tensor(ti
         load_loras(pipe, [LoraSpec(text_encoder_dora)])
 
 
+@pytest.mark.heavy
 def test_a_text_encoder_dora_draws_the_image_of_the_base_merged_by_the_dora_formula(tiny_sdxl_path, text_encoder_dora, tmp_path,
                                                                                     capsys):
     merged = save_merged_by_formula(tiny_sdxl_path, text_encoder_dora, tmp_path / "merged_model")

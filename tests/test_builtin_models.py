@@ -96,6 +96,7 @@ def test_building_twice_gives_identical_weights_and_leaves_the_global_rng_alone(
         assert all(torch.equal(a[k], b[k]) for k in a), component
 
 
+@pytest.mark.heavy
 def test_a_seeded_training_gives_the_same_lora_whether_or_not_the_model_was_built_first(tmp_path, monkeypatch, capsys):
     from training_helpers import train_cli, write_images
 

@@ -189,6 +189,7 @@ def test_b_lora_alpha_scales_delta_w_linearly_not_squared(tiny_sdxl_path, peft_l
     torch.testing.assert_close(deltas[0.5], 0.5 * deltas[1.0])
 
 
+@pytest.mark.heavy
 def test_lora_blocks_keeps_only_the_named_blocks_in_any_format(tiny_sdxl_path, peft_lora, tmp_path):
     save_file(to_kohya(peft_lora, ALPHA), tmp_path / "kohya.safetensors")
     blocks = ("mid_block", "down_blocks.2.attentions.1")

@@ -248,6 +248,7 @@ def test_generation_makes_every_id_with_its_own_seed_and_a_rerun_makes_only_what
     assert {p.relative_to(gen).as_posix(): p.read_bytes() for p in sorted(gen.rglob("*.png"))} == files
 
 
+@pytest.mark.heavy
 def test_resuming_with_other_settings_is_refused_before_mixing_two_runs(tiny_sdxl_path, tmp_path, capsys):
     meta = write_meta(tmp_path / "meta_data.json", dict(list(MJHQ_LIKE.items())[:3]))
     gen = tmp_path / "gen"

@@ -210,6 +210,7 @@ def test_two_processes_make_the_same_class_images_as_one(tiny_sdxl_path, tmp_pat
     assert len({p.read_bytes() for p in one}) == 5, "every image differs"
 
 
+@pytest.mark.heavy
 def test_a_larger_count_adds_images_and_a_truncated_one_is_made_again(tiny_sdxl_path, tmp_path, capsys):
     folder = tmp_path / "class"
     assert run_gen(capsys, *gen_args(tiny_sdxl_path, folder, 3))[0] == 0

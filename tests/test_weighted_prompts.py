@@ -125,6 +125,7 @@ def test_the_whole_sdxl_conditioning_is_the_uis_own_assembly(pipe, syntax, empha
     torch.testing.assert_close(ours_pooled, their_pooled, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_the_parameters_round_trip_through_prompt_file(tmp_path, capsys):
     first, parameters = image(capsys, tmp_path / "first", "--prompt", "a (photo:0.8) of a [dog], sunny", "--negative_prompt",
                               "(blurry:1.2)", "--prompt_syntax", "webui", "--emphasis", "no_norm", "--clip_skip", "1")
